@@ -1,0 +1,1 @@
+"""The six backbones of the RegProxy paper (Table 2) as ``regproxy.backbones`` entry-point plugins."""

@@ -1,0 +1,33 @@
+"""regproxy: RegProxy semantic segmentation ("Semantic Segmentation by Early Region Proxy", CVPR 2022)."""
+
+from regproxy_cli.errors import RegproxyError
+from regproxy_cli.plugins import Backbone, BackboneSpec, get_backbone, list_backbones, refresh_backbones
+from regproxy_cli.model import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LinearBaseline,
+    ProxyOutput,
+    RegProxy,
+    affinity_from_logits,
+    build_model,
+    paint,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Backbone",
+    "BackboneSpec",
+    "LinearBaseline",
+    "ProxyOutput",
+    "RegProxy",
+    "RegproxyError",
+    "affinity_from_logits",
+    "build_model",
+    "get_backbone",
+    "list_backbones",
+    "paint",
+    "refresh_backbones",
+]

@@ -1,0 +1,32 @@
+"""``regproxy backbones``: the installed backbone plugins."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from regproxy_cli.cli.output import console, print_json
+from regproxy_cli.plugins import get_backbone, list_backbones
+
+HELP = "List installed backbone plugins (entry-point group regproxy.backbones) and what they declare."
+
+
+def backbones(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    specs = [get_backbone(name) for name in list_backbones()]
+    if as_json:
+        fields = ("name", "title", "stride", "m", "width", "depth", "heads", "num_prefix_tokens", "pretrained", "crop_size")
+        print_json([{f: getattr(s, f) for f in fields} for s in specs])
+        return
+    table = Table(title="Installed backbones")
+    for column in ("name", "backbone", "stride", "M", "width", "depth", "heads", "prefix", "crop", "ImageNet weights"):
+        table.add_column(column, justify="left" if column in ("name", "backbone", "ImageNet weights") else "right")
+    for s in specs:
+        table.add_row(
+            s.name, s.title, str(s.stride), str(s.m), str(s.width), str(s.depth), str(s.heads),
+            str(s.num_prefix_tokens), str(s.crop_size), f"timm/{s.pretrained}",
+        )
+    console.print(table)

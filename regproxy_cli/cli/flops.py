@@ -1,0 +1,125 @@
+"""``regproxy flops``: parameters and FLOPs of every backbone, next to the paper's figures."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich import box
+from rich.table import Table
+
+from regproxy_cli.cli.output import console, print_json
+from regproxy_cli.errors import RegproxyError
+from regproxy_cli.flops import count_flops, paper_figure
+from regproxy_cli.model import parse_region_res
+from regproxy_cli.plugins import get_backbone, list_backbones
+
+HELP = """Count parameters and FLOPs (multiply-adds, as the paper) of RegProxy models or their linear baselines.
+
+Two counts: [bold]paper[/] follows the convention of the paper's tables (mmcv's counter, which skips
+everything inside attention); [bold]true[/] counts every matrix product, attention and painting included.
+Counting runs on meta tensors: no weights are allocated."""
+
+EXAMPLES = """[bold]Examples[/]
+
+  regproxy flops                                   # all backbones at their ADE20K crop, 150 classes
+
+  regproxy flops -b s16 --region-res 16 --json
+
+  regproxy flops --baseline                        # the linear baselines of Table 3
+
+  regproxy flops --size 768 --classes 19 --slide-image 1024x2048 --slide-stride 512   # Table 5"""
+
+
+def _parse_hw(value: str) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise RegproxyError(f"--slide-image {value!r} must be HEIGHTxWIDTH, e.g. 1024x2048") from None
+    if height < 1 or width < 1:
+        raise RegproxyError(f"--slide-image {value!r} must have positive sides")
+    return height, width
+
+
+def flops(
+    backbone: Annotated[
+        list[str] | None, typer.Option("--backbone", "-b", help="Backbone name (repeatable); default: all installed.")
+    ] = None,
+    size: Annotated[
+        int | None, typer.Option(help="Square input size; default: each backbone's paper crop (512, or 640 for L).")
+    ] = None,
+    classes: Annotated[int, typer.Option(help="Number of classes K.")] = 150,
+    region_res: Annotated[str, typer.Option(help="Region resolution h or hxw (1..16): output stride = stride / h.")] = "4",
+    baseline: Annotated[bool, typer.Option("--baseline", help="Count the linear baselines instead.")] = False,
+    slide_image: Annotated[
+        str | None, typer.Option(help="Report totals over sliding windows of --size covering this HEIGHTxWIDTH image.")
+    ] = None,
+    slide_stride: Annotated[int | None, typer.Option(help="Sliding-window stride; default: --size.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    names = backbone or sorted(list_backbones(), key=lambda n: (get_backbone(n).stride, get_backbone(n).width))
+    region = parse_region_res(region_res)
+    image = _parse_hw(slide_image) if slide_image else None
+    if classes < 1:
+        raise RegproxyError(f"--classes must be at least 1, got {classes}")
+    rows = []
+    for name in names:
+        spec = get_backbone(name)
+        crop = size or spec.crop_size
+        count = count_flops(
+            spec, size=crop, classes=classes, region_res=region, baseline=baseline,
+            slide_image=image, slide_stride=slide_stride,
+        )
+        ref = paper_figure(spec.name, crop, classes, region, baseline, image, count.windows)
+        rows.append({
+            "backbone": spec.name,
+            "title": spec.title,
+            "model": "linear baseline" if baseline else f"RegProxy {region[0]}x{region[1]}",
+            "size": crop,
+            "classes": classes,
+            **count.as_dict(),
+            "paper": None if ref is None else {"gflops": ref.gflops, "mparams": ref.mparams, "source": ref.source,
+                                               "note": ref.note},
+        })
+    if as_json:
+        print_json(rows)
+        return
+    _print_table(rows, image)
+
+
+def _delta(ours: float, theirs: float) -> str:
+    return f"{100 * (ours - theirs) / theirs:+.1f}"
+
+
+def _print_table(rows: list[dict], image: tuple[int, int] | None) -> None:
+    where = f"summed over the sliding windows of a {image[0]}x{image[1]} image" if image else "one forward pass"
+    table = Table(title=f"{rows[0]['model']}: parameters and GFLOPs (multiply-adds), {where}", box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1), pad_edge=False)
+    for column in ("backbone", "input", "GFLOPs", "true", "stem", "paper", "Δ%", "params", "paper", "Δ%"):
+        table.add_column(column, justify="left" if column == "backbone" else "right", no_wrap=True)
+    notes, sources = [], set()
+    for r in rows:
+        ref = r["paper"]
+        gflops, mparams = r["paper_macs"] / 1e9, r["params"] / 1e6
+        paper_cells = ["-"] * 4  # paper GFLOPs, delta, paper params, delta
+        if ref:
+            sources.add(ref["source"])
+            paper_cells = [f"{ref['gflops']:g}", _delta(gflops, ref["gflops"]), f"{ref['mparams']:g}",
+                           _delta(mparams, ref["mparams"])]
+            if ref["note"]:
+                notes.append(f"{r['title']}: the {ref['note']}; ours counts it "
+                             f"({gflops - r['stem_paper_macs'] / 1e9:.1f} G without it).")
+        table.add_row(
+            r["title"], f"{r['size']}²" + (f"x{r['windows']}" if image else ""), f"{gflops:.1f}",
+            f"{r['true_macs'] / 1e9:.1f}", f"{r['stem_paper_macs'] / 1e9:.1f}" if r["stem_paper_macs"] else "-",
+            *paper_cells[:2], f"{mparams:.1f}", *paper_cells[2:],
+        )
+    console.print(table)
+    console.print(
+        "GFLOPs: the paper's convention (mmcv's counter on the authors' model, which skips attention). "
+        "true: every matrix product, attention and painting included. "
+        "stem: the CNN stem's part of GFLOPs (included in both). "
+        + "params: millions. "
+        + (f"paper: {', '.join(sorted(sources))} of the paper; Δ%: ours against it." if sources else "")
+    )
+    for note in notes:
+        console.print(f"note: {note}")

@@ -1,0 +1,14 @@
+"""One rich console for the CLI's human output, and the JSON writer for ``--json``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from rich.console import Console
+
+console = Console(highlight=False)
+
+
+def print_json(data: object) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,213 @@
+"""RegProxy: ViT tokens as proxies of learnable regions (Zhang et al., CVPR 2022), and the paper's linear baseline.
+
+The proxy head (Sec. 4.2-4.3, Algorithm 1; authors' ``ProxyHead``):
+
+* an affinity head on the tap grid (after M blocks): 3x3 depthwise conv -> BN -> ReLU -> 1x1 conv ->
+  BN -> ReLU -> 1x1 conv to 9*h*w channels, ordered neighbour-first (channel = n*h*w + i*w + j,
+  neighbour n = (dy+1)*3 + (dx+1));
+* a softmax over the 9 neighbours of every sub-pixel, with neighbours outside the token grid masked
+  to -inf, so each pixel's affinities sum to 1 over in-image tokens (Eq. 4);
+* one linear classifier on the final (normalised) tokens;
+* painting (Eq. 6): pixel logits = sum over the 3x3 neighbours of affinity x token logits, laid out
+  as (H h) x (W w), then resized bilinearly to the input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from regproxy_cli.errors import RegproxyError
+from regproxy_cli.plugins import BackboneSpec, get_backbone
+
+NEIGHBOURS = 9  # the 3x3 window of tokens a pixel may belong to
+
+# Every authors' checkpoint, AugReg ones included, normalises RGB 0-255 with ImageNet statistics.
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+def outside_grid_mask(height: int, width: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(9, H, W) boolean mask, True where the neighbour (dy, dx) of token (y, x) falls outside the grid."""
+    offsets = torch.tensor([-1, 0, 1], device=device)
+    rows = torch.arange(height, device=device)[None, :] + offsets[:, None]  # (3, H)
+    cols = torch.arange(width, device=device)[None, :] + offsets[:, None]  # (3, W)
+    row_out = (rows < 0) | (rows >= height)
+    col_out = (cols < 0) | (cols >= width)
+    return (row_out[:, None, :, None] | col_out[None, :, None, :]).reshape(NEIGHBOURS, height, width)
+
+
+def affinity_from_logits(logits: torch.Tensor, region_res: tuple[int, int]) -> torch.Tensor:
+    """Softmax the affinity head's (B, 9*h*w, H, W) output into (B, 9, h, w, H, W) pixel-token affinities."""
+    batch, _, height, width = logits.shape
+    logits = logits.reshape(batch, NEIGHBOURS, *region_res, height, width)
+    outside = outside_grid_mask(height, width, logits.device)[:, None, None]  # (9, 1, 1, H, W)
+    return logits.masked_fill(outside, float("-inf")).softmax(dim=1)
+
+
+def paint(token_logits: torch.Tensor, affinity: torch.Tensor) -> torch.Tensor:
+    """Paint (B, K, H, W) token logits onto pixels with (B, 9, h, w, H, W) affinities: (B, K, H*h, W*w).
+
+    Algorithm 1: out[b, k, y*h + i, x*w + j] = sum_n affinity[b, n, i, j, y, x] * logits of neighbour n.
+    """
+    batch, classes, height, width = token_logits.shape
+    _, _, sub_h, sub_w, _, _ = affinity.shape
+    neighbours = F.unfold(token_logits, kernel_size=3, padding=1).reshape(batch, classes, NEIGHBOURS, height, width)
+    out = torch.einsum("bnijyx,bknyx->bkyixj", affinity, neighbours)
+    return out.reshape(batch, classes, height * sub_h, width * sub_w)
+
+
+def _resize_and_crop(logits: torch.Tensor, stride: int, size: tuple[int, int]) -> torch.Tensor:
+    """Resize grid-aligned logits to the padded input they cover, then crop away the padding."""
+    grid_h, grid_w = logits.shape[-2:]
+    out_h, out_w = -(-size[0] // stride) * stride, -(-size[1] // stride) * stride
+    if (grid_h, grid_w) != (out_h, out_w):
+        logits = F.interpolate(logits, size=(out_h, out_w), mode="bilinear", align_corners=False)
+    return logits[..., : size[0], : size[1]]
+
+
+class AffinityHead(nn.Sequential):
+    """Predicts 9*h*w affinity logits per token from the tap grid (one depthwise-separable conv + 1x1)."""
+
+    def __init__(self, in_dim: int, region_res: tuple[int, int]) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv2d(in_dim, in_dim, 3, padding=1, groups=in_dim, bias=False)
+        self.depthwise_bn = nn.BatchNorm2d(in_dim)
+        self.depthwise_act = nn.ReLU(inplace=True)
+        self.pointwise = nn.Conv2d(in_dim, in_dim, 1, bias=False)
+        self.pointwise_bn = nn.BatchNorm2d(in_dim)
+        self.pointwise_act = nn.ReLU(inplace=True)
+        self.out = nn.Conv2d(in_dim, NEIGHBOURS * region_res[0] * region_res[1], 1)
+        for conv in (self.depthwise, self.pointwise, self.out):  # mmcv ConvModule's init, as the authors had
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.out.bias)  # uniform affinities at the start
+
+
+@dataclass
+class ProxyOutput:
+    """Everything the proxy head computes, for visualisation and analysis.
+
+    Attributes:
+        logits: (B, K, H_in, W_in) pixel logits at the input size.
+        region_logits: (B, K, H*h, W*w) painted logits at output stride ``stride / h`` (padded frame).
+        affinity: (B, 9, h, w, H, W) pixel-to-token affinities, summing to 1 over the 9 neighbours.
+        token_logits: (B, K, H, W) class logits of each token.
+    """
+
+    logits: torch.Tensor
+    region_logits: torch.Tensor
+    affinity: torch.Tensor
+    token_logits: torch.Tensor
+
+
+class ProxyHead(nn.Module):
+    """The affinity head and the linear token classifier; :meth:`forward` paints token logits onto pixels."""
+
+    def __init__(self, tap_dim: int, width: int, num_classes: int, region_res: tuple[int, int]) -> None:
+        super().__init__()
+        self.region_res = region_res
+        self.affinity = AffinityHead(tap_dim, region_res)
+        self.classifier = nn.Linear(width, num_classes)
+        nn.init.trunc_normal_(self.classifier.weight, std=0.02)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, tap: torch.Tensor, final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (region_logits, affinity, token_logits) for tap and final grids of the same size."""
+        affinity = affinity_from_logits(self.affinity(tap), self.region_res)
+        token_logits = self.classifier(final.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return paint(token_logits, affinity), affinity, token_logits
+
+
+class RegProxy(nn.Module):
+    """Backbone + proxy head. ``forward`` maps a normalised (B, 3, H, W) batch to (B, K, H, W) logits."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, region_res: tuple[int, int] = (4, 4)) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.region_res = region_res
+        self.head = ProxyHead(backbone.width, backbone.width, num_classes, region_res)
+
+    @property
+    def output_stride(self) -> float:
+        return self.backbone.stride / self.region_res[0]
+
+    def forward_all(self, x: torch.Tensor) -> ProxyOutput:
+        tap, final = self.backbone(x)
+        region_logits, affinity, token_logits = self.head(tap, final)
+        logits = _resize_and_crop(region_logits, self.backbone.stride, x.shape[-2:])
+        return ProxyOutput(logits, region_logits, affinity, token_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_all(x).logits
+
+
+class LinearBaseline(nn.Module):
+    """The paper's baseline: a per-token linear classifier on the final grid, upsampled bilinearly."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(backbone.width, num_classes)
+        nn.init.trunc_normal_(self.classifier.weight, std=0.02)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, final = self.backbone(x)
+        token_logits = self.classifier(final.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return _resize_and_crop(token_logits, self.backbone.stride, x.shape[-2:])
+
+
+def parse_region_res(value: int | str | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """Accept 4, "4", "4x4", "2x8" or (2, 8); each side must be 1..16."""
+    if isinstance(value, str):
+        parts = value.lower().replace("×", "x").split("x")
+        try:
+            sides = tuple(int(p) for p in parts)
+        except ValueError:
+            raise RegproxyError(f"region resolution {value!r} is not of the form 4 or 4x4") from None
+    elif isinstance(value, int):
+        sides = (value,)
+    else:
+        sides = tuple(value)
+    if len(sides) == 1:
+        sides = sides * 2
+    if len(sides) != 2 or not all(isinstance(s, int) and 1 <= s <= 16 for s in sides):
+        raise RegproxyError(f"region resolution {value!r} must be h or hxw with h, w in 1..16")
+    return sides  # type: ignore[return-value]
+
+
+def build_model(
+    backbone: str | BackboneSpec,
+    num_classes: int,
+    *,
+    m: int | None = None,
+    region_res: int | str | tuple[int, int] = (4, 4),
+    baseline: bool = False,
+    img_size: int | None = None,
+    pretrained: bool = False,
+    drop_path_rate: float = 0.0,
+) -> nn.Module:
+    """Build a RegProxy model (or the linear baseline) on an installed backbone.
+
+    Args:
+        backbone: a backbone name (``list_backbones()``) or a :class:`BackboneSpec`.
+        num_classes: K, the number of classes.
+        m: token-head depth M; defaults to the backbone's declared one.
+        region_res: (h, w) sub-pixels per token, 1..16 each; output stride is stride / h.
+        baseline: build the paper's linear baseline instead.
+        img_size: the crop the position embeddings are stored for; defaults to the backbone's paper crop.
+        pretrained: start from the backbone's ImageNet weights (downloaded through timm from the Hub).
+        drop_path_rate: stochastic depth for training (the paper uses 0.1).
+    """
+    if num_classes < 1:
+        raise RegproxyError(f"num_classes must be at least 1, got {num_classes}")
+    spec = get_backbone(backbone)
+    body = spec.build(m=m, img_size=img_size, pretrained=pretrained, drop_path_rate=drop_path_rate)
+    if baseline:
+        return LinearBaseline(body, num_classes)
+    return RegProxy(body, num_classes, parse_region_res(region_res))

@@ -1,0 +1,112 @@
+"""A :class:`~regproxy_cli.plugins.Backbone` over timm's Vision Transformers (vanilla, DeiT-distilled, hybrid).
+
+Built on timm's public API only (``timm.create_model``, ``timm.layers.resample_abs_pos_embed`` and the
+model's submodules), so a timm upgrade does not break it. Plugins for other timm ViTs can reuse
+:func:`create_timm_vit` as their factory.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from regproxy_cli.errors import RegproxyError
+
+
+class TimmViTBackbone(nn.Module):
+    """Runs a timm ViT on any input size and returns the tap grid after ``m`` blocks and the final grid.
+
+    Matches the authors' mmseg ViT: [cls, (dist), patches] + position embedding (bicubic-resized,
+    align_corners=False, when the grid differs from the stored one), pre-norm blocks, final norm on
+    the last block only. Inputs that are not a multiple of the stride are zero-padded bottom/right;
+    the caller crops its output back (the authors resize instead, which shifts pixels).
+    """
+
+    def __init__(self, vit: nn.Module, *, m: int, stride: int) -> None:
+        super().__init__()
+        if getattr(vit, "no_embed_class", False) or getattr(vit, "pos_embed", None) is None:
+            raise RegproxyError("TimmViTBackbone needs a timm ViT with a learned position embedding over prefix tokens")
+        self.vit = vit
+        self.m = m
+        self.stride = stride
+        self.width = vit.embed_dim
+        self.depth = len(vit.blocks)
+        self.num_prefix_tokens = vit.num_prefix_tokens
+        self.cnn_stem = getattr(vit.patch_embed, "backbone", None)  # HybridEmbed's ResNet
+        # timm creates these as None when absent; order is the token order of timm and of the authors
+        self._prefix_names = [n for n in ("cls_token", "dist_token", "reg_token") if getattr(vit, n, None) is not None]
+        n_prefix = sum(getattr(vit, n).shape[1] for n in self._prefix_names)
+        if n_prefix != self.num_prefix_tokens:
+            raise RegproxyError(f"unsupported timm ViT: {n_prefix} prefix tokens found, {self.num_prefix_tokens} declared")
+
+    @property
+    def pos_grid(self) -> tuple[int, int]:
+        """The (rows, cols) grid the stored position embedding is laid out for."""
+        n = self.vit.pos_embed.shape[1] - self.num_prefix_tokens
+        rows, cols = self.vit.patch_embed.grid_size
+        if rows * cols != n:
+            raise RegproxyError(f"position embedding has {n} patch rows, not {rows}x{cols}")
+        return rows, cols
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        height, width = x.shape[-2:]
+        pad_h, pad_w = -height % self.stride, -width % self.stride
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = self.vit.patch_embed(x)  # (B, gh, gw, C): timm ViTs built with dynamic_img_size emit NHWC
+        batch, gh, gw, channels = x.shape
+        pos = self.vit.pos_embed
+        if (gh, gw) != self.pos_grid:
+            pos = resample_abs_pos_embed(
+                pos, new_size=[gh, gw], old_size=list(self.pos_grid), num_prefix_tokens=self.num_prefix_tokens,
+                interpolation="bicubic", antialias=False,
+            )
+        prefix = [getattr(self.vit, n).expand(batch, -1, -1) for n in self._prefix_names]
+        x = torch.cat([*prefix, x.reshape(batch, gh * gw, channels)], dim=1) + pos
+        x = self.vit.norm_pre(self.vit.patch_drop(self.vit.pos_drop(x)))
+
+        tap = x
+        for index, block in enumerate(self.vit.blocks):
+            x = block(x)
+            if index + 1 == self.m:
+                tap = x
+        final = self.vit.norm(x)
+        return self._to_grid(tap, gh, gw), self._to_grid(final, gh, gw)
+
+    def _to_grid(self, tokens: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+        patches = tokens[:, self.num_prefix_tokens:]
+        return patches.transpose(1, 2).reshape(tokens.shape[0], -1, gh, gw)
+
+
+def create_timm_vit(
+    arch: str,
+    *,
+    m: int,
+    img_size: int,
+    pretrained: str | None,
+    drop_path_rate: float,
+    stride: int,
+    **model_args: object,
+) -> TimmViTBackbone:
+    """Factory for :class:`~regproxy_cli.plugins.BackboneSpec`: a timm ViT by architecture name.
+
+    Args:
+        arch: timm architecture (``vit_small_patch16_384``); ``pretrained`` (``arch.tag``) replaces it
+            when ImageNet weights are wanted, and timm then resizes the position embedding to
+            ``img_size`` on load.
+        stride: the total stride of the token grid.
+        model_args: overrides of timm's architecture arguments (tests use tiny widths and depths).
+    """
+    vit = timm.create_model(
+        pretrained or arch,
+        pretrained=pretrained is not None,
+        num_classes=0,
+        img_size=img_size,
+        dynamic_img_size=True,
+        drop_path_rate=drop_path_rate,
+        **model_args,
+    )
+    return TimmViTBackbone(vit, m=m, stride=stride)
