@@ -134,14 +134,14 @@ def count_flops(
     image of that (height, width), as the paper's Cityscapes table reports them.
     """
     spec = get_backbone(backbone)
-    size = size or spec.crop_size
+    size = spec.crop_size if size is None else size
     if size < 1:
         raise RegproxyError(f"input size must be positive, got {size}")
     with torch.device("meta"):
         model = build_model(spec, classes, region_res=parse_region_res(region_res), baseline=baseline, img_size=size)
     count = count_model(model, size, size)
     if slide_image is not None:
-        windows = sliding_windows(slide_image, size, slide_stride or size)
+        windows = sliding_windows(slide_image, size, size if slide_stride is None else slide_stride)
         count.true_macs *= windows
         count.paper_macs *= windows
         count.stem_true_macs *= windows

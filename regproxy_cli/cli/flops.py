@@ -65,7 +65,7 @@ def flops(
     rows = []
     for name in names:
         spec = get_backbone(name)
-        crop = size or spec.crop_size
+        crop = spec.crop_size if size is None else size
         count = count_flops(
             spec, size=crop, classes=classes, region_res=region, baseline=baseline,
             slide_image=image, slide_stride=slide_stride,

@@ -1,0 +1,3 @@
+from regproxy_cli.cli.app import main
+
+main()
