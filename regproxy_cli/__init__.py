@@ -1,7 +1,6 @@
 """regproxy: RegProxy semantic segmentation ("Semantic Segmentation by Early Region Proxy", CVPR 2022)."""
 
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.plugins import Backbone, BackboneSpec, get_backbone, list_backbones, refresh_backbones
 from regproxy_cli.model import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -12,6 +11,7 @@ from regproxy_cli.model import (
     build_model,
     paint,
 )
+from regproxy_cli.plugins import Backbone, BackboneSpec, get_backbone, list_backbones, refresh_backbones
 
 __version__ = "0.1.0"
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.model import LinearBaseline, ProxyHead, build_model, parse_region_res
+from regproxy_cli.model import ProxyHead, build_model, parse_region_res
 from regproxy_cli.plugins import BackboneSpec, get_backbone
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)

@@ -13,7 +13,6 @@ The module a backbone factory returns must follow :class:`Backbone`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Protocol

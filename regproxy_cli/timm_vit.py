@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import timm
 import torch
+from huggingface_hub import constants
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import nn
@@ -101,12 +103,30 @@ def create_timm_vit(
         model_args: overrides of timm's architecture arguments (tests use tiny widths and depths).
     """
     vit = timm.create_model(
-        pretrained or arch,
-        pretrained=pretrained is not None,
-        num_classes=0,
-        img_size=img_size,
-        dynamic_img_size=True,
-        drop_path_rate=drop_path_rate,
-        **model_args,
+        arch, num_classes=0, img_size=img_size, dynamic_img_size=True, drop_path_rate=drop_path_rate, **model_args
     )
+    if pretrained is not None:
+        vit.load_state_dict(_imagenet_state_dict(pretrained, vit, model_args))
     return TimmViTBackbone(vit, m=m, stride=stride)
+
+
+def _imagenet_state_dict(pretrained: str, vit: nn.Module, model_args: dict) -> dict[str, torch.Tensor]:
+    """The backbone's ImageNet weights (through timm and the Hub cache), position embeddings resized to ``vit``'s grid.
+
+    The resize is the authors' (bicubic, align_corners=False, no antialias), not timm's antialiased one.
+    """
+    try:
+        source = timm.create_model(pretrained, pretrained=True, num_classes=0, **model_args)
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+        raise RegproxyError(
+            f"cannot get the ImageNet weights timm/{pretrained} ({type(exc).__name__}): the Hugging Face Hub is "
+            f"unreachable or offline and they are not cached; on a connected machine run "
+            f"`hf download timm/{pretrained}` and copy its cache folder ({constants.HF_HUB_CACHE}) here"
+        ) from exc
+    state = source.state_dict()
+    num_prefix = source.num_prefix_tokens
+    state["pos_embed"] = resample_abs_pos_embed(
+        state["pos_embed"], new_size=list(vit.patch_embed.grid_size), old_size=list(source.patch_embed.grid_size),
+        num_prefix_tokens=num_prefix, interpolation="bicubic", antialias=False,
+    )
+    return state

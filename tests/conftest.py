@@ -1,12 +1,17 @@
 """Tiny backbone specs (2 blocks, width 32) so model tests run in seconds on 2 CPU cores."""
 
-from functools import partial
+import os
 
-import pytest
-import torch
+# Tests never touch the network. Set before huggingface_hub is imported: it reads this once.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
-from regproxy_cli import BackboneSpec
-from regproxy_cli.timm_vit import create_timm_vit
+from functools import partial  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from regproxy_cli import BackboneSpec  # noqa: E402
+from regproxy_cli.timm_vit import create_timm_vit  # noqa: E402
 
 _TINY = dict(embed_dim=32, depth=2, num_heads=2)
 
@@ -31,12 +36,6 @@ TINY_SPECS = [TINY_VIT, TINY_DEIT, TINY_HYBRID]
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True)
-def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests never touch the network: any Hub access fails fast instead of hanging."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture

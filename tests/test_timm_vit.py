@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import TINY_DEIT, TINY_HYBRID, TINY_SPECS, TINY_VIT
 
 

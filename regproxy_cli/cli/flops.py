@@ -57,14 +57,16 @@ def flops(
     slide_stride: Annotated[int | None, typer.Option(help="Sliding-window stride; default: --size.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    names = backbone or sorted(list_backbones(), key=lambda n: (get_backbone(n).stride, get_backbone(n).width))
+    names = backbone or list_backbones()
     region = parse_region_res(region_res)
     image = _parse_hw(slide_image) if slide_image else None
     if classes < 1:
         raise RegproxyError(f"--classes must be at least 1, got {classes}")
     rows = []
-    for name in names:
-        spec = get_backbone(name)
+    specs = [get_backbone(name) for name in names]
+    if not backbone:  # the paper's order: by stride, then size
+        specs.sort(key=lambda s: (s.stride, s.width))
+    for spec in specs:
         crop = spec.crop_size if size is None else size
         count = count_flops(
             spec, size=crop, classes=classes, region_res=region, baseline=baseline,
