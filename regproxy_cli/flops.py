@@ -99,10 +99,12 @@ def count_model(model: nn.Module, height: int, width: int) -> FlopCount:
         mod.register_forward_hook(lambda mod, inp, out, name=name: hook(name, mod, inp, out))
         for name, mod in model.named_modules()
     ]
+    was_training = model.training
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, 3, height, width, device=device))
     finally:
+        model.train(was_training)
         for handle in handles:
             handle.remove()
     params = sum(p.numel() for p in model.parameters())

@@ -131,10 +131,6 @@ class RegProxy(nn.Module):
         self.region_res = region_res
         self.head = ProxyHead(backbone.width, backbone.width, num_classes, region_res)
 
-    @property
-    def output_stride(self) -> float:
-        return self.backbone.stride / self.region_res[0]
-
     def forward_all(self, x: torch.Tensor) -> ProxyOutput:
         tap, final = self.backbone(x)
         region_logits, affinity, token_logits = self.head(tap, final)
