@@ -1,5 +1,6 @@
 """regproxy: RegProxy semantic segmentation ("Semantic Segmentation by Early Region Proxy", CVPR 2022)."""
 
+from regproxy_cli.checkpoint import ModelConfig, load_pretrained, push_to_hub, save_pretrained
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.model import (
     IMAGENET_MEAN,
@@ -12,6 +13,7 @@ from regproxy_cli.model import (
     paint,
 )
 from regproxy_cli.plugins import Backbone, BackboneSpec, get_backbone, list_backbones, refresh_backbones
+from regproxy_cli.zoo import ZOO, load_model
 
 __version__ = "0.1.0"
 
@@ -21,13 +23,19 @@ __all__ = [
     "Backbone",
     "BackboneSpec",
     "LinearBaseline",
+    "ModelConfig",
     "ProxyOutput",
     "RegProxy",
     "RegproxyError",
+    "ZOO",
     "affinity_from_logits",
     "build_model",
     "get_backbone",
     "list_backbones",
+    "load_model",
+    "load_pretrained",
     "paint",
+    "push_to_hub",
     "refresh_backbones",
+    "save_pretrained",
 ]

@@ -121,7 +121,23 @@ class ProxyHead(nn.Module):
         return paint(token_logits, affinity), affinity, token_logits
 
 
-class RegProxy(nn.Module):
+class Segmenter(nn.Module):
+    """What RegProxy and the linear baseline share: a ``config`` (ModelConfig) and :meth:`predict`."""
+
+    config: object  # regproxy_cli.checkpoint.ModelConfig, attached by build_model / load_model
+
+    def predict(self, image, **options) -> "np.ndarray":  # noqa: F821
+        """Segment one image (path, PIL image or HxWx3 uint8 RGB array) into an (H, W) class-id array.
+
+        Uses the preprocessing and inference protocol of ``self.config``; ``options`` are those of
+        :func:`regproxy_cli.predict.predict_labels` (mode, tta, scale, batch_size).
+        """
+        from regproxy_cli.predict import predict_labels
+
+        return predict_labels(self, image, **options)
+
+
+class RegProxy(Segmenter):
     """Backbone + proxy head. ``forward`` maps a normalised (B, 3, H, W) batch to (B, K, H, W) logits."""
 
     def __init__(self, backbone: nn.Module, num_classes: int, region_res: tuple[int, int] = (4, 4)) -> None:
@@ -141,7 +157,7 @@ class RegProxy(nn.Module):
         return self.forward_all(x).logits
 
 
-class LinearBaseline(nn.Module):
+class LinearBaseline(Segmenter):
     """The paper's baseline: a per-token linear classifier on the final grid, upsampled bilinearly."""
 
     def __init__(self, backbone: nn.Module, num_classes: int) -> None:
@@ -202,8 +218,14 @@ def build_model(
     """
     if num_classes < 1:
         raise RegproxyError(f"num_classes must be at least 1, got {num_classes}")
+    from regproxy_cli.checkpoint import ModelConfig  # the config module builds models too
+
     spec = get_backbone(backbone)
+    region_res = parse_region_res(region_res)
     body = spec.build(m=m, img_size=img_size, pretrained=pretrained, drop_path_rate=drop_path_rate)
-    if baseline:
-        return LinearBaseline(body, num_classes)
-    return RegProxy(body, num_classes, parse_region_res(region_res))
+    model = LinearBaseline(body, num_classes) if baseline else RegProxy(body, num_classes, region_res)
+    model.config = ModelConfig(
+        backbone=spec.name, num_classes=num_classes, m=body.m, region_res=region_res, baseline=baseline,
+        crop_size=img_size or spec.crop_size, test_scale=None,
+    )
+    return model

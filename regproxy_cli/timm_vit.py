@@ -37,12 +37,16 @@ class TimmViTBackbone(nn.Module):
         self.width = vit.embed_dim
         self.depth = len(vit.blocks)
         self.num_prefix_tokens = vit.num_prefix_tokens
-        self.cnn_stem = getattr(vit.patch_embed, "backbone", None)  # HybridEmbed's ResNet
         # timm creates these as None when absent; order is the token order of timm and of the authors
         self._prefix_names = [n for n in ("cls_token", "dist_token", "reg_token") if getattr(vit, n, None) is not None]
         n_prefix = sum(getattr(vit, n).shape[1] for n in self._prefix_names)
         if n_prefix != self.num_prefix_tokens:
             raise RegproxyError(f"unsupported timm ViT: {n_prefix} prefix tokens found, {self.num_prefix_tokens} declared")
+
+    @property
+    def cnn_stem(self) -> nn.Module | None:
+        """The hybrids' ResNet (timm's HybridEmbed.backbone); None for a patch-embedding stem."""
+        return getattr(self.vit.patch_embed, "backbone", None)
 
     @property
     def pos_grid(self) -> tuple[int, int]:

@@ -50,3 +50,33 @@ def cli():
                               env={**os.environ, **(env or {})}, timeout=300)
 
     return run
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_backbones_installed(tmp_path_factory):
+    """Install the tiny specs as a plugin distribution, so saved tiny models reload by backbone name,
+    in this process and in `regproxy` subprocesses alike."""
+    import sys
+
+    from regproxy_cli import refresh_backbones
+    from regproxy_cli.plugins import ENTRY_POINT_GROUP
+
+    site = tmp_path_factory.mktemp("tiny-plugins")
+    info = site / "regproxy_test_tiny-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: regproxy-test-tiny\nVersion: 0.1\n")
+    names = {"tiny-vit": "TINY_VIT", "tiny-deit": "TINY_DEIT", "tiny-hybrid": "TINY_HYBRID"}
+    lines = "\n".join(f"{name} = conftest:{attr}" for name, attr in names.items())
+    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\n{lines}\n")
+    tests_dir = os.path.dirname(__file__)
+    sys.path.insert(0, str(site))
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(site), tests_dir] + ([old] if old else []))
+    refresh_backbones()
+    yield
+    sys.path.remove(str(site))
+    if old is None:
+        os.environ.pop("PYTHONPATH")
+    else:
+        os.environ["PYTHONPATH"] = old
+    refresh_backbones()

@@ -5,9 +5,9 @@ import time
 
 import pytest
 import torch
-from conftest import TINY_HYBRID, TINY_VIT
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import TINY_HYBRID, TINY_VIT
 from regproxy_cli import build_model
 from regproxy_cli.flops import PAPER_FIGURES, count_flops, count_model, sliding_windows
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_DEIT, TINY_HYBRID, TINY_SPECS, TINY_VIT
 from torch import nn
 
+from conftest import TINY_DEIT, TINY_HYBRID, TINY_SPECS, TINY_VIT
 from regproxy_cli import LinearBaseline, RegProxy, RegproxyError, affinity_from_logits, build_model, paint
 from regproxy_cli.model import outside_grid_mask, parse_region_res
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from conftest import TINY_DEIT, TINY_HYBRID, TINY_SPECS, TINY_VIT
 
 

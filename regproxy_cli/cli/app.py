@@ -6,9 +6,9 @@ import os
 import sys
 
 import typer
-from rich.console import Console
 
-from regproxy_cli.cli import backbones, flops
+from regproxy_cli.cli import backbones, convert, flops, models, predict
+from regproxy_cli.cli.output import err_console
 from regproxy_cli.errors import RegproxyError
 
 app = typer.Typer(
@@ -19,10 +19,11 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="rich",
 )
+app.command("predict", help=predict.HELP, epilog=predict.EXAMPLES)(predict.predict)
+app.command("models", help=models.HELP)(models.models)
+app.command("convert", help=convert.HELP, epilog=convert.EXAMPLES)(convert.convert)
 app.command("flops", help=flops.HELP, epilog=flops.EXAMPLES)(flops.flops)
 app.command("backbones", help=backbones.HELP)(backbones.backbones)
-
-_stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,8 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     except RegproxyError as exc:
         if debug:
             raise
-        _stderr.print(f"[bold red]error:[/] {exc}", markup=True)
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        _stderr.print("interrupted")
+        err_console.print("interrupted")
         sys.exit(130)

@@ -8,6 +8,7 @@ import sys
 from rich.console import Console
 
 console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def print_json(data: object) -> None:

@@ -1,0 +1,206 @@
+"""The model directory format (also a Hub repo): ``config.json`` + ``model.safetensors`` + a generated ``README.md``.
+
+``config.json`` carries everything needed to rebuild the model and to use it: backbone, M, region
+resolution, classes and palette, normalisation, crop size, inference mode and window, test scale,
+dataset and the paper's metrics. Files are written atomically (temporary file + ``os.replace``), so an
+interrupted save never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from regproxy_cli.errors import RegproxyError
+from regproxy_cli.model import IMAGENET_MEAN, IMAGENET_STD, build_model
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelConfig:
+    """How to rebuild a model and how to run it (preprocessing and inference protocol)."""
+
+    backbone: str
+    num_classes: int
+    m: int
+    region_res: tuple[int, int] = (4, 4)
+    baseline: bool = False
+    crop_size: int = 512
+    classes: list[str] = field(default_factory=list)
+    palette: list[list[int]] = field(default_factory=list)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    inference_mode: str = "slide"  # 'slide' or 'whole'
+    window_stride: int | None = None  # sliding-window stride; None = crop_size
+    test_scale: tuple[int, int] | None = (2048, 512)  # mmseg keep-ratio (long, short) bound; None = as given
+    dataset: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    source: str | None = None  # where the weights came from
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        self.region_res = tuple(self.region_res)
+        self.mean, self.std = tuple(self.mean), tuple(self.std)
+        if self.test_scale is not None:
+            self.test_scale = tuple(self.test_scale)
+        if not self.classes:
+            self.classes = [f"class_{i}" for i in range(self.num_classes)]
+        if not self.palette:
+            from regproxy_cli.classes import default_palette
+
+            self.palette = [list(c) for c in default_palette(self.num_classes)]
+        if len(self.classes) != self.num_classes or len(self.palette) != self.num_classes:
+            raise RegproxyError(
+                f"config has {self.num_classes} classes but {len(self.classes)} names and {len(self.palette)} colours"
+            )
+        if self.inference_mode not in ("slide", "whole"):
+            raise RegproxyError(f"inference mode must be 'slide' or 'whole', not {self.inference_mode!r}")
+
+    @property
+    def stride(self) -> int:
+        return self.window_stride or self.crop_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "config") -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RegproxyError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        version = data.get("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise RegproxyError(f"{where}: format version {version} is newer than this regproxy ({FORMAT_VERSION})")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise RegproxyError(f"{where}: {exc}") from None
+
+
+def build_from_config(config: ModelConfig, *, pretrained_backbone: bool = False) -> nn.Module:
+    """An untrained model for ``config``, with the config attached as ``model.config``."""
+    model = build_model(
+        config.backbone, config.num_classes, m=config.m, region_res=config.region_res, baseline=config.baseline,
+        img_size=config.crop_size, pretrained=pretrained_backbone,
+    )
+    model.config = config
+    return model
+
+
+def _write_atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, config: ModelConfig | None = None) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and a model card into ``directory``."""
+    config = config or getattr(model, "config", None)
+    if config is None:
+        raise RegproxyError("save_pretrained needs a ModelConfig: pass config= or set model.config")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _write_atomic(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    _write_atomic(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config.to_dict(), indent=2) + "\n"))
+    _write_atomic(directory / "README.md", lambda p: Path(p).write_text(model_card(config)))
+    return directory
+
+
+def load_pretrained(directory: str | os.PathLike, *, map_location: str = "cpu") -> nn.Module:
+    """Rebuild a model from a directory written by :func:`save_pretrained`; returned in eval mode."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for needed in (config_path, weights_path):
+        if not needed.is_file():
+            raise RegproxyError(f"{directory} is not a regproxy model directory: {needed.name} is missing")
+    try:
+        config = ModelConfig.from_dict(json.loads(config_path.read_text()), where=str(config_path))
+    except json.JSONDecodeError as exc:
+        raise RegproxyError(f"{config_path}: not valid JSON ({exc})") from None
+    with torch.device("meta"):
+        model = build_from_config(config)
+    try:
+        state = load_file(str(weights_path), device=map_location)
+    except (SafetensorError, OSError) as exc:
+        raise RegproxyError(f"{weights_path}: cannot read weights ({exc})") from None
+    load_state_dict_checked(model, state, str(weights_path))
+    model.config = config
+    return model.eval()
+
+
+def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load ``state`` strictly, naming missing/unexpected keys and shape mismatches in one line."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing[:5])}" + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected[:5])}"
+                        + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""))
+    if wrong:
+        problems.append(f"shape mismatch: {'; '.join(wrong[:3])}" + (f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else ""))
+    if problems:
+        raise RegproxyError(f"{where}: weights do not fit the model: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def push_to_hub(directory: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
+    """Upload a saved model directory to the Hugging Face Hub; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    directory = Path(directory)
+    load_pretrained(directory)  # refuse to publish something that does not load
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(folder_path=str(directory), repo_id=repo_id, commit_message="Upload regproxy model")
+    return str(info)
+
+
+def model_card(config: ModelConfig) -> str:
+    """A Hub model card (README.md with YAML front matter) generated from the config."""
+    from regproxy_cli import __version__
+
+    kind = "linear baseline" if config.baseline else f"RegProxy (h×w = {config.region_res[0]}×{config.region_res[1]})"
+    metrics = "".join(f"| {k} | {v} |\n" for k, v in config.metrics.items()) or "| - | - |\n"
+    tags = ["regproxy", "semantic-segmentation", "vision-transformer"]
+    return (
+        "---\n"
+        f"library_name: regproxy\nlicense: apache-2.0\npipeline_tag: image-segmentation\ntags: {json.dumps(tags)}\n"
+        + (f"datasets: [{json.dumps(config.dataset)}]\n" if config.dataset else "")
+        + "---\n\n"
+        f"# {kind} on {config.backbone}\n\n"
+        "Semantic Segmentation by Early Region Proxy (Zhang, Pang, Lu; CVPR 2022), loaded with "
+        f"[regproxy](https://pypi.org/project/regproxy/) {__version__}.\n\n"
+        "```bash\npip install regproxy regproxy-backbones\nregproxy predict image.jpg --model <this repo id>\n```\n\n"
+        f"- backbone: `{config.backbone}`, token-head depth M = {config.m}\n"
+        f"- classes: {config.num_classes}" + (f" ({config.dataset})" if config.dataset else "") + "\n"
+        f"- crop {config.crop_size}², inference `{config.inference_mode}`"
+        + (f" (window {config.crop_size}, stride {config.stride})" if config.inference_mode == "slide" else "")
+        + (f", test scale {config.test_scale[0]}×{config.test_scale[1]} (keep ratio)" if config.test_scale else "")
+        + "\n"
+        f"- normalisation: mean {list(config.mean)}, std {list(config.std)} on RGB 0-255\n"
+        + (f"- weights: {config.source}\n" if config.source else "")
+        + f"\n## Metrics\n\n| metric | value |\n|---|---|\n{metrics}"
+    )

@@ -1,0 +1,187 @@
+"""Segmenting images with a loaded model: preprocessing from its config, whole/sliding-window inference,
+test-time augmentation, and the files ``regproxy predict`` writes (label PNG, overlay, region picture)."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from regproxy_cli.errors import RegproxyError
+from regproxy_cli.imaging import load_image, overlay, region_map, save_label_png, save_png_atomic
+from regproxy_cli.inference import rescale_size, resize_argmax, segment_probs, slide_logits, whole_logits
+
+TTA_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the paper's multi-scale test
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def to_rgb_array(image: str | os.PathLike | Image.Image | np.ndarray) -> np.ndarray:
+    """An (H, W, 3) uint8 RGB array from a path, a PIL image (any mode) or an array."""
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise RegproxyError(f"expected an HxWx3 uint8 RGB array, got shape {array.shape} dtype {array.dtype}")
+    return array
+
+
+def normalise(image: np.ndarray, config, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(1, 3, H, W) float tensor normalised with the config's mean/std on RGB 0-255."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float()
+    mean = torch.tensor(config.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(config.std, device=device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def working_size(height: int, width: int, config, scale: float = 1.0) -> tuple[int, int]:
+    """The size the model sees: the config's keep-ratio test scale (times ``scale``), or the image's own."""
+    if config.test_scale is None:
+        return max(1, round(height * scale)), max(1, round(width * scale))
+    long_side, short_side = config.test_scale
+    return rescale_size(height, width, (long_side * scale, short_side * scale))
+
+
+def _logits_at(model: nn.Module, x: torch.Tensor, config, mode: str, batch_size: int) -> torch.Tensor:
+    if mode == "whole":
+        return whole_logits(model, x)
+    window = (config.crop_size, config.crop_size)
+    stride = (config.stride, config.stride)
+    return slide_logits(model, x, num_classes=config.num_classes, window=window, stride=stride, batch_size=batch_size)
+
+
+@torch.inference_mode()
+def predict_labels(
+    model: nn.Module,
+    image: str | os.PathLike | Image.Image | np.ndarray,
+    *,
+    mode: str | None = None,
+    tta: bool = False,
+    scale: float = 1.0,
+    batch_size: int = 8,
+) -> np.ndarray:
+    """(H, W) int class ids for one image at its original size.
+
+    Args:
+        mode: 'whole' or 'slide' (default: the config's inference mode).
+        tta: the paper's multi-scale (0.5-1.75) + flip test, averaging softmax probabilities.
+        scale: multiplies the config's test scale (or the image size when it has none).
+        batch_size: sliding windows per forward pass.
+    """
+    config = model.config
+    mode = mode or config.inference_mode
+    if mode not in ("whole", "slide"):
+        raise RegproxyError(f"mode must be 'whole' or 'slide', not {mode!r}")
+    if scale <= 0:
+        raise RegproxyError(f"scale must be positive, got {scale}")
+    rgb = to_rgb_array(image)
+    height, width = rgb.shape[:2]
+    x = normalise(rgb, config, _device_of(model))
+    size = working_size(height, width, config, scale)
+    if tta:
+        scores = segment_probs(
+            model, x, num_classes=config.num_classes, mode=mode, window=(config.crop_size,) * 2,
+            stride=(config.stride,) * 2, test_scale=None if config.test_scale is None else
+            (config.test_scale[0] * scale, config.test_scale[1] * scale), ratios=TTA_RATIOS, flip=True,
+            out_size=size, batch_size=batch_size,
+        )
+    else:
+        if size != (height, width):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        scores = _logits_at(model, x, config, mode, batch_size)[0]
+    # resize to the original in row chunks: a huge photo never needs a K x H x W tensor
+    return resize_argmax(scores.float(), (height, width)).cpu().numpy()
+
+
+@torch.inference_mode()
+def predict_regions(model: nn.Module, image: np.ndarray, *, scale: float = 1.0) -> np.ndarray:
+    """The learned regions (paper Figs. 6 and 8) drawn over the image, at the image's size."""
+    if not hasattr(model, "head"):
+        raise RegproxyError("--regions needs a RegProxy model; the linear baseline has no regions")
+    config = model.config
+    height, width = image.shape[:2]
+    size = working_size(height, width, config, scale)
+    small = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+    x = normalise(small, config, _device_of(model))
+    affinity = model.forward_all(x).affinity[0].float().cpu()
+    picture = region_map(small, affinity, model.backbone.stride)
+    if size != (height, width):
+        picture = np.asarray(Image.fromarray(picture).resize((width, height), Image.NEAREST))
+    return picture
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """Files, directories (their images, sorted) and glob patterns -> (image paths, problems)."""
+    paths, problems = [], []
+    for item in inputs:
+        if glob.has_magic(item):
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
+            found = [p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+            paths += found
+            if not found:
+                problems.append(f"{item}: no images match")
+        elif Path(item).is_dir():
+            found = sorted(p for p in Path(item).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            paths += found
+            if not found:
+                problems.append(f"{item}: no images in this directory")
+        else:
+            paths.append(Path(item))  # a missing or bad file is reported when it is read
+    return paths, problems
+
+
+@dataclass
+class PredictReport:
+    written: list[Path] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    pixels: Counter = field(default_factory=Counter)  # class id -> pixel count over all images
+    images: Counter = field(default_factory=Counter)  # class id -> number of images it appears in
+
+
+def predict_files(
+    model: nn.Module,
+    paths: list[Path],
+    out_dir: Path,
+    *,
+    regions: bool = False,
+    progress=None,
+    **options,
+) -> PredictReport:
+    """Segment each image, writing ``<stem>.png`` (class ids, palette), ``<stem>_overlay.png`` and, with
+    ``regions``, ``<stem>_regions.png``. A bad input is recorded and the rest still run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    palette = np.array(model.config.palette, dtype=np.uint8)
+    report = PredictReport()
+    stems = Counter(p.stem for p in paths)
+    for path in paths:
+        try:
+            image = load_image(path)
+            labels = predict_labels(model, image, **options)
+            stem = path.stem if stems[path.stem] == 1 else f"{path.parent.name}_{path.stem}"
+            save_label_png(out_dir / f"{stem}.png", labels, palette)
+            save_png_atomic(out_dir / f"{stem}_overlay.png", overlay(image, labels, palette))
+            report.written.append(out_dir / f"{stem}.png")
+            if regions:
+                save_png_atomic(out_dir / f"{stem}_regions.png",
+                                predict_regions(model, image, scale=options.get("scale", 1.0)))
+            ids, counts = np.unique(labels, return_counts=True)
+            report.pixels.update(dict(zip(ids.tolist(), counts.tolist())))
+            report.images.update(ids.tolist())
+        except RegproxyError as exc:
+            report.failed.append(str(exc))
+        if progress is not None:
+            progress()
+    return report

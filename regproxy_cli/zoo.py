@@ -1,0 +1,182 @@
+"""The authors' released models, and resolving a ``--model`` spec (directory, file, Hub repo id or zoo name).
+
+A zoo model is looked up, in order: converted weights already in the local cache; the Hugging Face Hub
+repo ``regproxy/<name>`` (through huggingface_hub and its cache); the authors' original release
+(Google Drive), downloaded once and converted on the fly into the local cache. Offline with nothing
+cached, the error says what to fetch and where to put it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+from torch import nn
+
+from regproxy_cli.checkpoint import CONFIG_NAME, ModelConfig, load_pretrained, save_pretrained
+from regproxy_cli.classes import ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
+from regproxy_cli.errors import RegproxyError
+
+HUB_ORG = "regproxy"
+AUTHORS_URL = "https://drive.usercontent.google.com/download?id={id}&export=download&confirm=t"
+AUTHORS_PAGE = "https://drive.google.com/file/d/{id}/view"
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    backbone: str
+    dataset: str
+    m: int
+    crop: int
+    drive_id: str
+    miou: float  # single scale, the paper's Tables 4-5
+    miou_ms: float  # multi-scale + flip
+
+    @property
+    def hub_repo(self) -> str:
+        return f"{HUB_ORG}/{self.name}"
+
+    @property
+    def authors_url(self) -> str:
+        return AUTHORS_PAGE.format(id=self.drive_id)
+
+    def config(self) -> ModelConfig:
+        ade = self.dataset == "ade20k"
+        return ModelConfig(
+            backbone=self.backbone, num_classes=150 if ade else 19, m=self.m, crop_size=self.crop,
+            classes=list(ADE20K_CLASSES if ade else CITYSCAPES_CLASSES),
+            palette=[list(c) for c in (ADE20K_PALETTE if ade else CITYSCAPES_PALETTE)],
+            inference_mode="slide", window_stride=self.crop if ade else 512,
+            test_scale=(2048, self.crop) if ade else (2048, 1024), dataset=self.dataset,
+            metrics={"mIoU": self.miou, "mIoU (ms+flip)": self.miou_ms},
+            source=f"the authors' release ({self.authors_url}), converted",
+        )
+
+
+ZOO: dict[str, ZooEntry] = {e.name: e for e in [
+    ZooEntry("t16-ade", "t16", "ade20k", 5, 512, "1sq3g3JcQ2NSJch-MvlvvnHFFeN-MU_DE", 42.1, 43.1),
+    ZooEntry("s16-ade", "s16", "ade20k", 5, 512, "1pJD4-xRiVj36SplzNhonIuNHd82A05GX", 47.6, 48.5),
+    ZooEntry("r26-s32-ade", "r26-s32", "ade20k", 0, 512, "1n51emyE6EWAuoBq_P8cViFtNmf9dDxzV", 47.8, 49.1),
+    ZooEntry("b16-ade", "b16", "ade20k", 5, 512, "1PMVQv8cvaZmV16ARdbuQSv6-3DDeLXPy", 49.8, 50.5),
+    ZooEntry("r50-l32-ade", "r50-l32", "ade20k", 0, 640, "1Kk0ABYbMOwvomrU4FaDl4Ban2XBhcxjU", 51.0, 51.7),
+    ZooEntry("l16-ade", "l16", "ade20k", 10, 640, "1t6Un6m-1xdoir33TG7IAiilaLamgioFZ", 52.9, 53.4),
+    ZooEntry("t16-city", "t16", "cityscapes", 3, 768, "1N4Ef8kfMeAGhcI3JLoPGd_XfBBArdF8Y", 76.5, 77.7),
+    ZooEntry("s16-city", "s16", "cityscapes", 3, 768, "11GBWhCVAXEAO_iS_MFEecndK_IF2ik4Y", 79.8, 81.5),
+    ZooEntry("b16-city", "b16", "cityscapes", 3, 768, "10yTMd5j6xoPYcVSMzhkL5S_Hh9JQ4b64", 81.0, 82.2),
+    ZooEntry("l16-city", "l16", "cityscapes", 6, 768, "1EBfO9M8ZYB_Eye4WpHqMs9v2WrRzbORI", 81.4, 82.7),
+]}
+
+
+def cache_dir() -> Path:
+    """Where converted zoo models and the authors' downloads live (``$REGPROXY_CACHE``, default ~/.cache/regproxy)."""
+    return Path(os.environ.get("REGPROXY_CACHE") or Path.home() / ".cache" / "regproxy")
+
+
+def _offline() -> bool:
+    return constants.is_offline_mode()
+
+
+def load_model(spec: str | os.PathLike) -> nn.Module:
+    """A model in eval mode from a local directory or file, a zoo name, or a Hub repo id (``owner/name``).
+
+    The returned model carries its :class:`ModelConfig` (``model.config``: classes, palette,
+    normalisation, inference protocol) and ``model.predict(image)``.
+    """
+    path = Path(spec)
+    if path.exists():
+        return _load_local(path)
+    name = str(spec)
+    if name in ZOO:
+        return _load_zoo(ZOO[name])
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return load_pretrained(_hub_snapshot(name))
+    raise RegproxyError(
+        f"unknown model {name!r}: not an existing file or directory, a zoo name ({', '.join(ZOO)}) "
+        f"or a Hugging Face Hub repo id (owner/name)"
+    )
+
+
+def _load_local(path: Path) -> nn.Module:
+    if path.is_dir():
+        return load_pretrained(path)
+    if path.suffix == ".safetensors":
+        if not (path.parent / CONFIG_NAME).is_file():
+            raise RegproxyError(f"{path}: a weights file needs its {CONFIG_NAME} beside it")
+        return load_pretrained(path.parent)
+    from regproxy_cli.convert import convert_authors_checkpoint
+
+    return convert_authors_checkpoint(path)  # an authors' .pth: architecture read off the weights
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, "model.safetensors", "README.md"]))
+    except LocalEntryNotFoundError:
+        raise RegproxyError(
+            f"{repo_id} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub is offline or "
+            f"unreachable: on a connected machine run `hf download {repo_id}` and copy that cache folder here"
+        ) from None
+    except RepositoryNotFoundError:
+        raise RegproxyError(f"no model {repo_id} on the Hugging Face Hub (or it is private: log in)") from None
+    except HfHubHTTPError as exc:
+        raise RegproxyError(f"cannot download {repo_id} from the Hugging Face Hub: {exc}") from None
+
+
+def _load_zoo(entry: ZooEntry) -> nn.Module:
+    converted = cache_dir() / "converted" / entry.name
+    if (converted / CONFIG_NAME).is_file():
+        return load_pretrained(converted)
+    try:
+        return load_pretrained(_hub_snapshot(entry.hub_repo))
+    except RegproxyError:
+        pass  # not published on the Hub or unreachable: fall back to the authors' release
+    original = cache_dir() / "authors" / f"{entry.name}.pth"
+    if not original.is_file():
+        if _offline():
+            raise RegproxyError(
+                f"{entry.name} is not cached and the network is off (HF_HUB_OFFLINE): download the authors' "
+                f"checkpoint from {entry.authors_url} to {original} (or run `hf download {entry.hub_repo}` on a "
+                f"connected machine and copy {constants.HF_HUB_CACHE})"
+            )
+        download(AUTHORS_URL.format(id=entry.drive_id), original, what=f"{entry.name} (authors' release)",
+                 page=entry.authors_url)
+    from regproxy_cli.convert import convert_authors_checkpoint, read_authors_checkpoint
+
+    try:
+        read_authors_checkpoint(original)
+    except RegproxyError as exc:  # e.g. Google Drive answered with a web page instead of the file
+        original.unlink()
+        raise RegproxyError(f"{exc}; download {entry.authors_url} by hand and save it as {original}") from None
+    model = convert_authors_checkpoint(original, entry.config())
+    save_pretrained(model, converted)
+    return model
+
+
+def download(url: str, destination: Path, *, what: str, page: str | None = None) -> Path:
+    """Stream ``url`` to ``destination`` atomically, with a progress bar."""
+    from tqdm import tqdm
+
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {what}") as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        os.replace(tmp, destination)
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise RegproxyError(
+            f"cannot download {what} ({getattr(exc, 'reason', exc)}): fetch {page or url} by hand and save it as "
+            f"{destination}"
+        ) from None
+    return destination

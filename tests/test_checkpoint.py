@@ -1,0 +1,73 @@
+"""The model directory format: bit-exact round trip, the model card, clear errors for broken directories."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_HYBRID, TINY_VIT
+from regproxy_cli import RegproxyError, build_model
+from regproxy_cli.checkpoint import ModelConfig, load_pretrained, model_card, save_pretrained
+
+
+@pytest.mark.parametrize("spec, kwargs", [(TINY_VIT, {"region_res": (2, 8)}), (TINY_HYBRID, {}),
+                                          (TINY_VIT, {"baseline": True})], ids=["vit", "hybrid", "baseline"])
+def test_round_trip_is_bit_exact(tmp_path, spec, kwargs):
+    model = build_model(spec, 7, **kwargs)
+    with torch.no_grad():  # make BN statistics non-trivial
+        for name, buffer in model.named_buffers():
+            if "running" in name:
+                buffer.uniform_(0.5, 1.5)
+    model.config.classes = [f"thing {i}" for i in range(7)]
+    model.config.metrics = {"mIoU": 12.5}
+    save_pretrained(model, tmp_path / "m")
+    loaded = load_pretrained(tmp_path / "m")
+    assert not loaded.training and type(loaded) is type(model)
+    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2), k1
+    assert loaded.config == model.config
+    x = torch.randn(1, 3, 70, 50)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), loaded(x))
+
+
+def test_config_json_and_card(tmp_path):
+    model = build_model(TINY_VIT, 3)
+    model.config.dataset = "ade20k"
+    save_pretrained(model, tmp_path / "m")
+    data = json.loads((tmp_path / "m" / "config.json").read_text())
+    for key in ("backbone", "m", "region_res", "classes", "palette", "mean", "std", "crop_size", "inference_mode",
+                "window_stride", "test_scale", "dataset", "metrics"):
+        assert key in data
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: regproxy") and "tiny-vit" in card and "ade20k" in card
+    assert model_card(model.config) == card
+    assert not list((tmp_path / "m").glob(".*tmp"))  # no leftovers of the atomic writes
+
+
+def test_broken_directories_give_one_line_errors(tmp_path):
+    with pytest.raises(RegproxyError, match="config.json is missing"):
+        load_pretrained(tmp_path)
+    save_pretrained(build_model(TINY_VIT, 3), tmp_path / "m")
+    config = tmp_path / "m" / "config.json"
+    data = json.loads(config.read_text())
+    config.write_text(json.dumps({**data, "colour": "blue"}))
+    with pytest.raises(RegproxyError, match="unknown key\\(s\\) colour"):
+        load_pretrained(tmp_path / "m")
+    config.write_text(json.dumps({**data, "num_classes": 4, "classes": list("abcd"), "palette": [[0, 0, 0]] * 4}))
+    with pytest.raises(RegproxyError, match="weights do not fit the model: shape mismatch: head.classifier.weight"):
+        load_pretrained(tmp_path / "m")
+    config.write_text("{not json")
+    with pytest.raises(RegproxyError, match="not valid JSON"):
+        load_pretrained(tmp_path / "m")
+    config.write_text(json.dumps(data))
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(RegproxyError, match="cannot read weights"):
+        load_pretrained(tmp_path / "m")
+
+
+def test_config_validation():
+    with pytest.raises(RegproxyError, match="3 classes but 2 names"):
+        ModelConfig(backbone="s16", num_classes=3, m=5, classes=["a", "b"])
+    with pytest.raises(RegproxyError, match="inference mode"):
+        ModelConfig(backbone="s16", num_classes=3, m=5, inference_mode="tiles")

@@ -1,0 +1,229 @@
+"""Inference: sliding window vs a naive per-window loop, keep-ratio test scales, aug_test, chunked resize + argmax."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import TINY_VIT
+from regproxy_cli import RegproxyError, build_model
+from regproxy_cli.inference import (
+    bilinear_weights,
+    rescale_size,
+    resize_argmax,
+    resized_row_chunks,
+    segment_probs,
+    slide_logits,
+    whole_logits,
+    window_starts,
+)
+
+K = 5
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    net = build_model(TINY_VIT, K).eval()
+    # Non-trivial affinities and token logits, so padding and windows visibly change the output.
+    with torch.no_grad():
+        for p in net.head.parameters():
+            p.normal_(0, 0.5)
+    return net
+
+
+class Pointwise(nn.Module):
+    """A 1x1 conv: each output pixel depends only on its input pixel, so it commutes with crops and flips."""
+
+    def __init__(self, classes: int = K) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, classes, 1)
+        nn.init.normal_(self.conv.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class LocalRow(nn.Module):
+    """Channel 0: the row index inside the window it is given; channel 1: the input's first channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(tuple(x.shape))
+        rows = torch.arange(x.shape[2], dtype=x.dtype).view(1, 1, -1, 1).expand(x.shape[0], 1, -1, x.shape[3])
+        return torch.cat([rows, x[:, :1]], dim=1)
+
+
+def naive_slide(model, images, window, stride):
+    """mmseg's slide_inference with the authors' zero-padding, one window and one image at a time."""
+    (wh, ww), (sh, sw) = window, stride
+    _, _, height, width = images.shape
+    out, count = None, torch.zeros(1, 1, height, width)
+    for i in range(max(height - wh + sh - 1, 0) // sh + 1):
+        for j in range(max(width - ww + sw - 1, 0) // sw + 1):
+            y1, x1 = i * sh, j * sw
+            y2, x2 = min(y1 + wh, height), min(x1 + ww, width)
+            y1, x1 = max(y2 - wh, 0), max(x2 - ww, 0)
+            for b in range(images.shape[0]):
+                crop = F.pad(images[b : b + 1, :, y1:y2, x1:x2], (0, ww - (x2 - x1), 0, wh - (y2 - y1)))
+                logits = model(crop)[:, :, : y2 - y1, : x2 - x1]
+                if out is None:
+                    out = torch.zeros(images.shape[0], logits.shape[1], height, width)
+                out[b : b + 1, :, y1:y2, x1:x2] += logits
+            count[..., y1:y2, x1:x2] += 1
+    return out / count
+
+
+@pytest.mark.parametrize("size", [(40, 50), (64, 64), (100, 130), (64, 100)])
+def test_slide_matches_naive_loop(model, size):
+    images = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        expected = naive_slide(model, images, (64, 64), (48, 48))
+    got = slide_logits(model, images, num_classes=K, window=(64, 64), stride=(48, 48), batch_size=3)
+    assert got.shape == (2, K, *size)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_slide_batch_size_does_not_change_the_result(model):
+    images = torch.randn(1, 3, 90, 120)
+    one = slide_logits(model, images, num_classes=K, window=(64, 64), stride=(32, 32), batch_size=1)
+    eight = slide_logits(model, images, num_classes=K, window=(64, 64), stride=(32, 32), batch_size=8)
+    torch.testing.assert_close(one, eight, atol=1e-4, rtol=1e-4)
+
+
+def test_window_starts_are_aligned_to_the_image_end():
+    assert window_starts(10, 4, 3) == [0, 3, 6]
+    assert window_starts(11, 4, 3) == [0, 3, 6, 7]
+    assert window_starts(3, 4, 3) == [0]  # smaller than the window: one (padded) window
+    assert window_starts(512, 512, 341) == [0]
+    assert window_starts(1024, 768, 512) == [0, 256]  # Cityscapes height
+
+
+def test_overlapping_windows_are_averaged():
+    # Windows over 10 rows: [0, 4), [3, 7), [6, 10); rows 3 and 6 are seen at local rows 3 and 0.
+    images = torch.randn(1, 3, 10, 4)
+    got = slide_logits(LocalRow(), images, num_classes=2, window=(4, 4), stride=(3, 3))
+    expected_rows = torch.tensor([0, 1, 2, 1.5, 1, 2, 1.5, 1, 2, 3])
+    torch.testing.assert_close(got[0, 0, :, 0], expected_rows)
+    torch.testing.assert_close(got[0, 1], images[0, 0])  # identical values average to themselves
+
+
+def test_small_image_is_one_padded_window():
+    net = LocalRow()
+    images = torch.randn(2, 3, 5, 7)
+    got = slide_logits(net, images, num_classes=2, window=(16, 12), stride=(8, 8), batch_size=8)
+    assert net.seen == [(2, 3, 16, 12)]  # both images in one forward call, padded to the full window
+    torch.testing.assert_close(got[:, 1], images[:, 0])
+
+
+def test_slide_rejects_bad_window():
+    with pytest.raises(RegproxyError, match="window"):
+        slide_logits(Pointwise(), torch.zeros(1, 3, 8, 8), num_classes=K, window=(0, 8), stride=(4, 4))
+
+
+def test_whole_logits_is_the_model(model):
+    images = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(whole_logits(model, images), model(images))
+
+
+@pytest.mark.parametrize(
+    ("size", "scale", "expected"),
+    [
+        ((512, 683), (2048, 512), (512, 683)),
+        ((1024, 2048), (2048, 1024), (1024, 2048)),
+        ((300, 400), (2048, 512), (512, 683)),
+        ((300, 400), (512, 2048), (512, 683)),  # mmcv takes max/min of the scale
+        ((4000, 500), (2048, 512), (2048, 256)),  # the long side limits
+        ((375, 500), (1536, 384), (384, 512)),  # ratio 0.75 of (2048, 512)
+    ],
+)
+def test_rescale_size(size, scale, expected):
+    assert rescale_size(*size, scale) == expected
+
+
+def test_probs_sum_to_one(model):
+    image = torch.randn(1, 3, 40, 56)
+    probs = segment_probs(model, image, num_classes=K, mode="slide", window=(32, 32), stride=(24, 24),
+                          test_scale=None, ratios=(0.75, 1.0), flip=True, out_size=(30, 70))
+    assert probs.shape == (K, 30, 70)
+    torch.testing.assert_close(probs.sum(0), torch.ones(30, 70))
+
+
+def test_flip_is_averaged(model):
+    image = torch.randn(1, 3, 48, 64)
+    got = segment_probs(model, image, num_classes=K, flip=True, out_size=(48, 64))
+    with torch.no_grad():
+        plain = model(image)[0].softmax(0)
+        mirrored = model(image.flip(-1)).flip(-1)[0].softmax(0)
+    torch.testing.assert_close(got, (plain + mirrored) / 2, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(plain, mirrored, atol=1e-3)  # the flip did matter for this model
+
+
+def test_flip_equivariant_model_is_unchanged_by_flip():
+    net, image = Pointwise(), torch.randn(3, 20, 30)
+    with_flip = segment_probs(net, image, num_classes=K, flip=True, out_size=(20, 30))
+    without = segment_probs(net, image, num_classes=K, flip=False, out_size=(20, 30))
+    torch.testing.assert_close(with_flip, without, atol=1e-6, rtol=1e-5)
+
+
+def test_ratios_follow_mmseg_aug_test(model):
+    image = torch.randn(1, 3, 30, 40)
+    ratios = (0.5, 1.0, 1.5)
+    got = segment_probs(model, image, num_classes=K, test_scale=(80, 32), ratios=ratios, out_size=(30, 40))
+    expected = torch.zeros(K, 30, 40)
+    with torch.no_grad():
+        for ratio, size in zip(ratios, [(16, 21), (32, 43), (48, 64)]):
+            assert rescale_size(30, 40, (int(80 * ratio), int(32 * ratio))) == size
+            scaled = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+            logits = F.interpolate(model(scaled), size=(30, 40), mode="bilinear", align_corners=False)
+            expected += logits[0].softmax(0) / len(ratios)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_slide_equals_whole_when_the_window_is_the_image(model):
+    image = torch.randn(1, 3, 64, 64)
+    whole = segment_probs(model, image, num_classes=K, mode="whole", out_size=(64, 64))
+    slide = segment_probs(model, image, num_classes=K, mode="slide", window=(64, 64), stride=(48, 48),
+                          out_size=(64, 64))
+    torch.testing.assert_close(slide, whole, atol=1e-5, rtol=1e-5)
+    # A pointwise model ignores the zero padding, so a window larger than the image changes nothing either.
+    net, small = Pointwise(), torch.randn(1, 3, 20, 30)
+    torch.testing.assert_close(
+        segment_probs(net, small, num_classes=K, mode="slide", window=(32, 32), stride=(16, 16), out_size=(20, 30)),
+        segment_probs(net, small, num_classes=K, mode="whole", out_size=(20, 30)),
+    )
+
+
+def test_segment_probs_rejects_bad_options():
+    net, image = Pointwise(), torch.randn(1, 3, 8, 8)
+    with pytest.raises(RegproxyError, match="mode"):
+        segment_probs(net, image, num_classes=K, mode="tiles", out_size=(8, 8))
+    with pytest.raises(RegproxyError, match="window"):
+        segment_probs(net, image, num_classes=K, mode="slide", out_size=(8, 8))
+
+
+@pytest.mark.parametrize("in_size, out_size", [(7, 7), (5, 13), (13, 5), (1, 4), (4, 1), (10, 3), (3, 1000)])
+def test_bilinear_weights_match_pytorch(in_size, out_size):
+    x = torch.randn(2, in_size)
+    reference = F.interpolate(x[None], size=out_size, mode="linear", align_corners=False)[0]
+    torch.testing.assert_close(x @ bilinear_weights(in_size, out_size).T, reference, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("in_size", "out_size", "chunk_rows"),
+    [((13, 17), (50, 61), 7), ((40, 33), (9, 14), 4), ((13, 17), (13, 17), 256), ((8, 9), (301, 5), 64)],
+)
+def test_resize_argmax_matches_interpolate(in_size, out_size, chunk_rows):
+    scores = torch.randn(7, *in_size)
+    reference = F.interpolate(scores[None], size=out_size, mode="bilinear", align_corners=False)[0]
+    bands = list(resized_row_chunks(scores, out_size, chunk_rows))
+    assert [first for first, _ in bands] == list(range(0, out_size[0], chunk_rows))
+    torch.testing.assert_close(torch.cat([band for _, band in bands], dim=1), reference, atol=1e-5, rtol=1e-5)
+    labels = resize_argmax(scores, out_size, chunk_rows)
+    assert labels.shape == out_size and labels.dtype == torch.int64
+    # Values agree to float32 rounding, so the argmax can only differ at near-exact ties.
+    assert (labels == reference.argmax(0)).float().mean() >= 0.9999

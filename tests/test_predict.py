@@ -1,0 +1,134 @@
+"""`regproxy predict` and `model.predict` end to end on generated images of every mode and size."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from regproxy_cli import RegproxyError, build_model
+from regproxy_cli.checkpoint import save_pretrained
+from regproxy_cli.predict import normalise, predict_labels
+from regproxy_cli.zoo import load_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("tiny-vit", 5)
+    model.config.classes = ["sky", "tree", "road", "car", "person"]
+    directory = tmp_path_factory.mktemp("model") / "tiny"
+    save_pretrained(model, directory)
+    return directory
+
+
+def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx * 255 // max(width, 1), yy * 255 // max(height, 1), (xx + yy) % 256], -1)
+    return np.clip(base + rng.integers(-20, 20, base.shape), 0, 255).astype(np.uint8)
+
+
+def _write_every_mode(folder):
+    """One file per image mode the predictor must accept; returns {file name: expected (H, W)}."""
+    folder.mkdir()
+    rgb = Image.fromarray(_photo(70, 90))
+    expected = {}
+
+    def save(name, image, **kwargs):
+        image.save(folder / name, **kwargs)
+        expected[name] = (image.height, image.width)
+
+    save("rgb.jpg", rgb, quality=95)
+    save("gray.png", rgb.convert("L"))
+    save("gray_alpha.png", rgb.convert("LA"))
+    save("palette.png", rgb.convert("P", palette=Image.ADAPTIVE, colors=16))
+    save("rgba.png", rgb.convert("RGBA"))
+    save("bilevel.png", rgb.convert("1"))
+    save("cmyk.jpg", rgb.convert("CMYK"))
+    save("deep16.png", Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257)).convert("I;16"))
+    exif = rgb.getexif()
+    exif[0x0112] = 6  # rotated 90 degrees: the picture is 90 wide, 70 tall once upright
+    rgb.save(folder / "rotated.jpg", exif=exif)
+    expected["rotated.jpg"] = (90, 70)
+    save("tiny.png", Image.fromarray(_photo(5, 7)))  # smaller than one 16-pixel patch
+    save("large.png", Image.fromarray(_photo(300, 410)))  # many sliding windows
+    return expected
+
+
+def test_predict_cli_writes_every_output_for_every_image_mode(tmp_path, model_dir, cli):
+    expected = _write_every_mode(tmp_path / "in")
+    out = tmp_path / "out"
+    result = cli("predict", str(tmp_path / "in"), "--model", str(model_dir), "--out", str(out), "--regions",
+                 env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    for name, (height, width) in expected.items():
+        stem = name.rsplit(".", 1)[0]
+        labels = Image.open(out / f"{stem}.png")
+        assert labels.mode == "P" and labels.size == (width, height), name
+        assert np.asarray(labels).max() < 5
+        assert Image.open(out / f"{stem}_overlay.png").size == (width, height)
+        assert Image.open(out / f"{stem}_regions.png").size == (width, height)
+    assert "Classes present" in result.stdout and f"wrote {len(expected)} label maps" in result.stdout
+    assert any(name in result.stdout for name in ("sky", "tree", "road", "car", "person"))
+
+
+def test_bad_inputs_are_reported_and_the_rest_still_run(tmp_path, model_dir, cli):
+    good = tmp_path / "good.png"
+    Image.fromarray(_photo(40, 50)).save(good)
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (tmp_path / "empty").mkdir()
+    result = cli("predict", str(tmp_path / "missing.jpg"), str(tmp_path / "corrupt.png"), str(good),
+                 str(tmp_path / "empty"), str(tmp_path / "nothing-*.jpg"), "--model", str(model_dir),
+                 "--out", str(tmp_path / "out"), env={"COLUMNS": "200"})
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]  # the rest: progress bar
+    assert len(errors) == 4, result.stderr
+    assert "missing.jpg" in result.stderr and "corrupt.png" in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "out" / "good.png").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no-such-model"], "error: unknown model 'no-such-model'"),
+    (["--device", "warp-drive"], "error: --device warp-drive"),
+    (["--batch", "0"], "error: --batch must be at least 1"),
+])
+def test_bad_options_are_one_line(tmp_path, model_dir, cli, args, message):
+    Image.fromarray(_photo(20, 20)).save(tmp_path / "a.png")
+    full = ["predict", str(tmp_path / "a.png"), "--out", str(tmp_path / "o")]
+    if "--model" not in args:
+        full += ["--model", str(model_dir)]
+    result = cli(*full, *args)
+    assert result.returncode == 1 and result.stderr.startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_python_api_matches_the_forward_pass(model_dir):
+    model = load_model(model_dir)
+    image = _photo(64, 96)
+    labels = model.predict(image, mode="whole")
+    with torch.no_grad():
+        reference = model(normalise(image, model.config)).argmax(1)[0].numpy()
+    assert labels.shape == (64, 96) and labels.dtype.kind == "i"
+    assert (labels == reference).mean() > 0.999
+    # slide with windows of the crop size gives the same map where one window covers the image
+    assert (model.predict(_photo(64, 64), mode="slide") == model.predict(_photo(64, 64), mode="whole")).all()
+
+
+def test_modes_scale_and_tta_keep_the_original_size(model_dir, tmp_path):
+    model = load_model(model_dir)
+    image = _photo(150, 110)
+    Image.fromarray(image).save(tmp_path / "p.png")
+    for options in ({"mode": "whole"}, {"mode": "slide", "batch_size": 3}, {"scale": 0.5}, {"tta": True}):
+        assert model.predict(tmp_path / "p.png", **options).shape == (150, 110), options
+    with pytest.raises(RegproxyError, match="mode must be"):
+        model.predict(image, mode="tiles")
+
+
+def test_test_scale_sets_the_working_size_and_labels_come_back_full_size(model_dir):
+    model = load_model(model_dir)
+    model.config.test_scale = (128, 64)  # a 1200x1600 photo is segmented at 64x85, then resized per row chunk
+    seen = []
+    handle = model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))
+    labels = predict_labels(model, _photo(1200, 1600), mode="whole")
+    handle.remove()
+    assert labels.shape == (1200, 1600) and seen == [(64, 85)]
