@@ -41,7 +41,7 @@ def to_rgb_array(image: str | os.PathLike | Image.Image | np.ndarray) -> np.ndar
 
 def normalise(image: np.ndarray, config, device: torch.device | str = "cpu") -> torch.Tensor:
     """(1, 3, H, W) float tensor normalised with the config's mean/std on RGB 0-255."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float()
+    x = torch.tensor(image, dtype=torch.float32, device=device).permute(2, 0, 1)[None]  # copies: arrays may be read-only
     mean = torch.tensor(config.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(config.std, device=device).view(1, 3, 1, 1)
     return (x - mean) / std
