@@ -71,3 +71,31 @@ def test_config_validation():
         ModelConfig(backbone="s16", num_classes=3, m=5, classes=["a", "b"])
     with pytest.raises(RegproxyError, match="inference mode"):
         ModelConfig(backbone="s16", num_classes=3, m=5, inference_mode="tiles")
+
+
+def test_push_to_hub_uploads_a_loadable_directory(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create", repo_id, private, exist_ok))
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            calls.append(("upload", sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir()), repo_id))
+            return "https://huggingface.co/me/tiny/commit/abc"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    from regproxy_cli.checkpoint import push_to_hub
+
+    save_pretrained(build_model(TINY_VIT, 3), tmp_path / "m")
+    assert push_to_hub(tmp_path / "m", "me/tiny", private=True) == "https://huggingface.co/me/tiny/commit/abc"
+    assert calls == [("token", None), ("create", "me/tiny", True, True),
+                     ("upload", ["README.md", "config.json", "model.safetensors"], "me/tiny")]
+    (tmp_path / "m" / "model.safetensors").unlink()
+    with pytest.raises(RegproxyError, match="model.safetensors is missing"):
+        push_to_hub(tmp_path / "m", "me/tiny")
