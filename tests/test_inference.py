@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import TINY_VIT
-from regproxy_cli import RegproxyError, build_model
+from regproxy_cli import RegproxyError, build_model, inference
 from regproxy_cli.inference import (
     bilinear_weights,
     rescale_size,
@@ -217,7 +217,9 @@ def test_bilinear_weights_match_pytorch(in_size, out_size):
     ("in_size", "out_size", "chunk_rows"),
     [((13, 17), (50, 61), 7), ((40, 33), (9, 14), 4), ((13, 17), (13, 17), 256), ((8, 9), (301, 5), 64)],
 )
-def test_resize_argmax_matches_interpolate(in_size, out_size, chunk_rows):
+@pytest.mark.parametrize("direct_limit", [0, 1 << 26], ids=["boundary-first", "direct"])
+def test_resize_argmax_matches_interpolate(in_size, out_size, chunk_rows, direct_limit, monkeypatch):
+    monkeypatch.setattr(inference, "DIRECT_RESIZE_LIMIT", direct_limit)
     scores = torch.randn(7, *in_size)
     reference = F.interpolate(scores[None], size=out_size, mode="bilinear", align_corners=False)[0]
     bands = list(resized_row_chunks(scores, out_size, chunk_rows))
@@ -227,3 +229,11 @@ def test_resize_argmax_matches_interpolate(in_size, out_size, chunk_rows):
     assert labels.shape == out_size and labels.dtype == torch.int64
     # Values agree to float32 rounding, so the argmax can only differ at near-exact ties.
     assert (labels == reference.argmax(0)).float().mean() >= 0.9999
+
+
+def test_resize_argmax_boundary_first_on_smooth_maps(monkeypatch):
+    """Large flat regions (where most pixels skip the blend) and their boundaries, against PyTorch."""
+    monkeypatch.setattr(inference, "DIRECT_RESIZE_LIMIT", 0)
+    scores = F.interpolate(torch.randn(1, 19, 6, 8), size=(48, 64), mode="bilinear", align_corners=False)[0]
+    reference = F.interpolate(scores[None], size=(403, 517), mode="bilinear", align_corners=False)[0].argmax(0)
+    assert (resize_argmax(scores, (403, 517), chunk_rows=50) == reference).float().mean() >= 0.9999
