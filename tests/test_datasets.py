@@ -1,0 +1,245 @@
+"""Dataset layouts on tiny fixture trees: loading, label mapping, errors that name paths and files."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from regproxy_cli.data import datasets as D
+from regproxy_cli.data.transforms import train_pipeline
+from regproxy_cli.errors import RegproxyError
+
+H, W = 32, 48
+
+
+def _image(path: Path, seed: int = 0, size: tuple[int, int] = (H, W), mode: str = "RGB") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.random.default_rng(seed).integers(0, 256, size=(*size, 3), dtype=np.uint8)
+    Image.fromarray(array).convert(mode).save(path)
+
+
+def _mask(path: Path, values: list[int], size: tuple[int, int] = (H, W)) -> np.ndarray:
+    """A mask whose rows cycle through ``values``; returns the array written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.array([values[i % len(values)] for i in range(size[0])], dtype=np.uint8)[:, None].repeat(size[1], 1)
+    Image.fromarray(array).save(path)
+    return array
+
+
+# ADE20K
+
+
+def _ade(tmp_path: Path) -> Path:
+    base = tmp_path / "ADEChallengeData2016"
+    for i in (1, 2):
+        _image(base / "images" / "training" / f"ADE_train_{i:08d}.jpg", seed=i)
+        _mask(base / "annotations" / "training" / f"ADE_train_{i:08d}.png", [0, 1, 5, 150])
+    _image(base / "images" / "validation" / "ADE_val_00000001.jpg")
+    _mask(base / "annotations" / "validation" / "ADE_val_00000001.png", [3])
+    return base
+
+
+def test_ade20k_loads_and_reduces_zero_label(tmp_path: Path) -> None:
+    base = _ade(tmp_path)
+    for root in (tmp_path, base):  # the parent or the ADEChallengeData2016 directory itself
+        dataset = D.ADE20K(root, "train")
+        assert len(dataset) == 2 and dataset.num_classes == 150 and dataset.classes[0] == "wall"
+        image, label, name = dataset[0]
+        assert image.shape == (H, W, 3) and image.dtype == np.uint8
+        assert label.shape == (H, W) and label.dtype == np.uint8
+        assert name == "ADE_train_00000001"
+        np.testing.assert_array_equal(label[:4, 0], [255, 0, 4, 149])  # 0 -> ignore, others shifted down
+    assert len(D.ADE20K(tmp_path, "validation")) == len(D.ADE20K(tmp_path, "val")) == 1
+
+
+def test_ade20k_errors_name_paths_and_files(tmp_path: Path) -> None:
+    with pytest.raises(RegproxyError, match=str(tmp_path / "ADEChallengeData2016" / "images" / "training")):
+        D.ADE20K(tmp_path, "train")
+    base = _ade(tmp_path)
+    _mask(base / "annotations" / "training" / "ADE_train_00000002.png", [151])  # 151 - 1 is not a class id
+    with pytest.raises(RegproxyError, match=r"ADE_train_00000002\.png: label 150 is not a class id"):
+        D.ADE20K(tmp_path, "train")[1]
+    (base / "annotations" / "training" / "ADE_train_00000001.png").unlink()
+    with pytest.raises(RegproxyError, match=r"expected .*annotations/training/ADE_train_00000001\.png"):
+        D.ADE20K(tmp_path, "train")
+    with pytest.raises(RegproxyError, match="split"):
+        D.ADE20K(tmp_path, "test")
+
+
+# Cityscapes
+
+
+def _cityscapes(tmp_path: Path, train_ids: bool) -> Path:
+    for city, frame in (("aachen", "000000_000019"), ("bochum", "000001_000019")):
+        stem = f"{city}_{frame}"
+        _image(tmp_path / "leftImg8bit" / "train" / city / f"{stem}_leftImg8bit.png")
+        _mask(tmp_path / "gtFine" / "train" / city / f"{stem}_gtFine_labelIds.png", [7, 26, 0, 33, 9])
+        if train_ids:
+            _mask(tmp_path / "gtFine" / "train" / city / f"{stem}_gtFine_labelTrainIds.png", [1, 2, 255])
+    return tmp_path
+
+
+def test_cityscapes_maps_label_ids_to_train_ids(tmp_path: Path) -> None:
+    dataset = D.Cityscapes(_cityscapes(tmp_path, train_ids=False), "train")
+    assert len(dataset) == 2 and dataset.num_classes == 19 and dataset.classes[13] == "car"
+    image, label, name = dataset[1]
+    assert name == "bochum_000001_000019" and image.shape == (H, W, 3)
+    np.testing.assert_array_equal(label[:5, 0], [0, 13, 255, 18, 255])  # road, car, unlabeled, bicycle, parking
+
+
+def test_cityscapes_prefers_train_id_files(tmp_path: Path) -> None:
+    _, label, _ = D.Cityscapes(_cityscapes(tmp_path, train_ids=True), "train")[0]
+    np.testing.assert_array_equal(label[:3, 0], [1, 2, 255])
+
+
+def test_cityscapes_errors(tmp_path: Path) -> None:
+    with pytest.raises(RegproxyError, match=str(tmp_path / "leftImg8bit" / "val")):
+        D.Cityscapes(tmp_path, "val")
+    _cityscapes(tmp_path, train_ids=False)
+    (tmp_path / "gtFine" / "train" / "aachen" / "aachen_000000_000019_gtFine_labelIds.png").unlink()
+    with pytest.raises(RegproxyError, match="aachen_000000_000019_gtFine_labelTrainIds.png"):
+        D.Cityscapes(tmp_path, "train")
+
+
+# Pascal Context
+
+
+def _pascal_context(tmp_path: Path) -> Path:
+    base = tmp_path / "VOCdevkit" / "VOC2010"
+    for name in ("2008_000001", "2008_000002"):
+        _image(base / "JPEGImages" / f"{name}.jpg")
+        _mask(base / "SegmentationClassContext" / f"{name}.png", [0, 1, 59])
+    split = base / "ImageSets" / "SegmentationContext" / "train.txt"
+    split.parent.mkdir(parents=True)
+    split.write_text("2008_000001\n2008_000002\n")
+    return tmp_path
+
+
+def test_pascal_context_60_and_59(tmp_path: Path) -> None:
+    root = _pascal_context(tmp_path)
+    full = D.PascalContext(root, "train")
+    assert full.num_classes == 60 and full.classes[0] == "background" and len(full) == 2
+    np.testing.assert_array_equal(full[0][1][:3, 0], [0, 1, 59])
+    reduced = D.build_dataset("pascal_context_59", root, "train")
+    assert reduced.num_classes == 59 and reduced.classes[0] == "aeroplane"
+    np.testing.assert_array_equal(reduced[0][1][:3, 0], [255, 0, 58])
+    assert len(D.PascalContext(root / "VOCdevkit" / "VOC2010", "train")) == 2
+
+
+def test_pascal_context_errors(tmp_path: Path) -> None:
+    root = _pascal_context(tmp_path)
+    with pytest.raises(RegproxyError, match=r"SegmentationContext/val\.txt"):
+        D.PascalContext(root, "val")
+    (root / "VOCdevkit" / "VOC2010" / "JPEGImages" / "2008_000002.jpg").unlink()
+    with pytest.raises(RegproxyError, match=r"JPEGImages/2008_000002\.jpg"):
+        D.PascalContext(root, "train")
+    with pytest.raises(RegproxyError, match="60 or 59"):
+        D.PascalContext(root, "train", num_classes=21)
+
+
+# FolderDataset
+
+
+def _folder(tmp_path: Path, classes: object = ("sky", "road", "car")) -> Path:
+    (tmp_path / "classes.yaml").write_text(yaml.safe_dump(classes if isinstance(classes, dict) else list(classes)))
+    _image(tmp_path / "images" / "train" / "a.jpg", seed=1)
+    _image(tmp_path / "images" / "train" / "b.png", seed=2, mode="L")  # greyscale input
+    _mask(tmp_path / "masks" / "train" / "a.png", [0, 1, 2, 255])
+    _mask(tmp_path / "masks" / "train" / "b.png", [2])
+    return tmp_path
+
+
+def test_folder_dataset_loads(tmp_path: Path) -> None:
+    dataset = D.build_dataset("folder", _folder(tmp_path), "train")
+    assert dataset.classes == ("sky", "road", "car") and dataset.num_classes == 3 and len(dataset.palette) == 3
+    image, label, name = dataset[0]
+    assert name == "a" and image.shape == (H, W, 3)
+    np.testing.assert_array_equal(label[:4, 0], [0, 1, 2, 255])
+    grey, _, _ = dataset[1]
+    assert grey.shape == (H, W, 3) and (grey[..., 0] == grey[..., 2]).all()
+
+
+def test_folder_dataset_with_transform(tmp_path: Path) -> None:
+    dataset = D.FolderDataset(_folder(tmp_path), "train", transform=train_pipeline(crop=(24, 24), scale=(48, 32)))
+    image, label, _ = dataset[0]
+    assert isinstance(image, torch.Tensor) and tuple(image.shape) == (3, 24, 24) and tuple(label.shape) == (24, 24)
+
+
+def test_folder_dataset_options(tmp_path: Path) -> None:
+    palette = [[10, 20, 30], [200, 0, 0], [0, 0, 200]]
+    _folder(tmp_path, {"classes": ["a", "b", "c"], "palette": palette, "ignore_index": 9})
+    _mask(tmp_path / "masks" / "train" / "b.png", [9, 1])
+    colour = np.zeros((H, W, 3), np.uint8)
+    colour[:, :] = palette[2]
+    colour[:5] = palette[1]
+    Image.fromarray(colour).save(tmp_path / "masks" / "train" / "a.png")  # a colour-coded mask
+    dataset = D.FolderDataset(tmp_path, "train")
+    assert dataset.palette == ((10, 20, 30), (200, 0, 0), (0, 0, 200))
+    assert (dataset[0][1][:5] == 1).all() and (dataset[0][1][5:] == 2).all()
+    np.testing.assert_array_equal(dataset[1][1][:2, 0], [255, 1])  # the ignore value becomes 255
+    colour[0, 0] = (1, 2, 3)
+    Image.fromarray(colour).save(tmp_path / "masks" / "train" / "a.png")
+    with pytest.raises(RegproxyError, match=r"a\.png: colour \(1, 2, 3\)"):
+        dataset[0]
+
+
+def test_folder_dataset_reduce_zero_label(tmp_path: Path) -> None:
+    _folder(tmp_path, {"classes": ["a", "b"], "reduce_zero_label": True})
+    _mask(tmp_path / "masks" / "train" / "a.png", [0, 1, 2])
+    np.testing.assert_array_equal(D.FolderDataset(tmp_path)[0][1][:3, 0], [255, 0, 1])
+
+
+def test_folder_dataset_exif_orientation(tmp_path: Path) -> None:
+    _folder(tmp_path)
+    array = np.random.default_rng(0).integers(0, 256, size=(H, W, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: displayed rotated by 90 degrees
+    Image.fromarray(array).save(tmp_path / "images" / "train" / "a.jpg", exif=exif)
+    _mask(tmp_path / "masks" / "train" / "a.png", [0], size=(W, H))  # annotated on the displayed image
+    image, label, _ = D.FolderDataset(tmp_path)[0]
+    assert image.shape == (W, H, 3) and label.shape == (W, H)
+
+
+def test_folder_dataset_errors(tmp_path: Path) -> None:
+    with pytest.raises(RegproxyError, match=str(tmp_path / "classes.yaml")):
+        D.FolderDataset(tmp_path)
+    _folder(tmp_path)
+    with pytest.raises(RegproxyError, match=rf"{tmp_path / 'images' / 'val'}.*splits present: train"):
+        D.FolderDataset(tmp_path, "val")
+    _mask(tmp_path / "masks" / "train" / "b.png", [1], size=(H, W + 2))
+    with pytest.raises(RegproxyError, match=r"masks/train/b\.png is 50x32 but its image .*b\.png is 48x32"):
+        D.FolderDataset(tmp_path)[1]
+    _mask(tmp_path / "masks" / "train" / "b.png", [3])
+    with pytest.raises(RegproxyError, match=r"masks/train/b\.png: label 3 is not a class id 0\.\.2"):
+        D.FolderDataset(tmp_path)[1]
+    (tmp_path / "masks" / "train" / "b.png").unlink()
+    with pytest.raises(RegproxyError, match=rf"expected {tmp_path / 'masks' / 'train' / 'b.png'}"):
+        D.FolderDataset(tmp_path)
+    (tmp_path / "classes.yaml").write_text("classes: [a, b]\npalette: [[1, 2, 3]]\n")
+    with pytest.raises(RegproxyError, match="palette"):
+        D.FolderDataset(tmp_path)
+    (tmp_path / "classes.yaml").write_text("classes: [a, b]\nignore_index: 1\n")
+    with pytest.raises(RegproxyError, match="ignore_index"):
+        D.FolderDataset(tmp_path)
+    (tmp_path / "classes.yaml").write_text("classes: [a]\ncolours: []\n")
+    with pytest.raises(RegproxyError, match="unknown key"):
+        D.FolderDataset(tmp_path)
+
+
+def test_unreadable_files_name_the_file(tmp_path: Path) -> None:
+    _folder(tmp_path)
+    (tmp_path / "images" / "train" / "a.jpg").write_bytes(b"not an image")
+    with pytest.raises(RegproxyError, match=r"a\.jpg"):
+        D.FolderDataset(tmp_path)[0]
+    (tmp_path / "masks" / "train" / "b.png").write_bytes(b"not a mask")
+    with pytest.raises(RegproxyError, match=r"cannot read mask .*b\.png"):
+        D.FolderDataset(tmp_path)[1]
+
+
+def test_build_dataset_unknown_kind(tmp_path: Path) -> None:
+    valid = "ade20k, cityscapes, pascal-context, pascal-context-59, folder"
+    with pytest.raises(RegproxyError, match=f"valid kinds: {valid}"):
+        D.build_dataset("coco", tmp_path)
