@@ -89,11 +89,13 @@ class ModelConfig:
             raise RegproxyError(f"{where}: {exc}") from None
 
 
-def build_from_config(config: ModelConfig, *, pretrained_backbone: bool = False) -> nn.Module:
+def build_from_config(
+    config: ModelConfig, *, pretrained_backbone: bool = False, drop_path_rate: float = 0.0
+) -> nn.Module:
     """An untrained model for ``config``, with the config attached as ``model.config``."""
     model = build_model(
         config.backbone, config.num_classes, m=config.m, region_res=config.region_res, baseline=config.baseline,
-        img_size=config.crop_size, pretrained=pretrained_backbone,
+        img_size=config.crop_size, pretrained=pretrained_backbone, drop_path_rate=drop_path_rate,
     )
     model.config = config
     return model

@@ -64,7 +64,8 @@ class BackboneSpec:
         heads: attention heads.
         num_prefix_tokens: cls (+ distillation) tokens in front of the patch tokens.
         pretrained: timm model name with tag (``vit_small_patch16_384.augreg_in21k_ft_in1k``); the
-            ImageNet weights training starts from, fetched from the Hub as ``timm/<pretrained>``.
+            ImageNet weights training starts from, fetched from the Hub as ``timm/<pretrained>``; None for a
+            backbone that is trained from scratch.
         crop_size: the paper's ADE20K training crop for this backbone (position embeddings are stored
             for this grid).
         factory: builds the module, see :class:`BackboneFactory`.
@@ -78,7 +79,7 @@ class BackboneSpec:
     depth: int
     heads: int
     num_prefix_tokens: int
-    pretrained: str
+    pretrained: str | None
     factory: BackboneFactory = field(repr=False, compare=False)
     crop_size: int = 512
 
@@ -94,6 +95,8 @@ class BackboneSpec:
         m = self.m if m is None else m
         if not 0 <= m <= self.depth:
             raise RegproxyError(f"token-head depth m={m} is out of range for {self.name}: use 0..{self.depth}")
+        if pretrained and self.pretrained is None:
+            raise RegproxyError(f"backbone {self.name} has no pretrained weights: set pretrained to false")
         return self.factory(
             m=m,
             img_size=img_size or self.crop_size,

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import timm
 import torch
+import torch.nn.functional as F
 from huggingface_hub import constants
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 

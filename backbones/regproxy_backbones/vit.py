@@ -30,3 +30,12 @@ VIT_L16 = BackboneSpec(
     pretrained="vit_large_patch16_384.augreg_in21k_ft_in1k", crop_size=640,
     factory=partial(create_timm_vit, "vit_large_patch16_384", stride=16),
 )
+
+# Not from the paper: a small ViT trained from scratch, for the offline demo on synthetic scenes (no weights to
+# download). Patch 8 keeps thin structures resolvable at 128x128.
+VIT_DEMO8 = BackboneSpec(
+    name="demo8", title="ViT-Demo/8", stride=8, m=2, width=96, depth=4, heads=3, num_prefix_tokens=1,
+    pretrained=None, crop_size=128,
+    factory=partial(create_timm_vit, "vit_tiny_patch16_384", stride=8, patch_size=8, embed_dim=96, depth=4,
+                    num_heads=3),
+)

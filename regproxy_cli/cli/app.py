@@ -7,7 +7,8 @@ import sys
 
 import typer
 
-from regproxy_cli.cli import backbones, convert, flops, models, predict
+from regproxy_cli.cli import backbones, convert, flops, models, predict, train
+from regproxy_cli.cli import eval as eval_cli
 from regproxy_cli.cli.output import err_console
 from regproxy_cli.errors import RegproxyError
 
@@ -19,6 +20,8 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="rich",
 )
+app.command("train", help=train.HELP, epilog=train.EXAMPLES)(train.train)
+app.command("eval", help=eval_cli.HELP, epilog=eval_cli.EXAMPLES)(eval_cli.eval_command)
 app.command("predict", help=predict.HELP, epilog=predict.EXAMPLES)(predict.predict)
 app.command("models", help=models.HELP)(models.models)
 app.command("convert", help=convert.HELP, epilog=convert.EXAMPLES)(convert.convert)

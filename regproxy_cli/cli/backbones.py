@@ -27,6 +27,6 @@ def backbones(
     for s in specs:
         table.add_row(
             s.name, s.title, str(s.stride), str(s.m), str(s.width), str(s.depth), str(s.heads),
-            str(s.num_prefix_tokens), str(s.crop_size), f"timm/{s.pretrained}",
+            str(s.num_prefix_tokens), str(s.crop_size), f"timm/{s.pretrained}" if s.pretrained else "none (from scratch)",
         )
     console.print(table)

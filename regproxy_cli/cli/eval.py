@@ -1,0 +1,62 @@
+"""``regproxy eval``: mIoU / mAcc / aAcc of a model on a dataset, as mmsegmentation computes them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich import box
+from rich.table import Table
+
+from regproxy_cli.cli.output import console, print_json
+from regproxy_cli.errors import RegproxyError
+from regproxy_cli.evaluate import evaluate, open_eval_dataset
+from regproxy_cli.zoo import load_model
+
+HELP = """Evaluate a model (zoo name, Hub repo id, model directory or .pth) on a dataset: a training config
+(its data section) or a dataset folder (ADE20K, Cityscapes, Pascal Context or the folder format).
+Uses the model's own protocol (test scale, whole or sliding window); --tta adds the paper's multi-scale
+(0.5-1.75) + flip test. Runs under torchrun too (each process takes a share of the images)."""
+
+EXAMPLES = """[bold]Examples[/]
+
+  regproxy eval --model runs/demo/best --data configs/demo.yaml
+
+  regproxy eval --model s16-ade --data /data/ADEChallengeData2016 --tta --json"""
+
+
+def eval_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="Zoo name, Hub repo id, model directory or .pth.")],
+    data: Annotated[str, typer.Option("--data", help="Training config (.yaml) or dataset folder.")],
+    split: Annotated[str | None, typer.Option(help="Split to evaluate (default: the config's val split / val).")] = None,
+    mode: Annotated[str | None, typer.Option(help="whole | slide (default: the model's protocol).")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Multi-scale + flip test-time augmentation.")] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+    batch: Annotated[int, typer.Option(help="Sliding windows per forward pass.")] = 8,
+    save_predictions: Annotated[Path | None, typer.Option(help="Write label PNGs here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    dataset = open_eval_dataset(data, split)
+    try:
+        torch_device = torch.device(device)
+        torch.empty(0, device=torch_device)
+    except (RuntimeError, AssertionError) as exc:
+        raise RegproxyError(f"--device {device}: {str(exc).splitlines()[0]}") from None
+    segmenter = load_model(model).to(torch_device)
+    result = evaluate(segmenter, dataset, mode=mode, tta=tta, batch_size=batch, save_dir=save_predictions,
+                      progress=not as_json)
+    classes = segmenter.config.classes
+    if as_json:
+        print_json({**{k: result[k] for k in ("mIoU", "mAcc", "aAcc", "images")},
+                    "per_class": {c: {"IoU": i, "Acc": a} for c, i, a in zip(classes, result["IoU"], result["Acc"])}})
+        return
+    table = Table(title="Per-class IoU / Acc (%)", box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1), pad_edge=False)
+    for column in ("class", "IoU", "Acc"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, iou, acc in zip(classes, result["IoU"], result["Acc"]):
+        table.add_row(name, "-" if iou is None else f"{iou:.2f}", "-" if acc is None else f"{acc:.2f}")
+    console.print(table)
+    console.print(f"[bold]mIoU {result['mIoU']:.2f}[/]  mAcc {result['mAcc']:.2f}  aAcc {result['aAcc']:.2f}  "
+                  f"({result['images']} images{', multi-scale + flip' if tta else ''})")

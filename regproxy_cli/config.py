@@ -1,0 +1,200 @@
+"""Training configs: one flat YAML per run, validated into dataclasses; ``--set section.key=value`` overrides.
+
+No inheritance: a recipe file states every value that differs from the defaults below, and the resolved
+config is written into the run directory, so ``config.yaml`` + checkpoint rebuild the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from regproxy_cli.errors import RegproxyError
+
+
+@dataclass
+class ModelSection:
+    backbone: str = "s16"
+    m: int | None = None  # token-head depth; None = the backbone's default
+    region_res: int = 4
+    baseline: bool = False
+    pretrained: bool = True  # start from the backbone's ImageNet weights (Hub)
+    drop_path_rate: float = 0.1
+
+
+@dataclass
+class DataSection:
+    kind: str = "ade20k"  # ade20k | cityscapes | pascal-context | pascal-context-59 | folder | synthetic
+    root: str = "data/ade"
+    train_split: str = "train"
+    val_split: str = "val"
+    crop: int = 512
+    scale: list[int] = field(default_factory=lambda: [2048, 512])  # mmseg (long, short) resize scale
+    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    cat_max_ratio: float = 0.75
+    photometric: bool = True
+    workers: int = 4
+    # synthetic only: scenes generated into `root` when missing
+    synthetic_train: int = 400
+    synthetic_val: int = 50
+    synthetic_size: int = 128
+    synthetic_classes: int = 5
+
+
+@dataclass
+class TestSection:
+    mode: str = "slide"  # slide | whole
+    stride: int | None = None  # sliding-window stride; None = the crop
+    scale: list[int] | None = field(default_factory=lambda: [2048, 512])  # keep-ratio test scale; None = as is
+
+
+@dataclass
+class OptimSection:
+    lr: float = 6e-5
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    batch_size: int = 16  # total over all processes and accumulation steps
+    accum_steps: int = 1
+    iters: int = 160000
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6
+    schedule: str = "poly"  # poly | cosine_restart
+    poly_power: float = 1.0
+    min_lr: float = 0.0
+    restart_periods: list[int] = field(default_factory=lambda: [20000, 40000, 100000])
+    restart_weights: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])
+
+
+@dataclass
+class RunSection:
+    out_dir: str = "runs/run"
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 on CUDA only)
+    device: str = "auto"  # auto | cpu | cuda
+    eval_every: int = 4000
+    save_every: int = 4000
+    log_every: int = 50
+    threads: int | None = None  # CPU threads per process; None = torch's default
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    test: TestSection = field(default_factory=TestSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "data.kind": ("ade20k", "cityscapes", "pascal-context", "pascal-context-59", "folder", "synthetic"),
+    "test.mode": ("slide", "whole"),
+    "optim.schedule": ("poly", "cosine_restart"),
+    "run.precision": ("fp32", "bf16", "fp16"),
+}
+
+
+def _check_value(key: str, value: object, annotation: object) -> object:
+    """Return ``value`` converted to the annotated type, or raise an error naming ``key``."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing) | {"list": list})  # postponed annotations of this module
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        return _check_value(key, value, options[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise RegproxyError(f"config key {key}: expected a list, got {value!r}")
+        return [_check_value(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):  # YAML 1.1 reads 6e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if annotation in (int, float, str, bool) and (type(value) is not annotation):
+        raise RegproxyError(f"config key {key}: expected {annotation.__name__}, got {value!r}")
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise RegproxyError(f"config key {key}: {value!r} is not one of {', '.join(_CHOICES[key])}")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str) -> object:
+    if not isinstance(data, dict):
+        raise RegproxyError(f"config section {prefix or 'top level'}: expected a mapping, got {data!r}")
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise RegproxyError(f"unknown config key {where}{unknown[0]}; known: {', '.join(sorted(hints))}")
+    values = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        sub = {"model": ModelSection, "data": DataSection, "test": TestSection, "optim": OptimSection,
+               "run": RunSection}.get(name) if cls is TrainConfig else None
+        values[name] = _build(sub, value, key) if sub else _check_value(key, value, hints[name])
+    return cls(**values)
+
+
+def _set(data: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise RegproxyError(f"--set {assignment!r}: expected section.key=value")
+    path, raw = assignment.split("=", 1)
+    parts = path.strip().split(".")
+    if len(parts) != 2:
+        raise RegproxyError(f"--set {assignment!r}: the key must be section.key, e.g. optim.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    data.setdefault(parts[0], {})
+    if not isinstance(data[parts[0]], dict):
+        raise RegproxyError(f"--set {assignment!r}: {parts[0]} is not a section")
+    data[parts[0]][parts[1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML config (or start from the defaults), apply ``section.key=value`` overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RegproxyError(f"{path}: no such config file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise RegproxyError(f"{path}: not valid YAML{where}") from None
+    for assignment in overrides:
+        _set(data, assignment)
+    config = _build(TrainConfig, data, "")
+    _validate(config)
+    return config
+
+
+def _validate(config: TrainConfig) -> None:
+    o, r = config.optim, config.run
+    if o.iters < 1 or o.batch_size < 1 or o.accum_steps < 1:
+        raise RegproxyError("config: optim.iters, optim.batch_size and optim.accum_steps must be positive")
+    if o.schedule == "cosine_restart" and (len(o.restart_periods) != len(o.restart_weights) or not o.restart_periods):
+        raise RegproxyError("config: optim.restart_periods and optim.restart_weights must have the same length")
+    if min(r.eval_every, r.save_every, r.log_every) < 1:
+        raise RegproxyError("config: run.eval_every, run.save_every and run.log_every must be positive")
+    if not 1 <= config.model.region_res <= 16:
+        raise RegproxyError("config key model.region_res: must be 1..16")
+
+
+def dump_config(config: TrainConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,101 @@
+"""Evaluation with the paper's metric: mIoU / mAcc / aAcc over a whole dataset, as mmsegmentation computes them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from regproxy_cli.data import build_dataset
+from regproxy_cli.errors import RegproxyError
+from regproxy_cli.imaging import save_label_png
+from regproxy_cli.metrics import ConfusionMatrix
+from regproxy_cli.predict import predict_labels
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def detect_dataset_kind(root: Path) -> str:
+    """The dataset format of a folder given to ``--data``."""
+    if (root / "classes.yaml").is_file():
+        return "folder"
+    if (root / "ADEChallengeData2016").is_dir() or root.name == "ADEChallengeData2016":
+        return "ade20k"
+    if (root / "leftImg8bit").is_dir():
+        return "cityscapes"
+    if (root / "VOCdevkit").is_dir() or (root / "VOC2010").is_dir():
+        return "pascal-context"
+    raise RegproxyError(
+        f"{root}: cannot tell the dataset format: expected classes.yaml (folder format), ADEChallengeData2016/, "
+        f"leftImg8bit/ (Cityscapes) or VOCdevkit/ (Pascal Context)"
+    )
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    dataset,
+    *,
+    mode: str | None = None,
+    tta: bool = False,
+    batch_size: int = 8,
+    save_dir: Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """mIoU, mAcc, aAcc (percent) and per-class IoU/Acc of ``model`` on ``dataset``, DDP-aware.
+
+    Each process segments every world_size-th image with the model's own protocol (test scale, whole or
+    sliding window, optional multi-scale + flip); intersections and unions are summed over the whole dataset
+    per class and across processes, and classes absent from both prediction and ground truth are left out.
+    """
+    config = model.config
+    if dataset.num_classes != config.num_classes:
+        raise RegproxyError(f"the model predicts {config.num_classes} classes but the dataset has {dataset.num_classes}")
+    rank, world = _rank_world()
+    was_training = model.training
+    model.eval()
+    matrix = ConfusionMatrix(config.num_classes)
+    indices = range(rank, len(dataset), world)
+    palette = np.array(config.palette, dtype=np.uint8)
+    for index in tqdm(indices, desc="evaluating", unit="image", disable=not progress or rank != 0, leave=False):
+        image, label, name = dataset[index]
+        prediction = predict_labels(model, image, mode=mode, tta=tta, batch_size=batch_size)
+        matrix.update(torch.from_numpy(prediction), torch.from_numpy(np.asarray(label, dtype=np.int64)))
+        if save_dir is not None:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            save_label_png(save_dir / f"{Path(name).stem}.png", prediction, palette)
+    matrix.all_reduce()
+    model.train(was_training)
+    result = matrix.compute()
+    return {
+        "mIoU": 100 * result["mIoU"],
+        "mAcc": 100 * result["mAcc"],
+        "aAcc": 100 * result["aAcc"],
+        "IoU": [None if np.isnan(v) else 100 * float(v) for v in result["IoU"]],
+        "Acc": [None if np.isnan(v) else 100 * float(v) for v in result["Acc"]],
+        "images": len(dataset),
+    }
+
+
+def open_eval_dataset(data: str, split: str | None = None):
+    """``--data``: a training config (its data section) or a dataset folder (format detected)."""
+    path = Path(data)
+    if path.suffix in (".yaml", ".yml"):
+        from regproxy_cli.config import load_config
+        from regproxy_cli.train import prepare_data_root
+
+        section = load_config(path).data
+        kind = "folder" if section.kind == "synthetic" else section.kind
+        root = prepare_data_root(section)
+        return build_dataset(kind, root, split or section.val_split)
+    if not path.is_dir():
+        raise RegproxyError(f"--data {data}: not a config file or a dataset folder")
+    return build_dataset(detect_dataset_kind(path), path, split or "val")

@@ -1,0 +1,183 @@
+"""Training: config validation, the mmseg schedule, a run end to end, exact resume after a kill, DDP on CPU."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from regproxy_cli import RegproxyError, build_model
+from regproxy_cli import train as train_module
+from regproxy_cli.config import OptimSection, load_config
+from regproxy_cli.train import lr_factor, param_groups, train
+from regproxy_cli.zoo import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(tmp_path: Path, **sections) -> Path:
+    """A config training tiny-vit on 64x64 synthetic scenes for a few iterations."""
+    config = {
+        "model": {"backbone": "tiny-vit", "pretrained": False, "drop_path_rate": 0.1},
+        "data": {"kind": "synthetic", "root": str(tmp_path / "data"), "crop": 64, "scale": [128, 64],
+                 "workers": 0, "synthetic_train": 12, "synthetic_val": 3, "synthetic_size": 64},
+        "test": {"mode": "whole", "scale": None},
+        "optim": {"lr": 1e-3, "batch_size": 4, "iters": 6, "warmup_iters": 2},
+        "run": {"out_dir": str(tmp_path / "run"), "eval_every": 3, "save_every": 2, "log_every": 1, "threads": 1},
+    }
+    for section, values in sections.items():
+        config[section].update(values)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_shipped_configs_load(name):
+    config = load_config(REPO / "configs" / name)
+    assert config.optim.iters > 0
+
+
+def test_zoo_recipes_follow_the_official_configs():
+    s16 = load_config(REPO / "configs" / "s16-ade.yaml")
+    assert (s16.model.backbone, s16.model.m, s16.data.crop, s16.optim.schedule, s16.optim.iters) == (
+        "s16", 5, 512, "poly", 160000)
+    l16 = load_config(REPO / "configs" / "l16-city.yaml")
+    assert (l16.model.m, l16.data.crop, l16.data.scale, l16.test.stride, l16.optim.schedule, l16.optim.iters) == (
+        6, 768, [2048, 1024], 512, "cosine_restart", 80000)
+    assert l16.optim.restart_periods == [10000, 20000, 50000]
+    assert load_config(REPO / "configs" / "r50-l32-ade.yaml").data.scale == [2048, 640]
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ("optim:\n  lrr: 1\n", [], "unknown config key optim.lrr"),
+    ("optim:\n  lr: fast\n", [], "config key optim.lr: expected float"),
+    ("model:\n  backbone: 3\n", [], "config key model.backbone: expected str"),
+    ("data:\n  kind: coco\n", [], "config key data.kind: 'coco' is not one of"),
+    ("colour: red\n", [], "unknown config key colour"),
+    ("optim: [1, 2]\n", [], "config section optim: expected a mapping"),
+    ("optim:\n  lr: [\n", [], "not valid YAML at line"),
+    ("", ["optim.iters=-1"], "must be positive"),
+    ("", ["iters=5"], "the key must be section.key"),
+])
+def test_config_errors_name_the_key(tmp_path, text, overrides, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(RegproxyError, match=message):
+        load_config(path, overrides)
+
+
+def test_overrides_are_typed():
+    config = load_config(None, ["optim.lr=2e-4", "test.scale=null", "data.scale=[1024, 256]", "run.precision=bf16"])
+    assert (config.optim.lr, config.test.scale, config.data.scale, config.run.precision) == (
+        2e-4, None, [1024, 256], "bf16")
+
+
+def test_poly_schedule_with_linear_warmup_matches_mmseg():
+    optim = OptimSection(lr=6e-5, iters=160000, warmup_iters=1500, warmup_ratio=1e-6, schedule="poly")
+    assert lr_factor(0, optim) == pytest.approx(1e-6)
+    # mmseg: warmup_lr = regular * (1 - (1 - i / warmup) * (1 - ratio)); regular = (1 - i / max) ** power
+    assert lr_factor(750, optim) == pytest.approx((1 - 750 / 160000) * (1 - 0.5 * (1 - 1e-6)))
+    assert lr_factor(1500, optim) == pytest.approx(1 - 1500 / 160000)
+    assert lr_factor(80000, optim) == pytest.approx(0.5)
+    assert lr_factor(160000, optim) == pytest.approx(0.0)
+
+
+def test_cosine_restarts_match_mmseg():
+    optim = OptimSection(iters=160000, warmup_iters=0, schedule="cosine_restart")
+    assert lr_factor(0, optim) == pytest.approx(1.0)
+    assert lr_factor(10000, optim) == pytest.approx(0.5)  # half of the first 20k period
+    assert lr_factor(20000, optim) == pytest.approx(0.5)  # restart at weight 0.5
+    assert lr_factor(40000, optim) == pytest.approx(0.25 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(60000, optim) == pytest.approx(0.25)  # restart at weight 0.25
+    assert lr_factor(159999, optim) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_no_weight_decay_on_position_embedding_prefix_tokens_and_norms():
+    model = build_model("tiny-deit", 3)
+    decay, no_decay = param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert {"backbone.vit.pos_embed", "backbone.vit.cls_token", "backbone.vit.dist_token",
+            "backbone.vit.blocks.0.norm1.weight", "backbone.vit.norm.bias"} <= skipped
+    assert "backbone.vit.blocks.0.attn.qkv.weight" in {names[id(p)] for p in decay["params"]}
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.01
+
+
+def test_training_run_end_to_end(tmp_path):
+    config = load_config(tiny_config(tmp_path))
+    best = train(config, progress=False)
+    run = tmp_path / "run"
+    assert best == run / "best" and {"last.pt", "log.jsonl", "config.yaml", "best", "final"} <= {
+        p.name for p in run.iterdir()}
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in lines if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["iter"] for r in lines if "mIoU" in r] == [3, 6]
+    model = load_model(best)
+    assert model.config.classes[0] == "background" and "mIoU" in model.config.metrics
+    assert load_config(run / "config.yaml") == config  # the resolved config rebuilds the run
+    with pytest.raises(RegproxyError, match="already holds a run: pass --resume"):
+        train(config, progress=False)
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module.F, "cross_entropy", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(RegproxyError, match="the loss became nan at iteration 0 .* lower optim.lr"):
+        train(load_config(tiny_config(tmp_path)), progress=False)
+
+
+def _run_cli(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "regproxy_cli", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_a_killed_run_resumes_exactly(tmp_path):
+    """SIGKILL after the first checkpoint, --resume, and the final weights equal an uninterrupted run's."""
+    common = {"optim": {"iters": 10, "warmup_iters": 2}, "run": {"eval_every": 5, "save_every": 2, "threads": 1}}
+    straight = tiny_config(tmp_path / "a", **{k: dict(v) for k, v in common.items()})
+    done = _run_cli("train", str(straight), cwd=tmp_path)
+    assert done.wait(timeout=300) == 0, done.stderr.read()
+
+    killed_dir = tmp_path / "b"
+    killed = tiny_config(killed_dir, **{k: dict(v) for k, v in common.items()})
+    process = _run_cli("train", str(killed), cwd=tmp_path)
+    checkpoint = killed_dir / "run" / "last.pt"
+    deadline = time.time() + 240
+    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    stopped_at = torch.load(checkpoint, weights_only=False)["iteration"]
+    assert stopped_at < 10, "the run finished before it could be killed"
+    resumed = _run_cli("train", str(killed), "--resume", cwd=tmp_path)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+
+    a = load_file(str(tmp_path / "a" / "run" / "final" / "model.safetensors"))
+    b = load_file(str(killed_dir / "run" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_two_process_ddp_on_cpu_with_gloo(tmp_path):
+    config = tiny_config(tmp_path, optim={"iters": 4, "batch_size": 4}, run={"eval_every": 4, "save_every": 4,
+                                                                             "threads": 1})
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "regproxy_cli",
+         "train", str(config)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in lines if "loss" in r] == [1, 2, 3, 4]  # one log: rank 0 only
+    evaluated = [r for r in lines if "mIoU" in r]
+    assert len(evaluated) == 1 and 0 <= evaluated[0]["mIoU"] <= 100  # sharded over both ranks, all-reduced
+    assert load_model(tmp_path / "run" / "final").config.num_classes == 5
