@@ -1,0 +1,80 @@
+"""`regproxy eval` and the offline demo end to end (train -> eval -> predict), shortened."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from regproxy_cli import RegproxyError, build_model
+from regproxy_cli.checkpoint import save_pretrained
+from regproxy_cli.data import build_dataset, write_synthetic_dataset
+from regproxy_cli.evaluate import detect_dataset_kind, evaluate
+from regproxy_cli.metrics import ConfusionMatrix
+from regproxy_cli.predict import predict_labels
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), num_train=4, num_val=3, size=(64, 64))
+
+
+def test_evaluate_equals_a_confusion_matrix_over_the_predictions(synthetic):
+    dataset = build_dataset("folder", synthetic, "val")
+    model = build_model("tiny-vit", 5).eval()
+    result = evaluate(model, dataset, progress=False)
+    matrix = ConfusionMatrix(5)
+    for image, label, _ in (dataset[i] for i in range(len(dataset))):
+        matrix.update(torch.from_numpy(predict_labels(model, image)), torch.from_numpy(label.astype("int64")))
+    expected = matrix.compute()
+    assert result["mIoU"] == pytest.approx(100 * expected["mIoU"]) and result["images"] == 3
+    assert result["aAcc"] == pytest.approx(100 * expected["aAcc"])
+
+
+def test_class_count_mismatch_is_refused(synthetic):
+    with pytest.raises(RegproxyError, match="the model predicts 7 classes but the dataset has 5"):
+        evaluate(build_model("tiny-vit", 7), build_dataset("folder", synthetic, "val"), progress=False)
+
+
+def test_dataset_format_detection(tmp_path, synthetic):
+    assert detect_dataset_kind(synthetic) == "folder"
+    (tmp_path / "leftImg8bit").mkdir()
+    assert detect_dataset_kind(tmp_path) == "cityscapes"
+    with pytest.raises(RegproxyError, match="cannot tell the dataset format"):
+        detect_dataset_kind(tmp_path / "leftImg8bit")
+
+
+def test_eval_cli_json_and_table(tmp_path, synthetic, cli):
+    save_pretrained(build_model("tiny-vit", 5), tmp_path / "m")
+    result = cli("eval", "--model", str(tmp_path / "m"), "--data", str(synthetic), "--json",
+                 "--save-predictions", str(tmp_path / "pred"))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert set(data) == {"mIoU", "mAcc", "aAcc", "images", "per_class"} and data["images"] == 3
+    assert len(list((tmp_path / "pred").glob("*.png"))) == 3
+    table = cli("eval", "--model", str(tmp_path / "m"), "--data", str(synthetic), env={"COLUMNS": "120"})
+    assert "Per-class IoU" in table.stdout and "mIoU" in table.stdout
+    bad = cli("eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "nowhere"))
+    assert bad.returncode == 1 and bad.stderr.startswith("error: --data") and "Traceback" not in bad.stderr
+
+
+def test_the_offline_demo_end_to_end(tmp_path, cli):
+    """configs/demo.yaml, shortened: trains from scratch, beats chance clearly, then eval and predict run."""
+    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    config["data"].update(root=str(tmp_path / "data"), synthetic_train=64, synthetic_val=8, workers=0)
+    config["optim"].update(iters=150, warmup_iters=10)
+    config["run"].update(out_dir=str(tmp_path / "run"), eval_every=150, save_every=150, threads=2)
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    trained = cli("train", str(path))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    evaluated = cli("eval", "--model", str(tmp_path / "run" / "best"), "--data", str(path), "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["mIoU"] > 40  # chance is about 20 for 5 classes
+    predicted = cli("predict", str(tmp_path / "data" / "images" / "val"), "--model", str(tmp_path / "run" / "best"),
+                    "--out", str(tmp_path / "pred"), "--regions")
+    assert predicted.returncode == 0, predicted.stderr
+    assert len(list((tmp_path / "pred").glob("*_regions.png"))) == 8
