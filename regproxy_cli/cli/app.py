@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import typer
@@ -20,14 +21,26 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="rich",
 )
-app.command("train", help=train.HELP, epilog=train.EXAMPLES)(train.train)
-app.command("eval", help=eval_cli.HELP, epilog=eval_cli.EXAMPLES)(eval_cli.eval_command)
-app.command("predict", help=predict.HELP, epilog=predict.EXAMPLES)(predict.predict)
-app.command("models", help=models.HELP)(models.models)
-app.command("convert", help=convert.HELP, epilog=convert.EXAMPLES)(convert.convert)
-app.command("flops", help=flops.HELP, epilog=flops.EXAMPLES)(flops.flops)
-app.command("backbones", help=backbones.HELP)(backbones.backbones)
 
+
+def _unwrap(text: str) -> str:
+    """Help texts are wrapped in the source; let the terminal wrap them (paragraphs stay)."""
+    return re.sub(r"(?<!\n)\n(?!\n)", " ", text)
+
+
+def _register(name: str, module, function) -> None:
+    text = _unwrap(module.HELP)
+    app.command(name, help=text, short_help=text.split(". ")[0].split(":")[0].rstrip("."),
+                epilog=getattr(module, "EXAMPLES", None))(function)
+
+
+_register("train", train, train.train)
+_register("eval", eval_cli, eval_cli.eval_command)
+_register("predict", predict, predict.predict)
+_register("models", models, models.models)
+_register("convert", convert, convert.convert)
+_register("flops", flops, flops.flops)
+_register("backbones", backbones, backbones.backbones)
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point. Set REGPROXY_DEBUG=1 to see tracebacks instead of one-line errors."""
