@@ -24,6 +24,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from regproxy_cli.inference import rescale_size  # one definition for training and test
 from regproxy_cli.model import IMAGENET_MEAN, IMAGENET_STD
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -65,22 +66,6 @@ def _randint(low: int, high: int, generator: torch.Generator | None) -> int:
 
 def _coin(p: float, generator: torch.Generator | None) -> bool:
     return float(torch.rand((), generator=generator)) < p
-
-
-def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
-    """The size mmcv's ``imrescale`` gives: the largest aspect-keeping size within (long edge, short edge) = scale.
-
-    Args:
-        height: input height.
-        width: input width.
-        scale: two edge lengths in any order; the larger bounds the long side, the smaller the short side.
-
-    Returns:
-        (new_height, new_width), rounded half up as mmcv does.
-    """
-    long_edge, short_edge = max(scale), min(scale)
-    factor = min(long_edge / max(height, width), short_edge / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
 class RandomResize:
