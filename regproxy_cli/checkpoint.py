@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from regproxy_cli.errors import RegproxyError
+from regproxy_cli.files import write_atomic
 from regproxy_cli.model import IMAGENET_MEAN, IMAGENET_STD, build_model
 
 CONFIG_NAME = "config.json"
@@ -101,17 +101,6 @@ def build_from_config(
     return model
 
 
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, config: ModelConfig | None = None) -> Path:
     """Write ``config.json``, ``model.safetensors`` and a model card into ``directory``."""
     config = config or getattr(model, "config", None)
@@ -120,9 +109,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, config: Mode
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _write_atomic(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    _write_atomic(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config.to_dict(), indent=2) + "\n"))
-    _write_atomic(directory / "README.md", lambda p: Path(p).write_text(model_card(config)))
+    write_atomic(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    write_atomic(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config.to_dict(), indent=2) + "\n"))
+    write_atomic(directory / "README.md", lambda p: Path(p).write_text(model_card(config)))
     return directory
 
 
@@ -155,17 +144,17 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], wh
     unexpected = sorted(set(state) - set(expected))
     wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
              if k in state and state[k].shape != v.shape]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing[:5])}" + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected[:5])}"
-                        + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""))
-    if wrong:
-        problems.append(f"shape mismatch: {'; '.join(wrong[:3])}" + (f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else ""))
+    found = [("missing keys", missing, ", ", 5), ("unexpected keys", unexpected, ", ", 5),
+             ("shape mismatch", wrong, "; ", 3)]
+    problems = [f"{what}: {listed(items, limit, sep)}" for what, items, sep, limit in found if items]
     if problems:
         raise RegproxyError(f"{where}: weights do not fit the model: {'; '.join(problems)}")
     model.load_state_dict(state, strict=True, assign=True)
+
+
+def listed(items: list[str], limit: int = 5, sep: str = ", ") -> str:
+    """The first ``limit`` items joined, and how many more there are: error messages stay one short line."""
+    return sep.join(items[:limit]) + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
 def push_to_hub(directory: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None) -> str:

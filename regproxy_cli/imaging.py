@@ -5,7 +5,6 @@ paper's picture of learned regions (Figures 6 and 8).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from regproxy_cli.errors import RegproxyError
+from regproxy_cli.files import write_atomic
 
 # What PIL raises on unreadable files: UnidentifiedImageError (an OSError) for non-images, OSError for truncated
 # data and I/O failures, SyntaxError/ValueError/EOFError from some decoders on corrupt data, and
@@ -124,21 +124,11 @@ def save_png_atomic(path: str | os.PathLike[str], image: np.ndarray | Image.Imag
     Raises:
         RegproxyError: the file cannot be written (missing directory, permissions, full disk).
     """
-    path = Path(path)
     picture = _to_pil(image)
     try:
-        handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        write_atomic(path, lambda temp_name: picture.save(temp_name, format="PNG"))
     except OSError as error:
         raise RegproxyError(f"{path}: cannot write ({_one_line(error)})") from None
-    try:
-        with os.fdopen(handle, "wb") as file:
-            picture.save(file, format="PNG")
-        os.replace(temp_name, path)
-    except OSError as error:
-        raise RegproxyError(f"{path}: cannot write ({_one_line(error)})") from None
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
 
 
 def _palette_array(palette: Any) -> np.ndarray:

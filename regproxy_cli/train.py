@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from regproxy_cli.config import DataSection, OptimSection, TrainConfig, dump_con
 from regproxy_cli.data import build_dataset, train_pipeline, write_synthetic_dataset
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.evaluate import evaluate
+from regproxy_cli.files import write_atomic
 
 IGNORE_INDEX = 255
 NO_DECAY_KEYS = ("pos_embed", "cls_token", "dist_token", "norm")  # the authors' paramwise_cfg, in our names
@@ -157,17 +157,6 @@ def lr_factor(iteration: int, optim: OptimSection) -> float:
         k = (1 - iteration / optim.warmup_iters) * (1 - optim.warmup_ratio)
         return regular * (1 - k)
     return regular
-
-
-def save_atomic(obj: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _rng_state() -> dict:
@@ -330,9 +319,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                     save_pretrained(raw_model, out_dir / "best")
             model.train()
         if runtime.main and (done % r.save_every == 0 or done == o.iters):
-            save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
-                         "iteration": done, "best": best, "config": config.to_dict()}, last_path)
+            state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
+                     "iteration": done, "best": best, "config": config.to_dict()}
+            write_atomic(last_path, lambda tmp: torch.save(state, tmp))
     bar.close()
     if runtime.main:
         save_pretrained(raw_model, out_dir / "final")

@@ -1,0 +1,25 @@
+"""Atomic file writes: a reader (or a run killed mid-write) sees the old file or the complete new one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """Call ``write(temporary_path)`` for a file beside ``path``, then move it over ``path`` with ``os.replace``.
+
+    The temporary file lives in the same directory (same file system, so the rename is atomic) and is removed
+    if anything fails.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
