@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from regproxy_cli.checkpoint import ModelConfig, build_from_config, load_state_dict_checked
+from regproxy_cli.checkpoint import ModelConfig, build_from_config, listed, load_state_dict_checked
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.plugins import get_backbone, list_backbones
 
@@ -52,10 +52,7 @@ def map_authors_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         else:
             unknown.append(key)
     if unknown:
-        raise RegproxyError(
-            f"not an authors' RegProxy checkpoint: unexpected keys {', '.join(unknown[:5])}"
-            + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
-        )
+        raise RegproxyError(f"not an authors' RegProxy checkpoint: unexpected keys {listed(unknown)}")
     return out
 
 

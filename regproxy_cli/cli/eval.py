@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich import box
 from rich.table import Table
 
+from regproxy_cli.cli.options import parse_device
 from regproxy_cli.cli.output import console, print_json
-from regproxy_cli.errors import RegproxyError
 from regproxy_cli.evaluate import evaluate, open_eval_dataset
 from regproxy_cli.zoo import load_model
 
@@ -39,11 +38,7 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     dataset = open_eval_dataset(data, split)
-    try:
-        torch_device = torch.device(device)
-        torch.empty(0, device=torch_device)
-    except (RuntimeError, AssertionError) as exc:
-        raise RegproxyError(f"--device {device}: {str(exc).splitlines()[0]}") from None
+    torch_device = parse_device(device)
     segmenter = load_model(model).to(torch_device)
     result = evaluate(segmenter, dataset, mode=mode, tta=tta, batch_size=batch, save_dir=save_predictions,
                       progress=not as_json)

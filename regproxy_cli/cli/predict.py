@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich import box
 from rich.table import Table
 from tqdm import tqdm
 
+from regproxy_cli.cli.options import parse_device
 from regproxy_cli.cli.output import console, err_console
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.predict import expand_inputs, predict_files
@@ -41,11 +41,7 @@ def predict(
 ) -> None:
     if batch < 1:
         raise RegproxyError(f"--batch must be at least 1, got {batch}")
-    try:
-        torch_device = torch.device(device)
-        torch.empty(0, device=torch_device)
-    except (RuntimeError, AssertionError) as exc:
-        raise RegproxyError(f"--device {device}: {str(exc).splitlines()[0]}") from None
+    torch_device = parse_device(device)
     paths, problems = expand_inputs(inputs)
     segmenter = load_model(model).to(torch_device)
     with tqdm(total=len(paths), unit="image", desc="segmenting", disable=not paths) as bar:
