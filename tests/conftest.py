@@ -39,6 +39,27 @@ def _seed() -> None:
 
 
 @pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache for this test (HF_HUB_OFFLINE=1 is set for the whole suite)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def hub_snapshot(cache, repo_id: str, revision: str = "0123456789abcdef0123456789abcdef01234567"):
+    """What `hf download` leaves in the cache: refs/main naming a snapshot folder, returned for the files."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    return snapshot
+
+
+@pytest.fixture
 def cli():
     """Run `python -m regproxy_cli ARGS` in a fresh process, as a user would."""
     import os

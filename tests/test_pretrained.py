@@ -4,32 +4,14 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from huggingface_hub import constants
 from safetensors.torch import save_file
 
-from conftest import TINY_VIT
+from conftest import TINY_VIT, hub_snapshot
 from regproxy_cli import RegproxyError, build_model
-
-REVISION = "0123456789abcdef0123456789abcdef01234567"
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty Hugging Face cache for this test (HF_HUB_OFFLINE=1 is set for the whole suite)."""
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    return cache
 
 
 def _put_in_cache(cache, repo_id: str, state_dict: dict) -> None:
-    """Lay a checkpoint out as huggingface_hub's cache does: refs/main -> snapshots/<revision>/model.safetensors."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(REVISION)
-    snapshot = repo / "snapshots" / REVISION
-    snapshot.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(snapshot / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(hub_snapshot(cache, repo_id) / "model.safetensors"))
 
 
 @pytest.mark.parametrize("img_size", [64, 512])  # grid 24x24 -> 4x4 (shrink) and -> 32x32 (grow)

@@ -3,32 +3,23 @@ fallback to the authors' release, converted on the fly and cached."""
 
 import pytest
 import torch
-from huggingface_hub import constants
 
 from authors import authors_state_dict
+from conftest import hub_snapshot
 from regproxy_cli import RegproxyError, build_model
 from regproxy_cli import zoo as zoo_module
 from regproxy_cli.checkpoint import save_pretrained
 from regproxy_cli.zoo import ZOO, ZooEntry, load_model
 
-REVISION = "fedcba9876543210fedcba9876543210fedcba98"
-
 
 @pytest.fixture
-def caches(tmp_path, monkeypatch):
-    hub = tmp_path / "hub"
-    hub.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+def caches(hub_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("REGPROXY_CACHE", str(tmp_path / "regproxy"))
-    return hub, tmp_path / "regproxy"
+    return hub_cache, tmp_path / "regproxy"
 
 
 def _publish_to_fake_hub(hub, repo_id: str, model) -> None:
-    """What `hf download` leaves in the cache: refs/main and a snapshot folder with the files."""
-    repo = hub / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(REVISION)
-    save_pretrained(model, repo / "snapshots" / REVISION)
+    save_pretrained(model, hub_snapshot(hub, repo_id))
 
 
 def test_zoo_entries_follow_the_paper_and_the_official_configs():
