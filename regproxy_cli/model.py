@@ -15,6 +15,7 @@ The proxy head (Sec. 4.2-4.3, Algorithm 1; authors' ``ProxyHead``):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,9 @@ from torch import nn
 
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.plugins import BackboneSpec, get_backbone
+
+if TYPE_CHECKING:
+    import numpy as np
 
 NEIGHBOURS = 9  # the 3x3 window of tokens a pixel may belong to
 
@@ -52,12 +56,22 @@ def paint(token_logits: torch.Tensor, affinity: torch.Tensor) -> torch.Tensor:
     """Paint (B, K, H, W) token logits onto pixels with (B, 9, h, w, H, W) affinities: (B, K, H*h, W*w).
 
     Algorithm 1: out[b, k, y*h + i, x*w + j] = sum_n affinity[b, n, i, j, y, x] * logits of neighbour n.
+
+    Computed token-major, as one batched product per token, (h, w, 9) affinities x (9, K) neighbour logits,
+    written straight into a channels-last (B, H*h, W*w, K) buffer: no (B, K, 9, H, W) unfold and no output
+    permute copy (about 8x faster than an einsum on the paper's S/16 at 512^2, see bench/). The result is a
+    channels-last view of shape (B, K, H*h, W*w); channels-last also makes the later resize and argmax fast.
+    Neighbours outside the grid read zero-padding, which their zero affinity (the -inf mask) cancels.
     """
     batch, classes, height, width = token_logits.shape
     _, _, sub_h, sub_w, _, _ = affinity.shape
-    neighbours = F.unfold(token_logits, kernel_size=3, padding=1).reshape(batch, classes, NEIGHBOURS, height, width)
-    out = torch.einsum("bnijyx,bknyx->bkyixj", affinity, neighbours)
-    return out.reshape(batch, classes, height * sub_h, width * sub_w)
+    padded = F.pad(token_logits.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, K)
+    neighbours = torch.stack(
+        [padded[:, dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3)], dim=3
+    )  # (B, H, W, 9, K), neighbour n = dy * 3 + dx as in the affinity channels
+    weights = affinity.permute(0, 4, 2, 5, 3, 1)  # (B, H, h, W, w, 9)
+    out = torch.matmul(weights, neighbours[:, :, None])  # (B, H, h, W, w, K), broadcast over the sub-rows i
+    return out.reshape(batch, height * sub_h, width * sub_w, classes).permute(0, 3, 1, 2)
 
 
 def _resize_and_crop(logits: torch.Tensor, stride: int, size: tuple[int, int]) -> torch.Tensor:
@@ -126,7 +140,7 @@ class Segmenter(nn.Module):
 
     config: object  # regproxy_cli.checkpoint.ModelConfig, attached by build_model / load_model
 
-    def predict(self, image, **options) -> "np.ndarray":  # noqa: F821
+    def predict(self, image, **options) -> np.ndarray:
         """Segment one image (path, PIL image or HxWx3 uint8 RGB array) into an (H, W) class-id array.
 
         Uses the preprocessing and inference protocol of ``self.config``; ``options`` are those of
