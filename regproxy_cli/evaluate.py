@@ -47,6 +47,7 @@ def evaluate(
     mode: str | None = None,
     tta: bool = False,
     batch_size: int = 8,
+    precision: str = "fp32",
     save_dir: Path | None = None,
     progress: bool = True,
 ) -> dict:
@@ -67,7 +68,7 @@ def evaluate(
     palette = np.array(config.palette, dtype=np.uint8)
     for index in tqdm(indices, desc="evaluating", unit="image", disable=not progress or rank != 0, leave=False):
         image, label, name = dataset[index]
-        prediction = predict_labels(model, image, mode=mode, tta=tta, batch_size=batch_size)
+        prediction = predict_labels(model, image, mode=mode, tta=tta, batch_size=batch_size, precision=precision)
         matrix.update(torch.from_numpy(prediction), torch.from_numpy(np.asarray(label, dtype=np.int64)))
         if save_dir is not None:
             save_dir.mkdir(parents=True, exist_ok=True)

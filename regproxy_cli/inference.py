@@ -16,6 +16,21 @@ from torch import nn
 from regproxy_cli.errors import RegproxyError
 
 MODES = ("whole", "slide")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def autocast(device: torch.device | str, precision: str = "fp32") -> torch.autocast:
+    """The autocast context for running a model at ``precision`` (fp32: a disabled one, i.e. plain fp32).
+
+    bf16 runs on CPUs (fast where they have AVX512-BF16 or AMX) and GPUs; fp16 only on CUDA.
+    """
+    if precision not in PRECISIONS:
+        raise RegproxyError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    device_type = torch.device(device).type
+    if precision == "fp16" and device_type != "cuda":
+        raise RegproxyError("fp16 needs a CUDA device; use bf16 on CPU")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -79,7 +94,8 @@ def slide_logits(
     batch, _, height, width = images.shape
     # At least float32: summing many half-precision windows would lose precision.
     dtype = torch.promote_types(images.dtype, torch.float32)
-    logits_sum = images.new_zeros((batch, num_classes, height, width), dtype=dtype)
+    # channels-last, like the models' logits: the window sums then add contiguous K-vectors
+    logits_sum = images.new_zeros((batch, height, width, num_classes), dtype=dtype).permute(0, 3, 1, 2)
     count = images.new_zeros((1, 1, height, width), dtype=dtype)  # the same for every image
 
     boxes = [
@@ -256,7 +272,7 @@ def resized_row_chunks(
     out_h, out_w = _check_pair("output size", size)
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
-    _, in_h, in_w = scores.shape
+    _, in_h, _ = scores.shape
     scores = scores.float()
     low_y, high_y, frac_y = bilinear_taps(in_h, out_h, scores.device)
     for first in range(0, out_h, chunk_rows):
@@ -290,6 +306,8 @@ def resize_argmax(scores: torch.Tensor, size: tuple[int, int], chunk_rows: int =
         raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
     classes, in_h, in_w = scores.shape
     scores = scores.float()
+    if (in_h, in_w) == (out_h, out_w):
+        return scores.argmax(0)
     if classes * out_h * out_w <= DIRECT_RESIZE_LIMIT:  # small enough: PyTorch's fused kernel is fastest
         return F.interpolate(scores[None], size=(out_h, out_w), mode="bilinear", align_corners=False)[0].argmax(0)
     source_labels = scores.argmax(0)

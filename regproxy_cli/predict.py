@@ -17,7 +17,7 @@ from torch import nn
 
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.imaging import load_image, overlay, region_map, save_label_png, save_png_atomic
-from regproxy_cli.inference import rescale_size, resize_argmax, segment_probs, slide_logits, whole_logits
+from regproxy_cli.inference import autocast, rescale_size, resize_argmax, segment_probs, slide_logits, whole_logits
 
 TTA_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the paper's multi-scale test
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
@@ -72,6 +72,7 @@ def predict_labels(
     tta: bool = False,
     scale: float = 1.0,
     batch_size: int = 8,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """(H, W) int class ids for one image at its original size.
 
@@ -80,6 +81,7 @@ def predict_labels(
         tta: the paper's multi-scale (0.5-1.75) + flip test, averaging softmax probabilities.
         scale: multiplies the config's test scale (or the image size when it has none).
         batch_size: sliding windows per forward pass.
+        precision: fp32, or bf16 / fp16 autocast for the network (resizing and argmax stay float32).
     """
     config = model.config
     mode = mode or config.inference_mode
@@ -89,21 +91,28 @@ def predict_labels(
         raise RegproxyError(f"scale must be positive, got {scale}")
     rgb = to_rgb_array(image)
     height, width = rgb.shape[:2]
-    x = normalise(rgb, config, _device_of(model))
+    device = _device_of(model)
+    x = normalise(rgb, config, device)
     size = working_size(height, width, config, scale)
+    with autocast(device, precision):
+        scores = _scores(model, x, config, mode=mode, tta=tta, scale=scale, size=size, batch_size=batch_size)
+    # resize to the original in row chunks: a huge photo never needs a K x H x W tensor
+    return resize_argmax(scores.float(), (height, width)).cpu().numpy()
+
+
+def _scores(model: nn.Module, x: torch.Tensor, config, *, mode: str, tta: bool, scale: float,
+            size: tuple[int, int], batch_size: int) -> torch.Tensor:
+    """(K, h, w) logits (or TTA probabilities) of one normalised image at the working size."""
     if tta:
-        scores = segment_probs(
+        return segment_probs(
             model, x, num_classes=config.num_classes, mode=mode, window=(config.crop_size,) * 2,
             stride=(config.stride,) * 2, test_scale=None if config.test_scale is None else
             (config.test_scale[0] * scale, config.test_scale[1] * scale), ratios=TTA_RATIOS, flip=True,
             out_size=size, batch_size=batch_size,
         )
-    else:
-        if size != (height, width):
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        scores = _logits_at(model, x, config, mode, batch_size)[0]
-    # resize to the original in row chunks: a huge photo never needs a K x H x W tensor
-    return resize_argmax(scores.float(), (height, width)).cpu().numpy()
+    if size != tuple(x.shape[-2:]):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return _logits_at(model, x, config, mode, batch_size)[0]
 
 
 @torch.inference_mode()

@@ -9,7 +9,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from regproxy_cli.cli.options import parse_device
+from regproxy_cli.cli.options import PRECISION_HELP, check_precision, parse_device
 from regproxy_cli.cli.output import console, print_json
 from regproxy_cli.evaluate import evaluate, open_eval_dataset
 from regproxy_cli.zoo import load_model
@@ -34,14 +34,16 @@ def eval_command(
     tta: Annotated[bool, typer.Option("--tta", help="Multi-scale + flip test-time augmentation.")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     batch: Annotated[int, typer.Option(help="Sliding windows per forward pass.")] = 8,
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
     save_predictions: Annotated[Path | None, typer.Option(help="Write label PNGs here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     dataset = open_eval_dataset(data, split)
     torch_device = parse_device(device)
+    check_precision(precision, torch_device)
     segmenter = load_model(model).to(torch_device)
-    result = evaluate(segmenter, dataset, mode=mode, tta=tta, batch_size=batch, save_dir=save_predictions,
-                      progress=not as_json)
+    result = evaluate(segmenter, dataset, mode=mode, tta=tta, batch_size=batch, precision=precision,
+                      save_dir=save_predictions, progress=not as_json)
     classes = segmenter.config.classes
     if as_json:
         print_json({**{k: result[k] for k in ("mIoU", "mAcc", "aAcc", "images")},

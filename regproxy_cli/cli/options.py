@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 
 from regproxy_cli.errors import RegproxyError
+from regproxy_cli.inference import autocast
+
+PRECISION_HELP = "fp32, or bf16 / fp16 autocast for the network (bf16: CPU or GPU, fp16: CUDA only)."
 
 
 def parse_device(device: str) -> torch.device:
@@ -15,3 +18,9 @@ def parse_device(device: str) -> torch.device:
     except (RuntimeError, AssertionError) as exc:
         raise RegproxyError(f"--device {device}: {str(exc).splitlines()[0]}") from None
     return torch_device
+
+
+def check_precision(precision: str, device: torch.device) -> str:
+    """``--precision``: one this device runs, or one error line (before any image is read)."""
+    autocast(device, precision)
+    return precision

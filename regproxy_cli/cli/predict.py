@@ -10,7 +10,7 @@ from rich import box
 from rich.table import Table
 from tqdm import tqdm
 
-from regproxy_cli.cli.options import parse_device
+from regproxy_cli.cli.options import PRECISION_HELP, check_precision, parse_device
 from regproxy_cli.cli.output import console, err_console
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.predict import expand_inputs, predict_files
@@ -38,15 +38,17 @@ def predict(
     regions: Annotated[bool, typer.Option("--regions", help="Also draw the learned regions.")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ...")] = "cpu",
     batch: Annotated[int, typer.Option(help="Sliding windows per forward pass.")] = 8,
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
 ) -> None:
     if batch < 1:
         raise RegproxyError(f"--batch must be at least 1, got {batch}")
     torch_device = parse_device(device)
+    check_precision(precision, torch_device)
     paths, problems = expand_inputs(inputs)
     segmenter = load_model(model).to(torch_device)
     with tqdm(total=len(paths), unit="image", desc="segmenting", disable=not paths) as bar:
         report = predict_files(segmenter, paths, out, regions=regions, progress=bar.update, mode=mode, tta=tta,
-                               scale=scale, batch_size=batch)
+                               scale=scale, batch_size=batch, precision=precision)
     for problem in problems + report.failed:
         err_console.print(f"[bold red]error:[/] {problem}", markup=True)
     if report.written:
