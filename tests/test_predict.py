@@ -91,6 +91,8 @@ def test_bad_inputs_are_reported_and_the_rest_still_run(tmp_path, model_dir, cli
     (["--model", "no-such-model"], "error: unknown model 'no-such-model'"),
     (["--device", "warp-drive"], "error: --device warp-drive"),
     (["--batch", "0"], "error: --batch must be at least 1"),
+    (["--precision", "fp8"], "error: precision must be one of fp32, bf16, fp16"),
+    (["--precision", "fp16"], "error: fp16 needs a CUDA device; use bf16 on CPU"),
 ])
 def test_bad_options_are_one_line(tmp_path, model_dir, cli, args, message):
     Image.fromarray(_photo(20, 20)).save(tmp_path / "a.png")
@@ -112,6 +114,28 @@ def test_python_api_matches_the_forward_pass(model_dir):
     assert (labels == reference).mean() > 0.999
     # slide with windows of the crop size gives the same map where one window covers the image
     assert (model.predict(_photo(64, 64), mode="slide") == model.predict(_photo(64, 64), mode="whole")).all()
+
+
+def test_bf16_autocast_runs_the_network_in_bf16_and_agrees_with_fp32(model_dir, monkeypatch):
+    model = load_model(model_dir)
+    image = _photo(64, 96)
+    dtypes = []
+    handle = model.head.classifier.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+    reference = model.predict(image)
+    labels = model.predict(image, precision="bf16")
+    handle.remove()
+    assert dtypes == [torch.float32, torch.bfloat16]
+    assert labels.shape == (64, 96) and labels.dtype == reference.dtype
+    assert (labels == reference).mean() > 0.9  # a random tiny model has small margins; the bench measures S/16
+    assert model.predict(image, mode="slide", precision="bf16").shape == (64, 96)
+
+
+def test_predict_cli_bf16(tmp_path, model_dir, cli):
+    Image.fromarray(_photo(40, 30)).save(tmp_path / "a.png")
+    result = cli("predict", str(tmp_path / "a.png"), "--model", str(model_dir), "--out", str(tmp_path / "o"),
+                 "--precision", "bf16")
+    assert result.returncode == 0, result.stderr
+    assert np.asarray(Image.open(tmp_path / "o" / "a.png")).shape == (40, 30)
 
 
 def test_modes_scale_and_tta_keep_the_original_size(model_dir, tmp_path):
