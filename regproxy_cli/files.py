@@ -12,14 +12,22 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     """Call ``write(temporary_path)`` for a file beside ``path``, then move it over ``path`` with ``os.replace``.
 
     The temporary file lives in the same directory (same file system, so the rename is atomic) and is removed
-    if anything fails.
+    if anything fails. The result gets the permissions a plain ``open(path, "w")`` would give (0666 minus the
+    umask), not mkstemp's owner-only 0600.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask

@@ -1,0 +1,30 @@
+import os
+import stat
+
+import pytest
+
+from regproxy_cli.files import write_atomic
+
+
+def test_atomic_write_has_the_permissions_of_a_plain_write(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "a.bin", lambda tmp: open(tmp, "wb").write(b"x"))
+        (tmp_path / "plain.bin").write_bytes(b"x")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "a.bin").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain.bin").stat().st_mode) == 0o644
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "keep.txt"
+    target.write_text("old")
+
+    def broken(tmp):
+        open(tmp, "w").write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(target, broken)
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["keep.txt"]
