@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from regproxy_cli.cli import backbones, convert, flops, models, predict, train
+from regproxy_cli.cli import backbones, convert, export, flops, models, predict, train
 from regproxy_cli.cli import eval as eval_cli
 from regproxy_cli.cli.output import err_console
 from regproxy_cli.errors import RegproxyError
@@ -39,6 +39,7 @@ _register("eval", eval_cli, eval_cli.eval_command)
 _register("predict", predict, predict.predict)
 _register("models", models, models.models)
 _register("convert", convert, convert.convert)
+_register("export", export, export.export)
 _register("flops", flops, flops.flops)
 _register("backbones", backbones, backbones.backbones)
 
