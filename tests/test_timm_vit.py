@@ -74,3 +74,23 @@ def test_padding_to_the_stride_is_zero_padding():
         by_hand = backbone(F.pad(x, (0, 10, 0, 14)))
     for a, b in zip(ours, by_hand):
         torch.testing.assert_close(a, b)
+
+
+def test_cpu_bf16_autocast_uses_explicit_attention_and_fp32_restores_timms_choice():
+    torch.manual_seed(0)
+    backbone = TINY_VIT.build().eval()
+    attentions = [block.attn for block in backbone.vit.blocks]
+    timm_choice = [a.fused_attn for a in attentions]
+    seen = []
+    for attention in attentions:
+        attention.register_forward_hook(lambda mod, inp, out: seen.append(mod.fused_attn))
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        reference = backbone(x)[1]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = backbone(x)[1]
+        again = backbone(x)[1]
+    n = len(attentions)
+    assert seen == timm_choice + [False] * n + timm_choice
+    assert torch.equal(again, reference)
+    assert (fast.float() - reference).abs().max() < 0.1 * reference.abs().max()  # bf16: ~3 significant digits
