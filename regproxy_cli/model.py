@@ -75,7 +75,12 @@ def paint(token_logits: torch.Tensor, affinity: torch.Tensor) -> torch.Tensor:
 
 
 def _resize_and_crop(logits: torch.Tensor, stride: int, size: tuple[int, int]) -> torch.Tensor:
-    """Resize grid-aligned logits to the padded input they cover, then crop away the padding."""
+    """Resize grid-aligned logits to the padded input they cover, then crop away the padding.
+
+    Always in float32: under bf16/fp16 autocast the full-size logits would lose precision (the loss and the
+    argmax want float32 anyway), and CPU kernels resize and argmax float32 several times faster than bf16.
+    """
+    logits = logits.float()
     grid_h, grid_w = logits.shape[-2:]
     out_h, out_w = -(-size[0] // stride) * stride, -(-size[1] // stride) * stride
     if (grid_h, grid_w) != (out_h, out_w):
