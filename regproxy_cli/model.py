@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from regproxy_cli.errors import RegproxyError
+from regproxy_cli.inference import resize_argmax
 from regproxy_cli.plugins import BackboneSpec, get_backbone
 
 if TYPE_CHECKING:
@@ -74,6 +75,10 @@ def paint(token_logits: torch.Tensor, affinity: torch.Tensor) -> torch.Tensor:
     return out.reshape(batch, height * sub_h, width * sub_w, classes).permute(0, 3, 1, 2)
 
 
+def _padded_size(size: tuple[int, int], stride: int) -> tuple[int, int]:
+    return -(-size[0] // stride) * stride, -(-size[1] // stride) * stride
+
+
 def _resize_and_crop(logits: torch.Tensor, stride: int, size: tuple[int, int]) -> torch.Tensor:
     """Resize grid-aligned logits to the padded input they cover, then crop away the padding.
 
@@ -81,9 +86,8 @@ def _resize_and_crop(logits: torch.Tensor, stride: int, size: tuple[int, int]) -
     argmax want float32 anyway), and CPU kernels resize and argmax float32 several times faster than bf16.
     """
     logits = logits.float()
-    grid_h, grid_w = logits.shape[-2:]
-    out_h, out_w = -(-size[0] // stride) * stride, -(-size[1] // stride) * stride
-    if (grid_h, grid_w) != (out_h, out_w):
+    out_h, out_w = _padded_size(size, stride)
+    if tuple(logits.shape[-2:]) != (out_h, out_w):
         logits = F.interpolate(logits, size=(out_h, out_w), mode="bilinear", align_corners=False)
     return logits[..., : size[0], : size[1]]
 
@@ -141,9 +145,28 @@ class ProxyHead(nn.Module):
 
 
 class Segmenter(nn.Module):
-    """What RegProxy and the linear baseline share: a ``config`` (ModelConfig) and :meth:`predict`."""
+    """What RegProxy and the linear baseline share: a ``config`` (ModelConfig), :meth:`labels` and :meth:`predict`."""
 
     config: object  # regproxy_cli.checkpoint.ModelConfig, attached by build_model / load_model
+    backbone: nn.Module
+
+    def grid_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, K, h, w) logits aligned with the padded input, before the final resize to the input size."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _resize_and_crop(self.grid_logits(x), self.backbone.stride, x.shape[-2:])
+
+    @torch.inference_mode()
+    def labels(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) label maps of a normalised batch: ``self(x).argmax(1)`` without full-size logits.
+
+        The grid logits go straight to labels with :func:`~regproxy_cli.inference.resize_argmax`, which blends
+        all K scores only at label boundaries; equal to the argmax of the forward up to float32 rounding ties.
+        """
+        height, width = x.shape[-2:]
+        padded = _padded_size((height, width), self.backbone.stride)
+        return torch.stack([resize_argmax(logits, padded)[:height, :width] for logits in self.grid_logits(x)])
 
     def predict(self, image, **options) -> np.ndarray:
         """Segment one image (path, PIL image or HxWx3 uint8 RGB array) into an (H, W) class-id array.
@@ -172,8 +195,8 @@ class RegProxy(Segmenter):
         logits = _resize_and_crop(region_logits, self.backbone.stride, x.shape[-2:])
         return ProxyOutput(logits, region_logits, affinity, token_logits)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_all(x).logits
+    def grid_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(*self.backbone(x))[0]
 
 
 class LinearBaseline(Segmenter):
@@ -187,10 +210,9 @@ class LinearBaseline(Segmenter):
         nn.init.trunc_normal_(self.classifier.weight, std=0.02)
         nn.init.zeros_(self.classifier.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def grid_logits(self, x: torch.Tensor) -> torch.Tensor:
         _, final = self.backbone(x)
-        token_logits = self.classifier(final.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return _resize_and_crop(token_logits, self.backbone.stride, x.shape[-2:])
+        return self.classifier(final.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 def parse_region_res(value: int | str | tuple[int, int] | list[int]) -> tuple[int, int]:

@@ -95,6 +95,8 @@ def predict_labels(
     x = normalise(rgb, config, device)
     size = working_size(height, width, config, scale)
     with autocast(device, precision):
+        if mode == "whole" and not tta and size == (height, width) and hasattr(model, "labels"):
+            return model.labels(x)[0].cpu().numpy()  # one resize: straight from the grid logits to labels
         scores = _scores(model, x, config, mode=mode, tta=tta, scale=scale, size=size, batch_size=batch_size)
     # resize to the original in row chunks: a huge photo never needs a K x H x W tensor
     return resize_argmax(scores.float(), (height, width)).cpu().numpy()

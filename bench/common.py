@@ -1,0 +1,133 @@
+"""What every benchmark script shares: the machine's description, interleaved timing, memory and matmul rate.
+
+Timing protocol: every contender runs in the same process, one call each per round, in a rotating order, so that
+slow drifts of the machine (turbo, other load) hit all of them alike; a contender's figure is the median of its
+rounds. Ratios between contenders measured in one such run are the numbers to trust; absolute times depend on
+the machine and on what else runs on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+
+
+def machine() -> dict:
+    """CPU model, cores, threads and library versions, for the report's header."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
+    except (OSError, StopIteration):
+        isa = []
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for module in ("timm", "transformers", "onnxruntime"):
+        try:
+            versions[module] = __import__(module).__version__
+        except ImportError:
+            pass
+    return {
+        "cpu": cpu, "isa": isa, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "versions": versions,
+    }
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(
+    contenders: dict[str, Callable[[], object]],
+    *,
+    rounds: int,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
+    budget_s: float | None = None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each contender, timed round-robin in a rotating order.
+
+    Args:
+        contenders: name -> a call to time (it must do the whole job, e.g. image batch -> label maps).
+        rounds: timed calls per contender (fewer if ``budget_s`` runs out first, but at least 2).
+        warmup: untimed calls per contender first (allocator, oneDNN kernels, lazy init).
+        device: synchronised around each call when it is a GPU.
+        budget_s: stop after the round in which the total time passed this.
+
+    Returns:
+        name -> the list of measured seconds.
+    """
+    names = list(contenders)
+    for _ in range(warmup):
+        for name in names:
+            contenders[name]()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    started = time.perf_counter()
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            sync(device)
+            begin = time.perf_counter()
+            contenders[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - begin)
+        if budget_s is not None and round_index >= 1 and time.perf_counter() - started > budget_s:
+            break
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 9, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> float:
+    """This machine's dense matmul rate (GFLOP/s, 2 n^3 per product), median of ``repeats`` square products."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        begin = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - begin)
+    return 2 * size**3 / median(times) / 1e9
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    """Current resident set size of this process, in MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_json(args: list[str], timeout: float = 1800) -> dict:
+    """Run a bench script in a fresh Python process (for clean peak-memory readings) and parse its JSON line."""
+    result = subprocess.run([sys.executable, *args], check=False, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])

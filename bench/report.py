@@ -1,0 +1,190 @@
+"""Turn docs/benchmarks.json (written by bench/run.py) and docs/quality.json into docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+NAMES = {
+    "regproxy-t16": "RegProxy-Ti/16", "regproxy-s16": "RegProxy-S/16", "regproxy-b16": "RegProxy-B/16",
+    "linear-t16": "linear Ti/16", "linear-s16": "linear S/16", "linear-b16": "linear B/16",
+    "segformer-b0": "SegFormer-B0", "segformer-b1": "SegFormer-B1", "upernet-swin-t": "UperNet Swin-T",
+    "mask2former-swin-t": "Mask2Former Swin-T",
+}
+
+
+def _name(key: str) -> str:
+    base, _, rest = key.partition(" ")
+    return f"{NAMES.get(base, base)} {rest}".strip()
+
+
+def _table(header: list[str], rows: list[list], align: str | None = None) -> str:
+    align = align or "l" + "r" * (len(header) - 1)
+    marks = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(marks) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _latency_lookup(sections: dict) -> dict:
+    rows = sections.get("latency", {}).get("rows", [])
+    return {(r["model"], r["size"], r["batch"]): r for r in rows}
+
+
+def headline(sections: dict) -> str:
+    out = []
+    lookup = _latency_lookup(sections)
+    if lookup:
+        rate = sections["latency"]["matmul_gflops"]
+        rows = []
+        for name in ("regproxy-s16", "linear-s16", "segformer-b1", "segformer-b0", "mask2former-swin-t",
+                     "upernet-swin-t"):
+            r = lookup.get((name, 512, 1))
+            if r:
+                rows.append([_name(name), f"{r['ms']:.0f}", f"{r['images_per_s']:.2f}", f"{r['gmacs']:.1f}",
+                             f"{r['gflops_per_s']:.0f}", f"{100 * r['of_matmul']:.0f}%"])
+        out.append(f"512², batch 1, fp32 CPU, image → label map (this machine's dense fp32 matmul: {rate:.0f} "
+                   "GFLOP/s):\n")
+        out.append(_table(["model", "ms", "images/s", "true GMACs", "GFLOP/s", "of matmul"], rows))
+        rp, sf, m2f = (lookup.get((n, 512, 1)) for n in ("regproxy-s16", "segformer-b1", "mask2former-swin-t"))
+        if rp and sf and m2f:
+            out.append(f"\nRegProxy-S/16 runs at **{rp['images_per_s'] / sf['images_per_s']:.2f}×** SegFormer-B1's "
+                       f"throughput and **{rp['images_per_s'] / m2f['images_per_s']:.2f}×** Mask2Former-Swin-T's.")
+    overhead = sections.get("overhead")
+    if overhead:
+        out.append(f"\nProxy head overhead over the linear baseline (S/16, {overhead['size']}², batch 1, median of "
+                   f"{overhead['rounds']} paired rounds): **{100 * overhead['overhead_labels']:+.1f}%** image → "
+                   f"labels, {100 * overhead['overhead_forward']:+.1f}% image → logits.")
+    fast = sections.get("fastpath")
+    if fast:
+        best = max((n for n in fast["speedup"] if n != "fp32 eager"), key=lambda n: fast["speedup"][n])
+        out.append(f"\nFastest CPU path: **{best}**, {fast['speedup'][best]:.2f}× fp32 eager, label agreement "
+                   f"{100 * fast['agreement'].get(best, float('nan')):.2f}% with fp32.")
+    return "\n".join(out)
+
+
+def overhead_md(s: dict) -> str:
+    rows = [[_name(n), f"{ms:.1f}"] for n, ms in s["ms"].items()]
+    parts = [
+        (f"RegProxy-S/16 and the linear baseline share the backbone weights and the input ({s['size']}², batch 1, "
+        f"fp32). Each round times all four calls in a rotating order; the overhead is the median of the "
+        f"{s['rounds']} per-round ratios.\n"),
+        _table(["call", "median ms"], rows),
+        f"\n- image → label map: **{100 * s['overhead_labels']:+.2f}%**",
+        f"- image → logits at the input size: **{100 * s['overhead_forward']:+.2f}%**",
+        "\nThe head's parts, timed alone on the real grids:\n",
+        _table(["part", "ms"], [[n, f"{v:.2f}"] for n, v in s["head_ms"].items()]),
+    ]
+    return "\n".join(parts)
+
+
+def latency_md(s: dict) -> str:
+    parts = [(f"Dense fp32 matmul on this machine: **{s['matmul_gflops']:.0f} GFLOP/s** (2048² products). "
+             "true GMACs count every matrix product, attention and painting included, for RegProxy "
+             "(`regproxy flops`) and peers (`torch.utils.flop_counter`) alike; GFLOP/s = 2 × GMACs × batch / "
+             "time.\n")]
+    configs = sorted({(r["size"], r["batch"]) for r in s["rows"]})
+    for size, batch in configs:
+        rows = [r for r in s["rows"] if (r["size"], r["batch"]) == (size, batch)]
+        parts.append(f"\n**{size}², batch {batch}** ({rows[0]['rounds']} interleaved rounds)\n")
+        parts.append(_table(
+            ["model", "ms / batch", "images/s", "true GMACs / image", "GFLOP/s", "of matmul"],
+            [[_name(r["model"]), f"{r['ms']:.0f}", f"{r['images_per_s']:.2f}", f"{r['gmacs']:.1f}",
+              f"{r['gflops_per_s']:.0f}", f"{100 * r['of_matmul']:.0f}%"] for r in rows]))
+    return "\n".join(parts)
+
+
+def slide_md(s: dict) -> str:
+    height, width = s["image"]
+    rows = [[_name(n), f"{ms / 1e3:.2f}"] for n, ms in s["ms"].items()]
+    return (f"A {width}×{height} image, {s['window']}² windows at stride {s['stride']} ({s['windows']} windows), "
+            "image → label map:\n\n" + _table(["model", "seconds"], rows))
+
+
+def memory_md(s: dict) -> str:
+    rows = [[_name(r["model"]), f"{r['size']}²", r["batch"], f"{r['peak_mb']:.0f}", f"{r['inference_mb']:.0f}"]
+            for r in s["rows"]]
+    return ("Each contender in a fresh process: build the model, then one image batch → label maps. peak: the "
+            "process's peak RSS (Python, torch and the weights included); inference: the peak above the RSS "
+            "just before the forward.\n\n" + _table(["model", "size", "batch", "peak MiB", "inference MiB"], rows))
+
+
+def fastpath_md(s: dict) -> str:
+    rows = [[n, f"{s['ms'][n]:.0f}", f"{s['speedup'][n]:.2f}×",
+             "—" if n == "fp32 eager" else f"{100 * s['agreement'][n]:.2f}%"] for n in s["ms"]]
+    return (f"RegProxy-S/16, {s['size']}², batch 1, image → label map. Agreement: the fraction of pixels whose "
+            "label equals fp32 eager's on a generated scene.\n\n"
+            + _table(["path", "ms", "speed-up", "label agreement"], rows))
+
+
+def postprocess_md(s: dict) -> str:
+    post = [[n, f"{v:.1f}"] for n, v in s["postprocess_ms"].items()]
+    paint = [[n, f"{v:.2f}"] for n, v in s["paint_ms"].items()]
+    return (f"150-class logits at stride 4 ({s['grid'] * 4}²) → a {s['size']}² label map (bilinear resize + "
+            "argmax):\n\n" + _table(["layout", "ms"], post)
+            + f"\n\nPainting {s['grid']}×{s['grid']} tokens, 150 classes, 4×4 sub-pixels (max difference "
+            f"{s['paint_max_abs_diff']:.1e}):\n\n" + _table(["formulation", "ms"], paint))
+
+
+def train_md(s: dict) -> str:
+    rows = [[_name(n), f"{v:.2f}"] for n, v in s["images_per_s"].items()]
+    return (f"Forward, cross-entropy, backward and an AdamW step at {s['size']}², batch {s['batch']}, fp32:\n\n"
+            + _table(["model", "images/s"], rows))
+
+
+def quality_md(q: dict) -> str:
+    rows = q.get("rows", [])
+    if not rows:
+        return "No quality results yet: run `python bench/quality.py`."
+    header = list(rows[0].keys())
+    return _table(header, [[(f"{v:.2f}" if isinstance(v, float) else v) for v in r.values()] for r in rows])
+
+
+SECTION_TITLES = [
+    ("overhead", "Proxy head overhead", overhead_md),
+    ("latency", "Latency and throughput against the peers", latency_md),
+    ("slide", "Sliding-window inference", slide_md),
+    ("memory", "Peak memory", memory_md),
+    ("fastpath", "Fast CPU paths", fastpath_md),
+    ("postprocess", "Post-processing and painting", postprocess_md),
+    ("train", "Training throughput", train_md),
+]
+
+
+def write_report(results: dict, path: Path) -> None:
+    m = results["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    sections = results["sections"]
+    parts = [
+        "# Benchmarks",
+        "",
+        ("Regenerate: `pip install \".[bench]\" ./backbones && python bench/run.py` (every section, about 40 minutes "
+        "on 2 CPU cores; `--sections overhead fastpath` for a part). Quality: `python bench/quality.py`."),
+        "",
+        (f"Machine: {m['cpu']} ({', '.join(m['isa'])}), {m['cores']} cores, {m['torch_threads']} torch threads"
+        f"{', GPU ' + m['gpu'] if m['gpu'] else ', no GPU'}. {versions}."),
+        "",
+        ("Random weights (speed does not depend on the values); every comparison is measured in one process with "
+        "interleaved rounds, so ratios are the figures to trust; absolute times move with the machine."),
+        "",
+        "## Headline",
+        "",
+        headline(sections),
+    ]
+    for key, title, render in SECTION_TITLES:
+        if key in sections:
+            s = sections[key]
+            parts += ["", f"## {title}", "", render(s), "", (f"<sub>{s['device']}, {s['date']}, "
+                      f"{s['seconds']:.0f} s</sub>")]
+    quality = REPO / "docs" / "quality.json"
+    if quality.exists():
+        parts += ["", "## Quality per cost (generated data)", "", quality_md(json.loads(quality.read_text()))]
+    path.write_text("\n".join(parts) + "\n")
+
+
+if __name__ == "__main__":
+    source = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "docs" / "benchmarks.json"
+    write_report(json.loads(source.read_text()), REPO / "docs" / "benchmarks.md")

@@ -1,0 +1,382 @@
+"""Regenerate docs/benchmarks.md: RegProxy against its linear baseline and its peers, side by side in one process.
+
+    pip install ".[bench]" ./backbones      # adds transformers, onnx, onnxruntime
+    python bench/run.py                     # every section, about 40 minutes on 2 CPU cores
+    python bench/run.py --sections overhead fastpath --quick
+
+Sections (each writes its rows into docs/benchmarks.json; the markdown is rebuilt from all stored sections):
+
+* ``overhead``  the proxy head's latency over the linear baseline, S/16, 512^2, batch 1 (paired rounds)
+* ``latency``   image batch -> label maps at 512^2 and 768^2, batch 1 and 8: RegProxy Ti/S/B, the linear
+                baselines, SegFormer-B0/B1, UperNet and Mask2Former (Swin-T); true GMACs, achieved GFLOP/s and
+                its fraction of this machine's dense fp32 matmul rate
+* ``slide``     sliding-window inference of a 2048x1024 image (512 windows, stride 341, as ADE20K's protocol)
+* ``memory``    peak RSS (CPU) or max allocated (GPU) of one forward, each contender in a fresh process
+* ``fastpath``  S/16 fp32 eager against bf16 autocast, ONNX Runtime and (``--compile``) torch.compile, with the
+                label agreement against fp32
+* ``postprocess`` logits -> label map and painting, formulations side by side
+* ``train``     training step throughput (images/s) at the paper's 512^2 crop
+* ``quality``   read from docs/quality.json (``python bench/quality.py`` trains the runs)
+
+Random weights are used for speed (the cost of a forward does not depend on the values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import REPO, current_rss_mb, interleaved, machine, matmul_gflops, median, peak_rss_mb, run_json, sync
+
+from regproxy_cli.flops import count_model
+from regproxy_cli.inference import autocast, slide_logits
+from regproxy_cli.model import NEIGHBOURS, build_model
+
+RESULTS = REPO / "docs" / "benchmarks.json"
+REPORT = REPO / "docs" / "benchmarks.md"
+OURS = ("t16", "s16", "b16")
+PEERS = ("segformer-b0", "segformer-b1", "upernet-swin-t", "mask2former-swin-t")
+CLASSES = 150  # ADE20K
+
+
+# ----------------------------------------------------------------------------------------------- contenders
+
+
+def build(name: str, device: torch.device, num_classes: int = CLASSES) -> torch.nn.Module:
+    """``regproxy-s16``, ``linear-s16`` or a peer name -> an eval-mode model on ``device`` (random weights)."""
+    torch.manual_seed(0)
+    kind, _, backbone = name.partition("-")
+    if kind in ("regproxy", "linear") and backbone in OURS:
+        model = build_model(backbone, num_classes, baseline=kind == "linear")
+    else:
+        from peers import build_peer
+
+        model = build_peer(name, num_classes)
+    return model.eval().to(device)
+
+
+def true_gmacs(name: str, size: int, num_classes: int = CLASSES) -> float:
+    """True multiply-adds of one image (attention and painting included), in G."""
+    kind, _, backbone = name.partition("-")
+    if kind in ("regproxy", "linear") and backbone in OURS:
+        with torch.device("meta"):
+            model = build_model(backbone, num_classes, baseline=kind == "linear")
+        return count_model(model, size, size).true_macs / 1e9
+    from peers import peer_flops
+
+    return peer_flops(name, (size, size), num_classes)
+
+
+def labels_call(model: torch.nn.Module, x: torch.Tensor, precision: str = "fp32"):
+    """The timed job: a normalised batch -> (B, H, W) label maps, as ``regproxy predict`` computes them."""
+
+    def call():
+        with torch.inference_mode(), autocast(x.device, precision):
+            return model(x).argmax(1)
+
+    return call
+
+
+# ------------------------------------------------------------------------------------------------- sections
+
+
+def section_overhead(args, device) -> dict:
+    """RegProxy-S/16 vs its linear baseline: same backbone weights, same input, paired rounds."""
+    size, rounds = (256, 6) if args.quick else (512, 40)
+    regproxy, linear = build("regproxy-s16", device), build("linear-s16", device)
+    linear.backbone.load_state_dict(regproxy.backbone.state_dict())
+    x = torch.randn(1, 3, size, size, device=device)
+    calls = {"regproxy-s16": labels_call(regproxy, x), "linear-s16": labels_call(linear, x)}
+    forward = {"regproxy-s16 forward": lambda: _forward(regproxy, x), "linear-s16 forward": lambda: _forward(linear, x)}
+    times = interleaved({**calls, **forward}, rounds=rounds, warmup=2, device=device)
+    paired = [a / b for a, b in zip(times["regproxy-s16"], times["linear-s16"])]
+    paired_fwd = [a / b for a, b in zip(times["regproxy-s16 forward"], times["linear-s16 forward"])]
+    head = _head_profile(regproxy, x)
+    return {
+        "size": size, "rounds": len(paired),
+        "ms": {name: 1e3 * median(t) for name, t in times.items()},
+        "overhead_labels": median(paired) - 1, "overhead_forward": median(paired_fwd) - 1,
+        "head_ms": head,
+    }
+
+
+def _forward(model, x):
+    with torch.inference_mode():
+        return model(x)
+
+
+def _head_profile(model, x) -> dict:
+    """Milliseconds of the proxy head's parts on the real tap/final grids (median of 20)."""
+    from regproxy_cli.model import affinity_from_logits, paint
+
+    with torch.inference_mode():
+        tap, final = model.backbone(x)
+        head = model.head
+        affinity = affinity_from_logits(head.affinity(tap), head.region_res)
+        token_logits = head.classifier(final.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        parts = {
+            "affinity head + softmax": lambda: affinity_from_logits(head.affinity(tap), head.region_res),
+            "classifier": lambda: head.classifier(final.permute(0, 2, 3, 1)),
+            "painting": lambda: paint(token_logits, affinity),
+        }
+        times = interleaved(parts, rounds=20, device=x.device)
+    return {name: 1e3 * median(t) for name, t in times.items()}
+
+
+def section_latency(args, device) -> dict:
+    """Label maps per second for every contender, interleaved, per (size, batch)."""
+    names = [f"{kind}-{b}" for b in OURS for kind in ("regproxy", "linear")] + list(PEERS)
+    configs = [(128, 1), (128, 2)] if args.quick else [(512, 1), (512, 8), (768, 1), (768, 8)]
+    if args.quick:
+        names = ["regproxy-t16", "linear-t16", "segformer-b0"]
+    rate = matmul_gflops(device=device)
+    models = {name: build(name, device) for name in names}
+    rows = []
+    for size, batch in configs:
+        x = torch.randn(batch, 3, size, size, device=device)
+        calls = {name: labels_call(model, x) for name, model in models.items()}
+        rounds = 3 if args.quick else (7 if batch == 1 else 3)
+        times = interleaved(calls, rounds=rounds, warmup=1, device=device)
+        for name in names:
+            gmacs = true_gmacs(name, size)
+            seconds = median(times[name])
+            achieved = 2 * gmacs * batch / seconds
+            rows.append({"model": name, "size": size, "batch": batch, "ms": 1e3 * seconds,
+                         "images_per_s": batch / seconds, "gmacs": gmacs, "gflops_per_s": achieved,
+                         "of_matmul": achieved / rate, "rounds": len(times[name])})
+        _progress(f"latency {size}^2 batch {batch} done")
+    return {"matmul_gflops": rate, "rows": rows}
+
+
+def section_slide(args, device) -> dict:
+    """A 2048x1024 image through 512^2 windows at stride 341, windows batched 8 (and 1, for S/16)."""
+    height, width, window, stride = (256, 512, 128, 85) if args.quick else (1024, 2048, 512, 341)
+    names = ["regproxy-t16", "linear-t16"] if args.quick else [f"{k}-{b}" for b in OURS for k in ("regproxy", "linear")]
+    image = torch.randn(1, 3, height, width, device=device)
+    models = {name: build(name, device) for name in names}
+
+    def sliding(model, batch_size):
+        def call():
+            with torch.inference_mode():
+                return slide_logits(model, image, num_classes=CLASSES, window=(window, window),
+                                    stride=(stride, stride), batch_size=batch_size).argmax(1)
+        return call
+
+    calls = {f"{name} (8 windows/pass)": sliding(model, 8) for name, model in models.items()}
+    s16 = "regproxy-s16" if not args.quick else "regproxy-t16"
+    calls[f"{s16} (1 window/pass)"] = sliding(models[s16], 1)
+    times = interleaved(calls, rounds=2 if args.quick else 3, warmup=1, device=device)
+    from regproxy_cli.inference import window_starts
+
+    windows = len(window_starts(height, window, stride)) * len(window_starts(width, window, stride))
+    return {"image": [height, width], "window": window, "stride": stride, "windows": windows,
+            "ms": {name: 1e3 * median(t) for name, t in times.items()}}
+
+
+def section_memory(args, device) -> dict:
+    """Peak memory of one labelled forward per contender, each in a fresh process."""
+    names = ["regproxy-t16", "linear-t16"] if args.quick else (
+        [f"{k}-{b}" for b in OURS for k in ("regproxy", "linear")] + list(PEERS))
+    configs = [(128, 1)] if args.quick else [(512, 1), (512, 8)]
+    rows = []
+    for size, batch in configs:
+        for name in names:
+            row = run_json(["bench/run.py", "--memory-one", name, str(size), str(batch), "--device", str(device)])
+            rows.append({"model": name, "size": size, "batch": batch, **row})
+        _progress(f"memory {size}^2 batch {batch} done")
+    return {"rows": rows}
+
+
+def memory_one(name: str, size: int, batch: int, device: torch.device) -> dict:
+    """Run in a fresh process: peak RSS (CPU) or max allocated (GPU) of building + one labelled forward."""
+    model = build(name, device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    before = current_rss_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        labels_call(model, x)()
+        torch.cuda.synchronize()
+        return {"peak_mb": torch.cuda.max_memory_allocated() / 2**20,
+                "inference_mb": (torch.cuda.max_memory_allocated() - base) / 2**20}
+    labels_call(model, x)()
+    return {"peak_mb": peak_rss_mb(), "inference_mb": peak_rss_mb() - before}
+
+
+def section_fastpath(args, device) -> dict:
+    """S/16 at 512^2, batch 1: fp32 eager against the fast paths, with label agreement against fp32."""
+    size = 256 if args.quick else 512
+    model = build("regproxy-s16", device)
+    image = _photo(size, device)
+    x = torch.randn(1, 3, size, size, device=device)
+    calls = {"fp32 eager": labels_call(model, x)}
+    precisions = ["bf16"] + (["fp16"] if device.type == "cuda" else [])
+    for precision in precisions:
+        calls[f"{precision} autocast"] = labels_call(model, x, precision)
+    outputs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if device.type == "cpu":
+            try:
+                from regproxy_cli.export import export_onnx, onnx_session
+            except ImportError:
+                onnx_session = None
+            if onnx_session is not None:
+                path = export_onnx(model, Path(tmp) / "s16.onnx", size=(size, size))
+                session = onnx_session(path)
+
+                def ort_call(inputs=x):
+                    return torch.from_numpy(session.run(None, {"image": inputs.numpy()})[0]).argmax(1)
+
+                calls["onnxruntime fp32"] = ort_call
+                outputs["onnxruntime fp32"] = lambda inputs: ort_call(inputs)
+        if args.compile:
+            compiled = torch.compile(model)
+            calls["torch.compile fp32"] = labels_call(compiled, x)
+            outputs["torch.compile fp32"] = lambda inputs: labels_call(compiled, inputs)()
+        times = interleaved(calls, rounds=5 if args.quick else 15, warmup=2, device=device)
+        reference = labels_call(model, image)()
+        agreement = {}
+        for precision in precisions:
+            agreement[f"{precision} autocast"] = _agree(labels_call(model, image, precision)(), reference)
+        for name, run in outputs.items():
+            agreement[name] = _agree(run(image), reference)
+    fp32 = median(times["fp32 eager"])
+    return {"size": size, "ms": {n: 1e3 * median(t) for n, t in times.items()},
+            "speedup": {n: fp32 / median(t) for n, t in times.items()}, "agreement": agreement}
+
+
+def _photo(size: int, device: torch.device) -> torch.Tensor:
+    """A generated scene with objects, thin lines and textures (not noise), normalised: the agreement input."""
+    from regproxy_cli.data.synthetic import SyntheticScenes
+    from regproxy_cli.model import IMAGENET_MEAN, IMAGENET_STD
+
+    image = SyntheticScenes(1, size=(size, size), num_classes=5, seed=3).render(0)[0]
+    rgb = torch.from_numpy(image).permute(2, 0, 1).float()[None]
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    return F.interpolate((rgb - mean) / std, size=(size, size), mode="bilinear").to(device)
+
+
+def _agree(labels: torch.Tensor, reference: torch.Tensor) -> float:
+    return (labels == reference).float().mean().item()
+
+
+def section_postprocess(args, device) -> dict:
+    """Stride-4 150-class logits -> a 512^2 label map, and the painting step, formulated several ways."""
+    from regproxy_cli.model import paint
+
+    size, grid, region = (256, 16, 4) if args.quick else (512, 32, 4)
+    low = torch.randn(1, grid * region, grid * region, CLASSES, device=device)  # channels-last, as paint gives
+    nchw = low.permute(0, 3, 1, 2).contiguous()
+    strided = low.permute(0, 3, 1, 2)  # a channels-last tensor seen as NCHW
+
+    def to_labels(logits):
+        return lambda: F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False).argmax(1)
+
+    with torch.inference_mode():
+        post = interleaved({
+            "NCHW contiguous": to_labels(nchw),
+            "NCHW from a permuted tensor (.contiguous() first)": lambda: to_labels(strided.contiguous())(),
+            "channels-last (RegProxy's layout)": to_labels(strided),
+        }, rounds=5 if args.quick else 15, device=device)
+        token_logits = torch.randn(1, grid, grid, CLASSES, device=device).permute(0, 3, 1, 2)
+        affinity = torch.randn(1, NEIGHBOURS, region, region, grid, grid, device=device).softmax(1)
+        painting = interleaved({
+            "unfold + einsum (straightforward)": lambda: _paint_einsum(token_logits, affinity),
+            "token-major matmul, channels-last (ours)": lambda: paint(token_logits, affinity),
+        }, rounds=5 if args.quick else 25, device=device)
+        error = (_paint_einsum(token_logits, affinity) - paint(token_logits, affinity)).abs().max().item()
+    return {"size": size, "grid": grid, "postprocess_ms": {n: 1e3 * median(t) for n, t in post.items()},
+            "paint_ms": {n: 1e3 * median(t) for n, t in painting.items()}, "paint_max_abs_diff": error}
+
+
+def _paint_einsum(token_logits: torch.Tensor, affinity: torch.Tensor) -> torch.Tensor:
+    """The straightforward painting: unfold the 3x3 neighbours at full size, then one einsum (the baseline)."""
+    batch, classes, height, width = token_logits.shape
+    sub_h, sub_w = affinity.shape[2:4]
+    neighbours = F.unfold(token_logits, 3, padding=1).reshape(batch, classes, NEIGHBOURS, height, width)
+    out = torch.einsum("bnijyx,bknyx->bkyixj", affinity, neighbours)
+    return out.reshape(batch, classes, height * sub_h, width * sub_w)
+
+
+def section_train(args, device) -> dict:
+    """Training steps per second (forward, cross-entropy, backward, AdamW) at the paper's crop."""
+    size, batch = (128, 2) if args.quick else (512, 4)
+    names = ["regproxy-t16", "linear-t16"] if args.quick else [f"{k}-{b}" for b in ("t16", "s16") for k in
+                                                                  ("regproxy", "linear")]
+    steps = {}
+    for name in names:
+        model = build(name, device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        x = torch.randn(batch, 3, size, size, device=device)
+        y = torch.randint(0, CLASSES, (batch, size, size), device=device)
+
+        def step(model=model, optimizer=optimizer, x=x, y=y):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+        steps[name] = step
+    times = interleaved(steps, rounds=2 if args.quick else 4, warmup=1, device=device)
+    return {"size": size, "batch": batch,
+            "images_per_s": {name: batch / median(t) for name, t in times.items()}}
+
+
+SECTIONS = {
+    "overhead": section_overhead, "latency": section_latency, "slide": section_slide, "memory": section_memory,
+    "fastpath": section_fastpath, "postprocess": section_postprocess, "train": section_train,
+}
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def _progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of the scripts, not a benchmark")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile in the fastpath section")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default docs/benchmarks.json; "
+                        "--quick writes to a temporary file unless given)")
+    parser.add_argument("--memory-one", nargs=3, metavar=("MODEL", "SIZE", "BATCH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.memory_one:
+        name, size, batch = args.memory_one
+        print(json.dumps(memory_one(name, int(size), int(batch), device)))
+        return
+
+    out = args.out or (Path(tempfile.gettempdir()) / "regproxy-bench-quick.json" if args.quick else RESULTS)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results["machine"] = machine()
+    results.setdefault("sections", {})
+    for name in args.sections:
+        _progress(f"{name} ...")
+        begin = time.perf_counter()
+        results["sections"][name] = {**SECTIONS[name](args, device), "device": str(device),
+                                     "date": time.strftime("%Y-%m-%d"), "seconds": time.perf_counter() - begin}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+        _progress(f"{name} done in {time.perf_counter() - begin:.0f} s")
+    if not args.quick or args.out:
+        from report import write_report
+
+        write_report(results, REPORT if out == RESULTS else out.with_suffix(".md"))
+    sync(device)
+
+
+if __name__ == "__main__":
+    main()

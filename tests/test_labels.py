@@ -1,0 +1,48 @@
+"""Label maps straight from grid logits (Segmenter.labels, boundary-first resize_argmax) against the argmax of the forward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from regproxy_cli import build_model
+from regproxy_cli.inference import batch_of_one, boundary_fraction, resize_argmax
+
+
+@pytest.mark.parametrize("baseline", [False, True])
+@pytest.mark.parametrize("size", [(64, 64), (50, 75), (17, 33)])
+def test_labels_equal_the_argmax_of_the_forward(baseline, size):
+    torch.manual_seed(0)
+    model = build_model("tiny-vit", 7, baseline=baseline).eval()
+    x = torch.randn(2, 3, *size)
+    with torch.inference_mode():
+        assert torch.equal(model.labels(x), model(x).argmax(1))
+
+
+@pytest.mark.parametrize("smooth", [True, False])
+def test_resize_argmax_both_paths_equal_interpolate_then_argmax(smooth):
+    torch.manual_seed(1)
+    # smooth scores take the boundary-first path, noise the fused one; both must give PyTorch's labels
+    scores = torch.randn(6, 24, 20)
+    if smooth:
+        scores = F.interpolate(torch.randn(1, 6, 2, 2), size=(24, 20), mode="bilinear")[0]
+    assert (boundary_fraction(scores.argmax(0)) < 0.25) == smooth
+    channels_last = scores.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    reference = F.interpolate(scores[None], size=(71, 45), mode="bilinear", align_corners=False)[0].argmax(0)
+    for source in (scores, channels_last):
+        assert torch.equal(resize_argmax(source, (71, 45)), reference)
+
+
+def test_batch_of_one_keeps_channels_last_recognisable():
+    scores = torch.randn(1, 8, 9, 5).permute(0, 3, 1, 2)[0]  # a channels-last (K, h, w) slice
+    batch = batch_of_one(scores)
+    assert torch.equal(batch[0], scores) and batch.stride() == (8 * 9 * 5, 1, 9 * 5, 5)
+    resized = F.interpolate(batch, size=(16, 10), mode="bilinear")
+    assert resized.is_contiguous(memory_format=torch.channels_last)
+    assert batch_of_one(torch.randn(3, 4, 4)).shape == (1, 3, 4, 4)
+
+
+def test_boundary_fraction():
+    labels = torch.zeros(4, 4, dtype=torch.long)
+    assert boundary_fraction(labels) == 0
+    labels[:, 2:] = 1  # one vertical edge: column 1 differs from column 2
+    assert boundary_fraction(labels) == 4 / 16
