@@ -42,6 +42,7 @@ from transformers import (
 )
 
 from regproxy_cli.errors import RegproxyError
+from regproxy_cli.inference import resize_argmax
 
 PEERS: dict[str, str] = {
     "segformer-b0": "SegFormer-B0: MiT-b0 encoder + all-MLP decoder (256), logits at 1/4 resized to the input",
@@ -73,44 +74,54 @@ def _swin_t(drop_path_rate: float) -> SwinConfig:
     )
 
 
-class SegformerPeer(nn.Module):
-    """SegFormer whose forward returns its logits bilinearly resized to the input size."""
+class _Peer(nn.Module):
+    """A peer's forward is its scores at the input size; :meth:`labels` takes the same shortcut RegProxy's does.
 
-    def __init__(self, model: SegformerForSemanticSegmentation) -> None:
+    Every peer here ends with a bilinear resize of low-resolution scores to the input, so its label maps come
+    from :func:`regproxy_cli.inference.resize_argmax` on those scores, as ``Segmenter.labels`` does for RegProxy
+    and the linear baseline: the timings compare networks, not post-processing tricks.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(pixel_values=x).logits
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-
-
-class UperNetPeer(nn.Module):
-    """UperNet; its ``transformers`` forward already resizes the logits to the input size."""
-
-    def __init__(self, model: UperNetForSemanticSegmentation) -> None:
-        super().__init__()
-        self.model = model
+    def low_res_scores(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.low_res_scores(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    @torch.inference_mode()
+    def labels(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([resize_argmax(scores, tuple(x.shape[-2:])) for scores in self.low_res_scores(x)])
+
+
+class SegformerPeer(_Peer):
+    """SegFormer: logits at 1/4 of the input, bilinearly resized to the input size."""
+
+    def low_res_scores(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=x).logits
 
 
-class Mask2FormerPeer(nn.Module):
+class UperNetPeer(_Peer):
+    """UperNet: the decode head's 1/4-resolution logits (what its ``transformers`` forward resizes to the input)."""
+
+    def low_res_scores(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.model.backbone.forward_with_filtered_kwargs(x).feature_maps
+        return self.model.decode_head(features)
+
+
+class Mask2FormerPeer(_Peer):
     """Mask2Former followed by the semantic inference of its ``transformers`` image processor."""
 
-    def __init__(self, model: Mask2FormerForUniversalSegmentation) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def low_res_scores(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=x)
         masks = F.interpolate(
             out.masks_queries_logits, size=_MASK2FORMER_MASK_SIZE, mode="bilinear", align_corners=False
         )
         classes = out.class_queries_logits.softmax(dim=-1)[..., :-1]  # drop the null ("no object") class
-        scores = torch.einsum("bqc,bqhw->bchw", classes, masks.sigmoid())
-        return F.interpolate(scores, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return torch.einsum("bqc,bqhw->bchw", classes, masks.sigmoid())
 
 
 def build_peer(name: str, num_classes: int = 150) -> nn.Module:

@@ -77,10 +77,24 @@ def true_gmacs(name: str, size: int, num_classes: int = CLASSES) -> float:
 
 
 def labels_call(model: torch.nn.Module, x: torch.Tensor, precision: str = "fp32"):
-    """The timed job: a normalised batch -> (B, H, W) label maps, as ``regproxy predict`` computes them."""
+    """The timed job: a normalised batch -> (B, H, W) label maps, as ``regproxy predict`` makes them.
+
+    ``model.labels`` goes from the model's low-resolution scores to labels in one step (boundary-first resize +
+    argmax); RegProxy, the linear baseline and every peer (bench/peers.py) share that same function.
+    """
 
     def call():
         with torch.inference_mode(), autocast(x.device, precision):
+            return model.labels(x)
+
+    return call
+
+
+def logits_argmax_call(model: torch.nn.Module, x: torch.Tensor):
+    """Image -> logits at the input size (the forward), then their argmax: the textbook path."""
+
+    def call():
+        with torch.inference_mode():
             return model(x).argmax(1)
 
     return call
@@ -95,23 +109,21 @@ def section_overhead(args, device) -> dict:
     regproxy, linear = build("regproxy-s16", device), build("linear-s16", device)
     linear.backbone.load_state_dict(regproxy.backbone.state_dict())
     x = torch.randn(1, 3, size, size, device=device)
-    calls = {"regproxy-s16": labels_call(regproxy, x), "linear-s16": labels_call(linear, x)}
-    forward = {"regproxy-s16 forward": lambda: _forward(regproxy, x), "linear-s16 forward": lambda: _forward(linear, x)}
-    times = interleaved({**calls, **forward}, rounds=rounds, warmup=2, device=device)
-    paired = [a / b for a, b in zip(times["regproxy-s16"], times["linear-s16"])]
-    paired_fwd = [a / b for a, b in zip(times["regproxy-s16 forward"], times["linear-s16 forward"])]
-    head = _head_profile(regproxy, x)
-    return {
-        "size": size, "rounds": len(paired),
-        "ms": {name: 1e3 * median(t) for name, t in times.items()},
-        "overhead_labels": median(paired) - 1, "overhead_forward": median(paired_fwd) - 1,
-        "head_ms": head,
+    calls = {
+        "regproxy-s16 labels": labels_call(regproxy, x), "linear-s16 labels": labels_call(linear, x),
+        "regproxy-s16 logits+argmax": logits_argmax_call(regproxy, x),
+        "linear-s16 logits+argmax": logits_argmax_call(linear, x),
     }
+    times = interleaved(calls, rounds=rounds, warmup=2, device=device)
 
+    def overhead(path: str) -> float:  # median of the per-round ratios: drifts of the machine cancel
+        return median([a / b for a, b in zip(times[f"regproxy-s16 {path}"], times[f"linear-s16 {path}"])]) - 1
 
-def _forward(model, x):
-    with torch.inference_mode():
-        return model(x)
+    return {
+        "size": size, "rounds": rounds, "ms": {name: 1e3 * median(t) for name, t in times.items()},
+        "overhead_labels": overhead("labels"), "overhead_forward": overhead("logits+argmax"),
+        "head_ms": _head_profile(regproxy, x),
+    }
 
 
 def _head_profile(model, x) -> dict:
@@ -144,7 +156,7 @@ def section_latency(args, device) -> dict:
     for size, batch in configs:
         x = torch.randn(batch, 3, size, size, device=device)
         calls = {name: labels_call(model, x) for name, model in models.items()}
-        rounds = 3 if args.quick else (7 if batch == 1 else 3)
+        rounds = 3 if args.quick else (7 if batch == 1 else 2)
         times = interleaved(calls, rounds=rounds, warmup=1, device=device)
         for name in names:
             gmacs = true_gmacs(name, size)
@@ -153,6 +165,7 @@ def section_latency(args, device) -> dict:
             rows.append({"model": name, "size": size, "batch": batch, "ms": 1e3 * seconds,
                          "images_per_s": batch / seconds, "gmacs": gmacs, "gflops_per_s": achieved,
                          "of_matmul": achieved / rate, "rounds": len(times[name])})
+        args.save_partial("latency", {"matmul_gflops": rate, "rows": rows})
         _progress(f"latency {size}^2 batch {batch} done")
     return {"matmul_gflops": rate, "rows": rows}
 
@@ -174,7 +187,7 @@ def section_slide(args, device) -> dict:
     calls = {f"{name} (8 windows/pass)": sliding(model, 8) for name, model in models.items()}
     s16 = "regproxy-s16" if not args.quick else "regproxy-t16"
     calls[f"{s16} (1 window/pass)"] = sliding(models[s16], 1)
-    times = interleaved(calls, rounds=2 if args.quick else 3, warmup=1, device=device)
+    times = interleaved(calls, rounds=2, warmup=1, device=device)
     from regproxy_cli.inference import window_starts
 
     windows = len(window_starts(height, window, stride)) * len(window_starts(width, window, stride))
@@ -218,7 +231,7 @@ def section_fastpath(args, device) -> dict:
     model = build("regproxy-s16", device)
     image = _photo(size, device)
     x = torch.randn(1, 3, size, size, device=device)
-    calls = {"fp32 eager": labels_call(model, x)}
+    calls = {"fp32 eager": labels_call(model, x), "fp32 eager, logits + argmax": logits_argmax_call(model, x)}
     precisions = ["bf16"] + (["fp16"] if device.type == "cuda" else [])
     for precision in precisions:
         calls[f"{precision} autocast"] = labels_call(model, x, precision)
@@ -230,14 +243,14 @@ def section_fastpath(args, device) -> dict:
             except ImportError:
                 onnx_session = None
             if onnx_session is not None:
-                path = export_onnx(model, Path(tmp) / "s16.onnx", size=(size, size))
+                path = export_onnx(model, Path(tmp) / "s16.onnx", size=(size, size), dynamic=False)  # `--static`
                 session = onnx_session(path)
 
                 def ort_call(inputs=x):
                     return torch.from_numpy(session.run(None, {"image": inputs.numpy()})[0]).argmax(1)
 
-                calls["onnxruntime fp32"] = ort_call
-                outputs["onnxruntime fp32"] = lambda inputs: ort_call(inputs)
+                calls["onnxruntime fp32 (static shape)"] = ort_call
+                outputs["onnxruntime fp32 (static shape)"] = lambda inputs: ort_call(inputs)
         if args.compile:
             compiled = torch.compile(model)
             calls["torch.compile fp32"] = labels_call(compiled, x)
@@ -363,6 +376,12 @@ def main() -> None:
     results = json.loads(out.read_text()) if out.exists() else {}
     results["machine"] = machine()
     results.setdefault("sections", {})
+    def save_partial(section: str, data: dict) -> None:  # long sections keep what they have if interrupted
+        results["sections"][section] = {**data, "device": str(device), "date": time.strftime("%Y-%m-%d"),
+                                        "seconds": float("nan"), "partial": True}
+        out.write_text(json.dumps(results, indent=1))
+
+    args.save_partial = save_partial
     for name in args.sections:
         _progress(f"{name} ...")
         begin = time.perf_counter()
