@@ -282,7 +282,7 @@ def resized_row_chunks(
 
 
 DIRECT_RESIZE_LIMIT = 1 << 26  # K x H x W floats (256 MB) above which labels are always made boundary-first
-DIRECT_BOUNDARY_FRACTION = 0.25  # below this share of boundary source pixels, boundary-first is faster anyway
+DIRECT_MIXED_FRACTION = 0.25  # above this share of boundary output pixels, the fused resize + argmax is faster
 
 
 def batch_of_one(scores: torch.Tensor) -> torch.Tensor:
@@ -296,16 +296,6 @@ def batch_of_one(scores: torch.Tensor) -> torch.Tensor:
     return scores.unsqueeze(0)
 
 
-def boundary_fraction(labels: torch.Tensor) -> float:
-    """Share of (h, w) label-map pixels with a different label to the right or below."""
-    if labels.numel() == 0:
-        return 0.0
-    edge = torch.zeros_like(labels, dtype=torch.bool)
-    edge[:, :-1] |= labels[:, 1:] != labels[:, :-1]
-    edge[:-1] |= labels[1:] != labels[:-1]
-    return edge.float().mean().item()
-
-
 @torch.inference_mode()
 def resize_argmax(scores: torch.Tensor, size: tuple[int, int], chunk_rows: int = 256) -> torch.Tensor:
     """The label map ``F.interpolate(scores[None], size, mode="bilinear", align_corners=False)[0].argmax(0)``.
@@ -314,7 +304,7 @@ def resize_argmax(scores: torch.Tensor, size: tuple[int, int], chunk_rows: int =
     has it too: only pixels on label boundaries need their K scores blended. Work and memory then scale with
     the boundary, not with K x H x W: a 24-megapixel photo with 150 classes takes seconds, and RegProxy's
     stride-4 logits (smooth, few boundary pixels) give a 512^2 label map 3x faster than resize-then-argmax.
-    When the source is mostly boundary (a coarse, noisy map) and the output is small enough, the fused
+    When most output pixels are on a boundary (a coarse, noisy map) and the output is small enough, the fused
     resize + argmax is used instead. Values agree with PyTorch's to float32 rounding, hence the labels except
     at near-exact ties.
 
@@ -334,19 +324,25 @@ def resize_argmax(scores: torch.Tensor, size: tuple[int, int], chunk_rows: int =
     if (in_h, in_w) == (out_h, out_w):
         return scores.argmax(0)
     source_labels = scores.argmax(0)
-    if classes * out_h * out_w <= DIRECT_RESIZE_LIMIT and boundary_fraction(source_labels) > DIRECT_BOUNDARY_FRACTION:
+    low_y, high_y, frac_y = bilinear_taps(in_h, out_h, scores.device)
+    low_x, high_x, frac_x = bilinear_taps(in_w, out_w, scores.device)
+
+    def corners(band: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-left source label of each output pixel in the band, and where the 4 source labels differ."""
+        top, bottom = source_labels[low_y[band]], source_labels[high_y[band]]  # (r, w)
+        first = top[:, low_x]
+        mixed = (first != top[:, high_x]) | (first != bottom[:, low_x]) | (first != bottom[:, high_x])
+        return first, mixed
+
+    small = classes * out_h * out_w <= DIRECT_RESIZE_LIMIT
+    if small and corners(slice(None))[1].float().mean().item() > DIRECT_MIXED_FRACTION:  # mostly boundary
         resized = F.interpolate(batch_of_one(scores), size=(out_h, out_w), mode="bilinear", align_corners=False)
         return resized[0].argmax(0)
     scores_hwk = scores.permute(1, 2, 0).contiguous()  # gathers of whole K-vectors are contiguous reads
-    low_y, high_y, frac_y = bilinear_taps(in_h, out_h, scores.device)
-    low_x, high_x, frac_x = bilinear_taps(in_w, out_w, scores.device)
     labels = torch.empty(out_h, out_w, dtype=torch.int64, device=scores.device)
-    for first in range(0, out_h, chunk_rows):
-        band = slice(first, first + chunk_rows)
-        top, bottom = source_labels[low_y[band]], source_labels[high_y[band]]  # (r, w)
-        corners = [top[:, low_x], top[:, high_x], bottom[:, low_x], bottom[:, high_x]]  # each (r, W)
-        out = corners[0].clone()
-        mixed = (corners[0] != corners[1]) | (corners[0] != corners[2]) | (corners[0] != corners[3])
+    for first_row in range(0, out_h, chunk_rows):
+        band = slice(first_row, first_row + chunk_rows)
+        out, mixed = corners(band)
         rows, cols = mixed.nonzero(as_tuple=True)
         if rows.numel():
             # blend the band's source rows once (r, w, K), then the two columns of each boundary pixel

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from regproxy_cli import build_model
-from regproxy_cli.inference import batch_of_one, boundary_fraction, resize_argmax
+from regproxy_cli import build_model, inference
+from regproxy_cli.inference import batch_of_one, resize_argmax
 
 
 @pytest.mark.parametrize("baseline", [False, True])
@@ -19,17 +19,20 @@ def test_labels_equal_the_argmax_of_the_forward(baseline, size):
 
 
 @pytest.mark.parametrize("smooth", [True, False])
-def test_resize_argmax_both_paths_equal_interpolate_then_argmax(smooth):
+def test_resize_argmax_both_paths_equal_interpolate_then_argmax(smooth, monkeypatch):
     torch.manual_seed(1)
     # smooth scores take the boundary-first path, noise the fused one; both must give PyTorch's labels
-    scores = torch.randn(6, 24, 20)
+    scores = torch.randn(6, 48, 40)
     if smooth:
-        scores = F.interpolate(torch.randn(1, 6, 2, 2), size=(24, 20), mode="bilinear")[0]
-    assert (boundary_fraction(scores.argmax(0)) < 0.25) == smooth
+        scores = F.interpolate(torch.randn(1, 6, 2, 2), size=(48, 40), mode="bilinear")[0]
+    fused = []
+    real_interpolate = F.interpolate
+    monkeypatch.setattr(inference.F, "interpolate", lambda *a, **k: fused.append(1) or real_interpolate(*a, **k))
     channels_last = scores.permute(1, 2, 0).contiguous().permute(2, 0, 1)
-    reference = F.interpolate(scores[None], size=(71, 45), mode="bilinear", align_corners=False)[0].argmax(0)
+    reference = F.interpolate(scores[None], size=(143, 91), mode="bilinear", align_corners=False)[0].argmax(0)
     for source in (scores, channels_last):
-        assert torch.equal(resize_argmax(source, (71, 45)), reference)
+        assert torch.equal(resize_argmax(source, (143, 91)), reference)
+    assert bool(fused) != smooth
 
 
 def test_batch_of_one_keeps_channels_last_recognisable():
@@ -39,10 +42,3 @@ def test_batch_of_one_keeps_channels_last_recognisable():
     resized = F.interpolate(batch, size=(16, 10), mode="bilinear")
     assert resized.is_contiguous(memory_format=torch.channels_last)
     assert batch_of_one(torch.randn(3, 4, 4)).shape == (1, 3, 4, 4)
-
-
-def test_boundary_fraction():
-    labels = torch.zeros(4, 4, dtype=torch.long)
-    assert boundary_fraction(labels) == 0
-    labels[:, 2:] = 1  # one vertical edge: column 1 differs from column 2
-    assert boundary_fraction(labels) == 4 / 16
