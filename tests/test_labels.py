@@ -25,11 +25,11 @@ def test_resize_argmax_both_paths_equal_interpolate_then_argmax(smooth, monkeypa
     scores = torch.randn(6, 48, 40)
     if smooth:
         scores = F.interpolate(torch.randn(1, 6, 2, 2), size=(48, 40), mode="bilinear")[0]
+    channels_last = scores.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    reference = F.interpolate(scores[None], size=(143, 91), mode="bilinear", align_corners=False)[0].argmax(0)
     fused = []
     real_interpolate = F.interpolate
     monkeypatch.setattr(inference.F, "interpolate", lambda *a, **k: fused.append(1) or real_interpolate(*a, **k))
-    channels_last = scores.permute(1, 2, 0).contiguous().permute(2, 0, 1)
-    reference = F.interpolate(scores[None], size=(143, 91), mode="bilinear", align_corners=False)[0].argmax(0)
     for source in (scores, channels_last):
         assert torch.equal(resize_argmax(source, (143, 91)), reference)
     assert bool(fused) != smooth
