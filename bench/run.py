@@ -348,9 +348,40 @@ def section_train(args, device) -> dict:
             "images_per_s": {name: batch / median(t) for name, t in times.items()}}
 
 
+def section_agreement(args, device) -> dict:
+    """bf16 against fp32 labels for a *trained* model: the demo RegProxy that bench/quality.py trains.
+
+    Random weights have tiny logit margins (the top two of 150 classes a few hundredths apart), so their
+    agreement is a worst case; a trained model's is what users see.
+    """
+    from regproxy_cli.data.synthetic import SyntheticScenes
+    from regproxy_cli.predict import predict_labels
+    from regproxy_cli.zoo import load_model
+
+    path = REPO / "runs" / "quality" / "RegProxy_hw4" / "best"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run `python bench/quality.py` first (it trains that model)")
+    model = load_model(str(path)).to(device)
+    count = 8 if args.quick else 50
+    rows = []
+    for size in (128, 512):  # the training size, and scenes 4x larger
+        scenes = SyntheticScenes(count, size=(size, size), num_classes=model.config.num_classes, seed=0,
+                                 split="val")
+        same = total = 0
+        for index in range(count):
+            image = scenes.render(index)[0]
+            fp32 = predict_labels(model, image)
+            bf16 = predict_labels(model, image, precision="bf16")
+            same += int((fp32 == bf16).sum())
+            total += fp32.size
+        rows.append({"size": size, "images": count, "agreement": same / total})
+    return {"model": "ViT-Demo/8 RegProxy h=w=4, trained by bench/quality.py", "rows": rows}
+
+
 SECTIONS = {
     "overhead": section_overhead, "latency": section_latency, "slide": section_slide, "memory": section_memory,
-    "fastpath": section_fastpath, "postprocess": section_postprocess, "train": section_train,
+    "fastpath": section_fastpath, "agreement": section_agreement, "postprocess": section_postprocess,
+    "train": section_train,
 }
 
 
