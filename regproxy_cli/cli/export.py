@@ -10,6 +10,7 @@ import torch
 import typer
 from rich.table import Table
 
+from regproxy_cli.cli.options import parse_size
 from regproxy_cli.cli.output import console
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.export import MAX_OPSET, MIN_OPSET, check_onnx, export_onnx
@@ -33,19 +34,6 @@ EXAMPLES = """[bold]Examples[/]
   regproxy export runs/demo/best demo.onnx --size 512x683 --batch 2 --static"""
 
 
-def _parse_size(value: str) -> tuple[int, int]:
-    parts = value.lower().replace("×", "x").split("x")
-    try:
-        sides = tuple(int(p) for p in parts)
-    except ValueError:
-        raise RegproxyError(f"--size {value!r} must be N or HEIGHTxWIDTH, e.g. 512 or 512x683") from None
-    if len(sides) == 1:
-        sides = sides * 2
-    if len(sides) != 2 or min(sides) < 1:
-        raise RegproxyError(f"--size {value!r} must be N or HEIGHTxWIDTH with positive sides")
-    return sides  # type: ignore[return-value]
-
-
 def export(
     model: Annotated[str, typer.Argument(help="Zoo name, Hub repo id, model directory or .pth file.")],
     output: Annotated[Path, typer.Argument(help="The .onnx file to write.")],
@@ -57,7 +45,7 @@ def export(
     static: Annotated[bool, typer.Option("--static", help="Fix batch and size instead of dynamic axes.")] = False,
     check: Annotated[bool, typer.Option(help="Compare onnxruntime's logits with PyTorch's on a random input.")] = True,
 ) -> None:
-    height, width = _parse_size(size) if size else (None, None)
+    height, width = parse_size("--size", size.replace("×", "x"), square=True) if size else (None, None)
     if batch < 1:
         raise RegproxyError(f"--batch must be at least 1, got {batch}")
     segmenter = load_model(model)

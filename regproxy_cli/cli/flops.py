@@ -8,6 +8,7 @@ import typer
 from rich import box
 from rich.table import Table
 
+from regproxy_cli.cli.options import parse_size
 from regproxy_cli.cli.output import console, print_json
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.flops import count_flops, paper_figure
@@ -31,16 +32,6 @@ EXAMPLES = """[bold]Examples[/]
   regproxy flops --size 768 --classes 19 --slide-image 1024x2048 --slide-stride 512   # Table 5"""
 
 
-def _parse_hw(value: str) -> tuple[int, int]:
-    try:
-        height, width = (int(v) for v in value.lower().split("x"))
-    except ValueError:
-        raise RegproxyError(f"--slide-image {value!r} must be HEIGHTxWIDTH, e.g. 1024x2048") from None
-    if height < 1 or width < 1:
-        raise RegproxyError(f"--slide-image {value!r} must have positive sides")
-    return height, width
-
-
 def flops(
     backbone: Annotated[
         list[str] | None, typer.Option("--backbone", "-b", help="Backbone name (repeatable); default: all installed.")
@@ -59,7 +50,7 @@ def flops(
 ) -> None:
     names = backbone or list_backbones()
     region = parse_region_res(region_res)
-    image = _parse_hw(slide_image) if slide_image else None
+    image = parse_size("--slide-image", slide_image) if slide_image else None
     if classes < 1:
         raise RegproxyError(f"--classes must be at least 1, got {classes}")
     rows = []

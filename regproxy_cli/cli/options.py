@@ -24,3 +24,21 @@ def check_precision(precision: str, device: torch.device) -> str:
     """``--precision``: one this device runs, or one error line (before any image is read)."""
     autocast(device, precision)
     return precision
+
+
+def parse_size(option: str, value: str, *, square: bool = False) -> tuple[int, int]:
+    """``HEIGHTxWIDTH`` (with ``square``, also a single N for NxN) as positive ints, or one error line."""
+    form = "N or HEIGHTxWIDTH" if square else "HEIGHTxWIDTH"
+    example = "512 or 512x683" if square else "1024x2048"
+    parts = value.lower().split("x")
+    try:
+        sides = tuple(int(p) for p in parts)
+    except ValueError:
+        raise RegproxyError(f"{option} {value!r} must be {form}, e.g. {example}") from None
+    if square and len(sides) == 1:
+        sides = sides * 2
+    if len(sides) != 2:
+        raise RegproxyError(f"{option} {value!r} must be {form}, e.g. {example}")
+    if min(sides) < 1:
+        raise RegproxyError(f"{option} {value!r} must have positive sides")
+    return sides  # type: ignore[return-value]
