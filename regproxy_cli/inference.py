@@ -334,15 +334,17 @@ def resize_argmax(scores: torch.Tensor, size: tuple[int, int], chunk_rows: int =
         mixed = (first != top[:, high_x]) | (first != bottom[:, low_x]) | (first != bottom[:, high_x])
         return first, mixed
 
-    small = classes * out_h * out_w <= DIRECT_RESIZE_LIMIT
-    if small and corners(slice(None))[1].float().mean().item() > DIRECT_MIXED_FRACTION:  # mostly boundary
+    # a small output gets its corners once, whole (to choose the path, then reused band by band);
+    # a large one only ever a band at a time, so memory stays bounded
+    whole = corners(slice(None)) if classes * out_h * out_w <= DIRECT_RESIZE_LIMIT else None
+    if whole is not None and whole[1].float().mean().item() > DIRECT_MIXED_FRACTION:  # mostly boundary
         resized = F.interpolate(batch_of_one(scores), size=(out_h, out_w), mode="bilinear", align_corners=False)
         return resized[0].argmax(0)
     scores_hwk = scores.permute(1, 2, 0).contiguous()  # gathers of whole K-vectors are contiguous reads
     labels = torch.empty(out_h, out_w, dtype=torch.int64, device=scores.device)
     for first_row in range(0, out_h, chunk_rows):
         band = slice(first_row, first_row + chunk_rows)
-        out, mixed = corners(band)
+        out, mixed = (whole[0][band], whole[1][band]) if whole is not None else corners(band)
         rows, cols = mixed.nonzero(as_tuple=True)
         if rows.numel():
             # blend the band's source rows once (r, w, K), then the two columns of each boundary pixel
