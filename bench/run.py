@@ -24,6 +24,7 @@ Random weights are used for speed (the cost of a forward does not depend on the 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -64,6 +65,7 @@ def build(name: str, device: torch.device, num_classes: int = CLASSES) -> torch.
     return model.eval().to(device)
 
 
+@functools.cache  # one count per (model, size): batch 1 and 8 share it, and a peer's count is a real forward
 def true_gmacs(name: str, size: int, num_classes: int = CLASSES) -> float:
     """True multiply-adds of one image (attention and painting included), in G."""
     kind, _, backbone = name.partition("-")
