@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, current_rss_mb, interleaved, machine, matmul_gflops, median, peak_rss_mb, run_json, sync
+from common import REPO, current_rss_mb, interleaved, machine, matmul_gflops, median, peak_rss_mb, run_json
 
 from regproxy_cli.flops import count_model
 from regproxy_cli.inference import autocast, slide_logits
@@ -233,37 +233,26 @@ def section_fastpath(args, device) -> dict:
     model = build("regproxy-s16", device)
     image = scenes(1, size, device, seed=7)  # agreement on another scene than the timed one
     x = scenes(1, size, device)
-    calls = {"fp32 eager": labels_call(model, x), "fp32 eager, logits + argmax": logits_argmax_call(model, x)}
-    precisions = ["bf16"] + (["fp16"] if device.type == "cuda" else [])
-    for precision in precisions:
-        calls[f"{precision} autocast"] = labels_call(model, x, precision)
-    outputs = {}
+    # path name -> (normalised batch -> label maps); each is timed on x and compared with fp32 eager on image
+    paths = {"fp32 eager": lambda inputs: labels_call(model, inputs)()}
+    for precision in ["bf16"] + (["fp16"] if device.type == "cuda" else []):
+        paths[f"{precision} autocast"] = lambda inputs, precision=precision: labels_call(model, inputs, precision)()
     with tempfile.TemporaryDirectory() as tmp:
         if device.type == "cpu":
-            try:
-                from regproxy_cli.export import export_onnx, onnx_session
-            except ImportError:
-                onnx_session = None
-            if onnx_session is not None:
-                path = export_onnx(model, Path(tmp) / "s16.onnx", size=(size, size), dynamic=False)  # `--static`
-                session = onnx_session(path)
+            from regproxy_cli.export import export_onnx, onnx_session
 
-                def ort_call(inputs=x):
-                    return torch.from_numpy(session.run(None, {"image": inputs.numpy()})[0]).argmax(1)
-
-                calls["onnxruntime fp32 (static shape)"] = ort_call
-                outputs["onnxruntime fp32 (static shape)"] = lambda inputs: ort_call(inputs)
+            path = export_onnx(model, Path(tmp) / "s16.onnx", size=(size, size), dynamic=False)  # `--static`
+            session = onnx_session(path)
+            paths["onnxruntime fp32 (static shape)"] = lambda inputs: torch.from_numpy(
+                session.run(None, {"image": inputs.numpy()})[0]).argmax(1)
         if args.compile:
             compiled = torch.compile(model)
-            calls["torch.compile fp32"] = labels_call(compiled, x)
-            outputs["torch.compile fp32"] = lambda inputs: labels_call(compiled, inputs)()
+            paths["torch.compile fp32"] = lambda inputs: labels_call(compiled, inputs)()
+        calls = {name: functools.partial(run, x) for name, run in paths.items()}
+        calls["fp32 eager, logits + argmax"] = logits_argmax_call(model, x)
         times = interleaved(calls, rounds=5 if args.quick else 15, warmup=2, device=device)
-        reference = labels_call(model, image)()
-        agreement = {}
-        for precision in precisions:
-            agreement[f"{precision} autocast"] = _agree(labels_call(model, image, precision)(), reference)
-        for name, run in outputs.items():
-            agreement[name] = _agree(run(image), reference)
+        reference = paths["fp32 eager"](image)
+        agreement = {name: _agree(run(image), reference) for name, run in paths.items() if name != "fp32 eager"}
     fp32 = median(times["fp32 eager"])
     return {"size": size, "ms": {n: 1e3 * median(t) for n, t in times.items()},
             "speedup": {n: fp32 / median(t) for n, t in times.items()}, "agreement": agreement}
@@ -414,25 +403,23 @@ def main() -> None:
     results = json.loads(out.read_text()) if out.exists() else {}
     results["machine"] = machine()
     results.setdefault("sections", {})
-    def save_partial(section: str, data: dict) -> None:  # long sections keep what they have if interrupted
+    def store(section: str, data: dict, seconds: float, partial: bool = False) -> None:
         results["sections"][section] = {**data, "device": str(device), "date": time.strftime("%Y-%m-%d"),
-                                        "seconds": float("nan"), "partial": True}
+                                        "seconds": seconds, **({"partial": True} if partial else {})}
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
 
-    args.save_partial = save_partial
+    # long sections keep what they have if interrupted
+    args.save_partial = lambda section, data: store(section, data, float("nan"), partial=True)
     for name in args.sections:
         _progress(f"{name} ...")
         begin = time.perf_counter()
-        results["sections"][name] = {**SECTIONS[name](args, device), "device": str(device),
-                                     "date": time.strftime("%Y-%m-%d"), "seconds": time.perf_counter() - begin}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1))
+        store(name, SECTIONS[name](args, device), time.perf_counter() - begin)
         _progress(f"{name} done in {time.perf_counter() - begin:.0f} s")
     if not args.quick or args.out:
         from report import write_report
 
         write_report(results, REPORT if out == RESULTS else out.with_suffix(".md"))
-    sync(device)
 
 
 if __name__ == "__main__":
