@@ -1,5 +1,6 @@
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -9,7 +10,7 @@ from regproxy_cli.files import write_atomic
 def test_atomic_write_has_the_permissions_of_a_plain_write(tmp_path):
     old = os.umask(0o022)
     try:
-        write_atomic(tmp_path / "a.bin", lambda tmp: open(tmp, "wb").write(b"x"))
+        write_atomic(tmp_path / "a.bin", lambda tmp: Path(tmp).write_bytes(b"x"))
         (tmp_path / "plain.bin").write_bytes(b"x")
     finally:
         os.umask(old)
@@ -22,7 +23,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     target.write_text("old")
 
     def broken(tmp):
-        open(tmp, "w").write("half")
+        Path(tmp).write_text("half")
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
