@@ -165,6 +165,33 @@ def test_eval_mode_runs_on_cpu_with_batch_one():
         assert model(torch.randn(1, 3, 40, 40)).shape == (1, 3, 40, 40)
 
 
+@pytest.mark.parametrize("baseline", [False, True])
+def test_cpu_inference_runs_a_batch_image_by_image_with_the_same_result(baseline, monkeypatch):
+    model = build_model(TINY_VIT, 4, baseline=baseline)
+    x = torch.randn(3, 3, 48, 40)
+    calls = []
+    batched = model.batch_grid_logits
+    monkeypatch.setattr(model, "batch_grid_logits", lambda images: calls.append(len(images)) or batched(images))
+
+    model.eval()
+    with torch.no_grad():
+        logits, labels = model(x), model.labels(x)
+        whole = batched(x)
+    assert calls == [1, 1, 1, 1, 1, 1]  # the forward and labels, image by image
+    torch.testing.assert_close(logits, _resize_like(whole, x))
+    assert torch.equal(labels, logits.argmax(1))
+
+    calls.clear()
+    model.train()  # batch norm statistics need the whole batch
+    model(x).sum().backward()
+    assert calls == [3]
+
+
+def _resize_like(grid_logits: torch.Tensor, x: torch.Tensor, stride: int = TINY_VIT.stride) -> torch.Tensor:
+    padded = (-(-x.shape[-2] // stride) * stride, -(-x.shape[-1] // stride) * stride)
+    return F.interpolate(grid_logits, size=padded, mode="bilinear", align_corners=False)[..., : x.shape[-2], : x.shape[-1]]
+
+
 def test_linear_baseline_is_bilinear_upsampled_per_token_logits():
     model = build_model(TINY_DEIT, 6, baseline=True).eval()
     assert isinstance(model, LinearBaseline) and not hasattr(model, "head")

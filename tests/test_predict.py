@@ -122,9 +122,10 @@ def test_bf16_autocast_runs_the_network_in_bf16_and_agrees_with_fp32(model_dir, 
     dtypes = []
     handle = model.head.classifier.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
     reference = model.predict(image)
+    fp32_dtypes, dtypes[:] = dtypes[:], []
     labels = model.predict(image, precision="bf16")
     handle.remove()
-    assert dtypes == [torch.float32, torch.bfloat16]
+    assert set(fp32_dtypes) == {torch.float32} and set(dtypes) == {torch.bfloat16}
     assert labels.shape == (64, 96) and labels.dtype == reference.dtype
     assert (labels == reference).mean() > 0.9  # a random tiny model has small margins; the bench measures S/16
     assert model.predict(image, mode="slide", precision="bf16").shape == (64, 96)

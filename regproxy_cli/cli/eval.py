@@ -33,7 +33,7 @@ def eval_command(
     mode: Annotated[str | None, typer.Option(help="whole | slide (default: the model's protocol).")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Multi-scale + flip test-time augmentation.")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
-    batch: Annotated[int, typer.Option(help="Sliding windows per forward pass.")] = 8,
+    batch: Annotated[int, typer.Option(help="Sliding windows per forward pass (on a CPU the network still runs them one at a time, which is faster there).")] = 8,
     precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
     save_predictions: Annotated[Path | None, typer.Option(help="Write label PNGs here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,

@@ -37,7 +37,7 @@ def predict(
     tta: Annotated[bool, typer.Option("--tta", help="Multi-scale (0.5-1.75) + flip test-time augmentation.")] = False,
     regions: Annotated[bool, typer.Option("--regions", help="Also draw the learned regions.")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ...")] = "cpu",
-    batch: Annotated[int, typer.Option(help="Sliding windows per forward pass.")] = 8,
+    batch: Annotated[int, typer.Option(help="Sliding windows per forward pass (on a CPU the network still runs them one at a time, which is faster there).")] = 8,
     precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
 ) -> None:
     if batch < 1:
