@@ -55,6 +55,10 @@ def test_eval_cli_json_and_table(tmp_path, synthetic, cli):
     data = json.loads(result.stdout)
     assert set(data) == {"mIoU", "mAcc", "aAcc", "images", "per_class"} and data["images"] == 3
     assert len(list((tmp_path / "pred").glob("*.png"))) == 3
+    compiled = cli("eval", "--model", str(tmp_path / "m"), "--data", str(synthetic), "--json", "--compile",
+                   env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    assert compiled.returncode == 0, compiled.stderr
+    assert json.loads(compiled.stdout) == data  # the same label maps
     table = cli("eval", "--model", str(tmp_path / "m"), "--data", str(synthetic), env={"COLUMNS": "120"})
     assert "Per-class IoU" in table.stdout and "mIoU" in table.stdout
     bad = cli("eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "nowhere"))

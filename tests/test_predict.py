@@ -139,6 +139,26 @@ def test_predict_cli_bf16(tmp_path, model_dir, cli):
     assert np.asarray(Image.open(tmp_path / "o" / "a.png")).shape == (40, 30)
 
 
+def test_predict_cli_compile_gives_the_eager_labels(tmp_path, model_dir, cli):
+    Image.fromarray(_photo(70, 50)).save(tmp_path / "a.png")
+    common = ("predict", str(tmp_path / "a.png"), "--model", str(model_dir))
+    eager = cli(*common, "--out", str(tmp_path / "eager"))
+    compiled = cli(*common, "--out", str(tmp_path / "compiled"), "--compile",
+                   env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr
+    labels = [np.asarray(Image.open(tmp_path / run / "a.png")) for run in ("eager", "compiled")]
+    assert labels[0].shape == (70, 50) and np.array_equal(labels[0], labels[1])
+
+
+def test_predict_cli_compile_without_a_compiler_is_one_error_line(tmp_path, model_dir, cli):
+    Image.fromarray(_photo(40, 30)).save(tmp_path / "a.png")
+    result = cli("predict", str(tmp_path / "a.png"), "--model", str(model_dir), "--out", str(tmp_path / "o"),
+                 "--compile", env={"CXX": str(tmp_path / "no-such-c++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)})
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "torch.compile failed" in result.stderr and "run without --compile" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "o" / "a.png").exists()
+
+
 def test_modes_scale_and_tta_keep_the_original_size(model_dir, tmp_path):
     model = load_model(model_dir)
     image = _photo(150, 110)

@@ -9,7 +9,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from regproxy_cli.cli.options import PRECISION_HELP, check_precision, parse_device
+from regproxy_cli.cli.options import COMPILE_HELP, PRECISION_HELP, check_precision, compile_if, parse_device
 from regproxy_cli.cli.output import console, print_json
 from regproxy_cli.evaluate import evaluate, open_eval_dataset
 from regproxy_cli.zoo import load_model
@@ -35,6 +35,7 @@ def eval_command(
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     batch: Annotated[int, typer.Option(help="Sliding windows per forward pass (on a CPU the network still runs them one at a time, which is faster there).")] = 8,
     precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
+    compile_network: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
     save_predictions: Annotated[Path | None, typer.Option(help="Write label PNGs here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
@@ -42,6 +43,7 @@ def eval_command(
     torch_device = parse_device(device)
     check_precision(precision, torch_device)
     segmenter = load_model(model).to(torch_device)
+    compile_if(compile_network, segmenter, precision)
     result = evaluate(segmenter, dataset, mode=mode, tta=tta, batch_size=batch, precision=precision,
                       save_dir=save_predictions, progress=not as_json)
     classes = segmenter.config.classes

@@ -10,7 +10,7 @@ from rich import box
 from rich.table import Table
 from tqdm import tqdm
 
-from regproxy_cli.cli.options import PRECISION_HELP, check_precision, parse_device
+from regproxy_cli.cli.options import COMPILE_HELP, PRECISION_HELP, check_precision, compile_if, parse_device
 from regproxy_cli.cli.output import console, err_console
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.predict import expand_inputs, predict_files
@@ -39,6 +39,7 @@ def predict(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ...")] = "cpu",
     batch: Annotated[int, typer.Option(help="Sliding windows per forward pass (on a CPU the network still runs them one at a time, which is faster there).")] = 8,
     precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
+    compile_network: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
 ) -> None:
     if batch < 1:
         raise RegproxyError(f"--batch must be at least 1, got {batch}")
@@ -46,6 +47,7 @@ def predict(
     check_precision(precision, torch_device)
     paths, problems = expand_inputs(inputs)
     segmenter = load_model(model).to(torch_device)
+    compile_if(compile_network, segmenter, precision)
     with tqdm(total=len(paths), unit="image", desc="segmenting", disable=not paths) as bar:
         report = predict_files(segmenter, paths, out, regions=regions, progress=bar.update, mode=mode, tta=tta,
                                scale=scale, batch_size=batch, precision=precision)
