@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "ZOO",
     "Backbone",
     "BackboneSpec",
     "LinearBaseline",
@@ -27,7 +28,6 @@ __all__ = [
     "ProxyOutput",
     "RegProxy",
     "RegproxyError",
-    "ZOO",
     "affinity_from_logits",
     "build_model",
     "get_backbone",

@@ -75,7 +75,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict, where: str = "config") -> "ModelConfig":
+    def from_dict(cls, data: dict, where: str = "config") -> ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

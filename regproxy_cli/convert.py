@@ -95,7 +95,7 @@ def infer_config(state: dict[str, torch.Tensor], *, where: str = "checkpoint") -
         raise RegproxyError(f"{where}: not an authors' RegProxy checkpoint (no {exc})") from None
     hybrid = any(k.startswith("backbone.patch_embed.backbone.") for k in state)
     prefix = 2 if "backbone.dist_token" in state else 1
-    side = int(round(sub ** 0.5))
+    side = round(sub ** 0.5)
     candidates = []
     for name in list_backbones():
         spec = get_backbone(name)
@@ -108,14 +108,14 @@ def infer_config(state: dict[str, torch.Tensor], *, where: str = "checkpoint") -
             f"{'hybrid' if hybrid else 'patch embedding'}): installed matches: {found}; pass --backbone"
         )
     spec = candidates[0]
-    grid = int(round((pos_rows - prefix) ** 0.5))
+    grid = round((pos_rows - prefix) ** 0.5)
     if side * side != sub or grid * grid != pos_rows - prefix:
         raise RegproxyError(f"{where}: non-square region resolution or position grid is not supported")
     return {"backbone": spec.name, "num_classes": num_classes, "region_res": (side, side),
             "crop_size": grid * spec.stride}
 
 
-def convert_authors_checkpoint(path: str | Path, config: ModelConfig | None = None, **overrides) -> "torch.nn.Module":
+def convert_authors_checkpoint(path: str | Path, config: ModelConfig | None = None, **overrides) -> torch.nn.Module:
     """Load an authors' checkpoint into a regproxy model (eval mode, ``model.config`` set).
 
     Args:

@@ -322,7 +322,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
                      "iteration": done, "best": best, "config": config.to_dict()}
-            write_atomic(last_path, lambda tmp: torch.save(state, tmp))
+            write_atomic(last_path, lambda tmp, state=state: torch.save(state, tmp))
     bar.close()
     if runtime.main:
         save_pretrained(raw_model, out_dir / "final")

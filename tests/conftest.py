@@ -5,15 +5,15 @@ import os
 # Tests never touch the network. Set before huggingface_hub is imported: it reads this once.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from functools import partial  # noqa: E402
+from functools import partial
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from regproxy_cli import BackboneSpec  # noqa: E402
-from regproxy_cli.timm_vit import create_timm_vit  # noqa: E402
+from regproxy_cli import BackboneSpec
+from regproxy_cli.timm_vit import create_timm_vit
 
-_TINY = dict(embed_dim=32, depth=2, num_heads=2)
+_TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 
 TINY_VIT = BackboneSpec(
     name="tiny-vit", title="tiny ViT/16", stride=16, m=1, width=32, depth=2, heads=2, num_prefix_tokens=1,
@@ -67,7 +67,7 @@ def cli():
     import sys
 
     def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "regproxy_cli", *args], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "regproxy_cli", *args], check=False, capture_output=True, text=True,
                               env={**os.environ, **(env or {})}, timeout=300)
 
     return run

@@ -45,7 +45,7 @@ def _write_every_mode(folder):
     save("rgba.png", rgb.convert("RGBA"))
     save("bilevel.png", rgb.convert("1"))
     save("cmyk.jpg", rgb.convert("CMYK"))
-    save("deep16.png", Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257)).convert("I;16"))
+    save("deep16.png", Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257).convert("I;16"))
     exif = rgb.getexif()
     exif[0x0112] = 6  # rotated 90 degrees: the picture is 90 wide, 70 tall once upright
     rgb.save(folder / "rotated.jpg", exif=exif)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from regproxy_cli.errors import RegproxyError
 from regproxy_cli.cli.output import err_console
+from regproxy_cli.errors import RegproxyError
 from regproxy_cli.inference import autocast, compile_backbone
 
 PRECISION_HELP = "fp32, or bf16 / fp16 autocast for the network (bf16: CPU or GPU, fp16: CUDA only)."
