@@ -14,6 +14,8 @@ Sections (each writes its rows into docs/benchmarks.json; the markdown is rebuil
 * ``memory``    peak RSS (CPU) or max allocated (GPU) of one forward, each contender in a fresh process
 * ``fastpath``  S/16 fp32 eager against bf16 autocast, ONNX Runtime and (``--compile``) torch.compile, with the
                 label agreement against fp32
+* ``agreement`` bf16 against fp32 labels on trained models: the demo RegProxy (``python bench/quality.py`` first)
+                and an S/16 trained here from scratch on the generated scenes (once, about 6 minutes)
 * ``postprocess`` logits -> label map and painting, formulations side by side
 * ``train``     training step throughput (images/s) at the paper's 512^2 crop
 * ``quality``   read from docs/quality.json (``python bench/quality.py`` trains the runs)
@@ -343,33 +345,55 @@ def section_train(args, device) -> dict:
 
 
 def section_agreement(args, device) -> dict:
-    """bf16 against fp32 labels for a *trained* model: the demo RegProxy that bench/quality.py trains.
+    """bf16 against fp32 labels for *trained* models: the demo RegProxy that bench/quality.py trains, and an S/16.
 
     Random weights have tiny logit margins (the top two of 150 classes a few hundredths apart), so their
-    agreement is a worst case; a trained model's is what users see.
+    agreement is a worst case; a trained model's is what users see. The authors' S/16 weights cannot be
+    downloaded here, so an S/16 is trained from scratch on the generated scenes (once; `runs/agreement/s16`).
     """
     from regproxy_cli.data.synthetic import SyntheticScenes
     from regproxy_cli.predict import predict_labels
     from regproxy_cli.zoo import load_model
 
-    path = REPO / "runs" / "quality" / "RegProxy_hw4" / "best"
-    if not path.exists():
-        raise SystemExit(f"{path} is missing: run `python bench/quality.py` first (it trains that model)")
-    model = load_model(str(path)).to(device)
+    demo = REPO / "runs" / "quality" / "RegProxy_hw4" / "best"
+    if not demo.exists():
+        raise SystemExit(f"{demo} is missing: run `python bench/quality.py` first (it trains that model)")
+    s16_name, s16_path = _scene_trained_s16(iters=10 if args.quick else 500)
+    models = {"ViT-Demo/8 RegProxy h=w=4 (bench/quality.py)": demo, s16_name: s16_path}
     count = 8 if args.quick else 50
     rows = []
-    for size in (128, 512):  # the training size, and scenes 4x larger
-        scenes = SyntheticScenes(count, size=(size, size), num_classes=model.config.num_classes, seed=0,
-                                 split="val")
-        same = total = 0
-        for index in range(count):
-            image = scenes.render(index)[0]
-            fp32 = predict_labels(model, image)
-            bf16 = predict_labels(model, image, precision="bf16")
-            same += int((fp32 == bf16).sum())
-            total += fp32.size
-        rows.append({"size": size, "images": count, "agreement": same / total})
-    return {"model": "ViT-Demo/8 RegProxy h=w=4, trained by bench/quality.py", "rows": rows}
+    for name, path in models.items():
+        model = load_model(str(path)).to(device)
+        for size in (128, 512):  # the training size, and scenes 4x larger
+            scenes = SyntheticScenes(count, size=(size, size), num_classes=model.config.num_classes, seed=0,
+                                     split="val")
+            same = total = 0
+            for index in range(count):
+                image = scenes.render(index)[0]
+                fp32 = predict_labels(model, image)
+                bf16 = predict_labels(model, image, precision="bf16")
+                same += int((fp32 == bf16).sum())
+                total += fp32.size
+            rows.append({"model": name, "size": size, "images": count, "agreement": same / total,
+                         "val_mIoU": model.config.metrics.get("mIoU") if model.config.metrics else None})
+    return {"rows": rows}
+
+
+def _scene_trained_s16(iters: int) -> tuple[str, Path]:
+    """RegProxy-S/16 trained from scratch on the demo's generated scenes (128^2 crops, batch 8), once."""
+    from regproxy_cli.config import load_config
+    from regproxy_cli.train import train
+
+    run_dir = REPO / "runs" / "agreement" / f"s16_{iters}"
+    name = f"RegProxy-S/16 trained from scratch on the scenes ({iters} iterations)"
+    if not (run_dir / "best").exists():
+        config = load_config(REPO / "configs" / "demo.yaml", [
+            "model.backbone=s16", f"optim.iters={iters}", f"optim.warmup_iters={min(50, max(iters // 10, 1))}",
+            f"run.out_dir={run_dir}", f"run.eval_every={iters}", f"run.save_every={iters}",
+            f"data.root={REPO / 'data' / 'synthetic'}",
+        ])
+        train(config, progress=False)
+    return name, run_dir / "best"
 
 
 SECTIONS = {
