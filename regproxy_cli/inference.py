@@ -40,7 +40,8 @@ def compile_backbone(model: nn.Module, precision: str = "fp32", size: tuple[int,
     forward at ``size`` (the sliding window; default 2x2 tokens) compiles it now, so a machine without what inductor
     needs (a C++ compiler on CPU, Triton on GPU) gives one error line before any image is read. Other input sizes
     compile again on first sight (then with dynamic shapes). Measured on CPU (bench/run.py --compile): S/16 at 512^2
-    ~6% faster after ~15 s of compiling; worth it for many images of one size, not for one photo.
+    ~5% faster after ~15 s of compiling; worth it for many images of one size, not for one photo. After a failure
+    the backbone stays marked for compiling (there is no public undo): reload the model to run it eagerly.
     """
     backbone = model.backbone
     stride = backbone.stride
