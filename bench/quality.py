@@ -68,17 +68,21 @@ def score(model: torch.nn.Module, dataset, num_classes: int) -> dict:
             "BF_per_class": percent(bf["F"])}
 
 
+def demo_config(run_dir: Path, iters: int, overrides: list[str]):
+    """configs/demo.yaml for a run of ``iters`` iterations into ``run_dir``, evaluated and saved once at the end."""
+    return load_config(ROOT / "configs" / "demo.yaml", [
+        f"optim.iters={iters}", f"optim.warmup_iters={min(50, max(iters // 10, 1))}", f"run.out_dir={run_dir}",
+        f"run.eval_every={iters}", f"run.save_every={iters}", f"data.root={ROOT / 'data' / 'synthetic'}", *overrides,
+    ])
+
+
 def run_variant(name: str, baseline: bool, region_res: int, iters: int, out_dir: Path, dataset, progress: bool,
                 threads: int | None = None) -> dict:
     run_dir = out_dir / name.replace(" ", "_").replace("=", "")
     if run_dir.exists():  # a fresh run every time: train() refuses to overwrite without --resume
         shutil.rmtree(run_dir)
-    config = load_config(ROOT / "configs" / "demo.yaml", [
-        f"model.baseline={str(baseline).lower()}", f"model.region_res={region_res}", f"optim.iters={iters}",
-        f"optim.warmup_iters={min(50, max(iters // 10, 1))}", f"run.out_dir={run_dir}",
-        f"run.eval_every={iters}", f"run.save_every={iters}", f"data.root={ROOT / 'data' / 'synthetic'}",
-        *([f"run.threads={threads}"] if threads else []),
-    ])
+    config = demo_config(run_dir, iters, [f"model.baseline={str(baseline).lower()}", f"model.region_res={region_res}",
+                                          *([f"run.threads={threads}"] if threads else [])])
     started = time.perf_counter()
     best_dir = train(config, progress=progress)
     train_s = time.perf_counter() - started

@@ -381,19 +381,14 @@ def section_agreement(args, device) -> dict:
 
 def _scene_trained_s16(iters: int) -> tuple[str, Path]:
     """RegProxy-S/16 trained from scratch on the demo's generated scenes (128^2 crops, batch 8), once."""
-    from regproxy_cli.config import load_config
+    from quality import demo_config
+
     from regproxy_cli.train import train
 
     run_dir = REPO / "runs" / "agreement" / f"s16_{iters}"
-    name = f"RegProxy-S/16 trained from scratch on the scenes ({iters} iterations)"
     if not (run_dir / "best").exists():
-        config = load_config(REPO / "configs" / "demo.yaml", [
-            "model.backbone=s16", f"optim.iters={iters}", f"optim.warmup_iters={min(50, max(iters // 10, 1))}",
-            f"run.out_dir={run_dir}", f"run.eval_every={iters}", f"run.save_every={iters}",
-            f"data.root={REPO / 'data' / 'synthetic'}",
-        ])
-        train(config, progress=False)
-    return name, run_dir / "best"
+        train(demo_config(run_dir, iters, ["model.backbone=s16"]), progress=False)
+    return f"RegProxy-S/16 trained from scratch on the scenes ({iters} iterations)", run_dir / "best"
 
 
 SECTIONS = {
