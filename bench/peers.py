@@ -42,7 +42,7 @@ from transformers import (
 )
 
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.inference import resize_argmax
+from regproxy_cli.model.resize import resize_argmax
 
 PEERS: dict[str, str] = {
     "segformer-b0": "SegFormer-B0: MiT-b0 encoder + all-MLP decoder (256), logits at 1/4 resized to the input",
@@ -78,7 +78,7 @@ class _Peer(nn.Module):
     """A peer's forward is its scores at the input size; :meth:`labels` takes the same shortcut RegProxy's does.
 
     Every peer here ends with a bilinear resize of low-resolution scores to the input, so its label maps come
-    from :func:`regproxy_cli.inference.resize_argmax` on those scores, as ``Segmenter.labels`` does for RegProxy
+    from :func:`regproxy_cli.model.resize.resize_argmax` on those scores, as ``Segmenter.labels`` does for RegProxy
     and the linear baseline: the timings compare networks, not post-processing tricks.
     """
 
@@ -185,7 +185,7 @@ def module_macs(module: nn.Module, size: tuple[int, int] = (512, 512)) -> float:
     ``FlopCounterMode`` counts matrix products (mm, addmm, bmm, baddbmm, and what matmul, linear and einsum lower
     to), convolutions and fused scaled-dot-product attention, biases excluded; it reports 2 x multiply-adds, so
     this returns half of its total. Element-wise work, normalisation, softmax, resizing and the deformable
-    attention's bilinear sampling are left out, as in :mod:`regproxy_cli.flops`' "true" count.
+    attention's bilinear sampling are left out, as in :mod:`regproxy_cli.model.flops`' "true" count.
     """
     device = next(module.parameters()).device
     counter = FlopCounterMode(display=False)

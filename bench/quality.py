@@ -1,10 +1,10 @@
 """Quality per cost on the synthetic demo data: RegProxy against its linear baseline, and the output-stride sweep.
 
-Trains five models with the public :func:`regproxy_cli.train.train` from ``configs/demo.yaml`` (ViT-Demo/8 from
+Trains five models with the public :func:`regproxy_cli.engine.train.train` from ``configs/demo.yaml`` (ViT-Demo/8 from
 scratch, same seed, data, iterations and batch size, i.e. an equal training budget): the paper's linear
 baseline and RegProxy with region resolution h = w = 1, 2, 4, 8 (output stride 8, 4, 2, 1; Table 8 of the paper).
 Each is scored on the validation split with mIoU (mmseg semantics), the class-aware boundary F-score
-(:class:`regproxy_cli.metrics.BoundaryFScore`, 2 px tolerance) and the IoU of the thin-line class, next to its
+(:class:`regproxy_cli.engine.metrics.BoundaryFScore`, 2 px tolerance) and the IoU of the thin-line class, next to its
 true GMACs per 128^2 image, parameters and training wall time.
 
     python bench/quality.py [--out docs/quality.json] [--iters N] [--threads N] [--quick]
@@ -28,13 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from regproxy_cli.checkpoint import load_pretrained
-from regproxy_cli.config import load_config
-from regproxy_cli.data import build_dataset
-from regproxy_cli.flops import count_flops
-from regproxy_cli.metrics import BoundaryFScore, ConfusionMatrix
-from regproxy_cli.predict import predict_labels
-from regproxy_cli.train import prepare_data_root, train
+from regproxy_cli.engine.config import load_config
+from regproxy_cli.engine.metrics import BoundaryFScore, ConfusionMatrix
+from regproxy_cli.engine.train import train
+from regproxy_cli.inference.predictor import predict_labels
+from regproxy_cli.io.checkpoint import load_pretrained
+from regproxy_cli.model.flops import count_flops
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = [  # (name, baseline, region_res)
@@ -138,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     iters = 5 if args.quick else args.iters
 
     base = load_config(ROOT / "configs" / "demo.yaml", [f"data.root={ROOT / 'data' / 'synthetic'}"])
-    dataset = build_dataset("folder", prepare_data_root(base.data), base.data.val_split)
+    dataset = base.data.open(base.data.val_split)
     started = time.perf_counter()
     rows = []
     for name, baseline, region_res in VARIANTS:

@@ -40,9 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO, current_rss_mb, interleaved, machine, matmul_gflops, median, peak_rss_mb, run_json
 
-from regproxy_cli.flops import count_model
-from regproxy_cli.inference import autocast, slide_logits
-from regproxy_cli.model import NEIGHBOURS, build_model
+from regproxy_cli.inference.protocol import slide_logits
+from regproxy_cli.inference.runtime import autocast
+from regproxy_cli.model.flops import count_model
+from regproxy_cli.model.ops import NEIGHBOURS
+from regproxy_cli.model.regproxy import build_model
 
 RESULTS = REPO / "docs" / "benchmarks.json"
 REPORT = REPO / "docs" / "benchmarks.md"
@@ -132,7 +134,7 @@ def section_overhead(args, device) -> dict:
 
 def _head_profile(model, x) -> dict:
     """Milliseconds of the proxy head's parts on the real tap/final grids (median of 20)."""
-    from regproxy_cli.model import affinity_from_logits, paint
+    from regproxy_cli.model.ops import affinity_from_logits, paint
 
     with torch.inference_mode():
         tap, final = model.backbone(x)
@@ -192,7 +194,7 @@ def section_slide(args, device) -> dict:
     s16 = "regproxy-s16" if not args.quick else "regproxy-t16"
     calls[f"{s16} (1 window/pass)"] = sliding(models[s16], 1)
     times = interleaved(calls, rounds=2, warmup=1, device=device)
-    from regproxy_cli.inference import window_starts
+    from regproxy_cli.inference.protocol import window_starts
 
     windows = len(window_starts(height, window, stride)) * len(window_starts(width, window, stride))
     return {"image": [height, width], "window": window, "stride": stride, "windows": windows,
@@ -241,14 +243,14 @@ def section_fastpath(args, device) -> dict:
         paths[f"{precision} autocast"] = lambda inputs, precision=precision: labels_call(model, inputs, precision)()
     with tempfile.TemporaryDirectory() as tmp:
         if device.type == "cpu":
-            from regproxy_cli.export import export_onnx, onnx_session
+            from regproxy_cli.io.export import export_onnx, onnx_session
 
             path = export_onnx(model, Path(tmp) / "s16.onnx", size=(size, size), dynamic=False)  # `--static`
             session = onnx_session(path)
             paths["onnxruntime fp32 (static shape)"] = lambda inputs: torch.from_numpy(
                 session.run(None, {"image": inputs.numpy()})[0]).argmax(1)
         if args.compile:  # as `--compile` does it: the backbone, frozen weights, warmed up at this size
-            from regproxy_cli.inference import compile_backbone
+            from regproxy_cli.inference.runtime import compile_backbone
 
             compiled = build("regproxy-s16", device)  # the same seed, so the same weights
             compile_backbone(compiled, size=(size, size))
@@ -269,8 +271,8 @@ def scenes(batch: int, size: int | tuple[int, int], device: torch.device, seed: 
     Not noise: the network's cost does not depend on the pixels, but the label step's does (it blends all K
     scores only at label boundaries), so the timings use pictures with structure.
     """
+    from regproxy_cli.constants import IMAGENET_MEAN, IMAGENET_STD
     from regproxy_cli.data.synthetic import SyntheticScenes
-    from regproxy_cli.model import IMAGENET_MEAN, IMAGENET_STD
 
     height, width = (size, size) if isinstance(size, int) else size
     scenes = SyntheticScenes(batch, size=(height, width), num_classes=5, seed=seed)
@@ -285,7 +287,7 @@ def _agree(labels: torch.Tensor, reference: torch.Tensor) -> float:
 
 def section_postprocess(args, device) -> dict:
     """Stride-4 150-class logits -> a 512^2 label map, and the painting step, formulated several ways."""
-    from regproxy_cli.model import paint
+    from regproxy_cli.model.ops import paint
 
     size, grid, region = (256, 16, 4) if args.quick else (512, 32, 4)
     low = torch.randn(1, grid * region, grid * region, CLASSES, device=device)  # channels-last, as paint gives
@@ -352,8 +354,8 @@ def section_agreement(args, device) -> dict:
     downloaded here, so an S/16 is trained from scratch on the generated scenes (once; `runs/agreement/s16`).
     """
     from regproxy_cli.data.synthetic import SyntheticScenes
-    from regproxy_cli.predict import predict_labels
-    from regproxy_cli.zoo import load_model
+    from regproxy_cli.inference.predictor import predict_labels
+    from regproxy_cli.io.zoo import load_model
 
     demo = REPO / "runs" / "quality" / "RegProxy_hw4" / "best"
     if not demo.exists():
@@ -383,7 +385,7 @@ def _scene_trained_s16(iters: int) -> tuple[str, Path]:
     """RegProxy-S/16 trained from scratch on the demo's generated scenes (128^2 crops, batch 8), once."""
     from quality import demo_config
 
-    from regproxy_cli.train import train
+    from regproxy_cli.engine.train import train
 
     run_dir = REPO / "runs" / "agreement" / f"s16_{iters}"
     if not (run_dir / "best").exists():

@@ -1,21 +1,22 @@
-"""regproxy: RegProxy semantic segmentation ("Semantic Segmentation by Early Region Proxy", CVPR 2022)."""
+"""regproxy: RegProxy semantic segmentation ("Semantic Segmentation by Early Region Proxy", CVPR 2022).
 
-from regproxy_cli.checkpoint import ModelConfig, load_pretrained, push_to_hub, save_pretrained
+The public API, gathered from the layers (see the README's layout section): build and load models, segment images,
+declare backbones.
+"""
+
+from regproxy_cli.constants import IMAGENET_MEAN, IMAGENET_STD, VERSION
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.model import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    LinearBaseline,
-    ProxyOutput,
-    RegProxy,
-    affinity_from_logits,
-    build_model,
-    paint,
-)
-from regproxy_cli.plugins import Backbone, BackboneSpec, get_backbone, list_backbones, refresh_backbones
-from regproxy_cli.zoo import ZOO, load_model
+from regproxy_cli.inference.predictor import predict_labels
+from regproxy_cli.io.checkpoint import load_pretrained, save_pretrained
+from regproxy_cli.io.hub import push_to_hub
+from regproxy_cli.io.zoo import ZOO, load_model
+from regproxy_cli.model.config import ModelConfig
+from regproxy_cli.model.ops import affinity_from_logits, paint
+from regproxy_cli.model.plugins import Backbone, BackboneSpec, get_backbone, list_backbones, refresh_backbones
+from regproxy_cli.model.regproxy import LinearBaseline, ProxyOutput, RegProxy, build_model
+from regproxy_cli.model.timm_vit import create_timm_vit
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -30,11 +31,13 @@ __all__ = [
     "RegproxyError",
     "affinity_from_logits",
     "build_model",
+    "create_timm_vit",
     "get_backbone",
     "list_backbones",
     "load_model",
     "load_pretrained",
     "paint",
+    "predict_labels",
     "push_to_hub",
     "refresh_backbones",
     "save_pretrained",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from regproxy_cli import BackboneSpec
-from regproxy_cli.timm_vit import create_timm_vit
+from regproxy_cli.model.timm_vit import create_timm_vit
 
 _TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 
@@ -80,7 +80,7 @@ def tiny_backbones_installed(tmp_path_factory):
     import sys
 
     from regproxy_cli import refresh_backbones
-    from regproxy_cli.plugins import ENTRY_POINT_GROUP
+    from regproxy_cli.model.plugins import ENTRY_POINT_GROUP
 
     site = tmp_path_factory.mktemp("tiny-plugins")
     info = site / "regproxy_test_tiny-0.1.dist-info"

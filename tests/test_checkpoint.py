@@ -7,7 +7,8 @@ import torch
 
 from conftest import TINY_HYBRID, TINY_VIT
 from regproxy_cli import RegproxyError, build_model
-from regproxy_cli.checkpoint import ModelConfig, load_pretrained, model_card, save_pretrained
+from regproxy_cli.io.checkpoint import load_pretrained, model_card, save_pretrained
+from regproxy_cli.model.config import ModelConfig
 
 
 @pytest.mark.parametrize("spec, kwargs", [(TINY_VIT, {"region_res": (2, 8)}), (TINY_HYBRID, {}),
@@ -90,7 +91,7 @@ def test_push_to_hub_uploads_a_loadable_directory(tmp_path, monkeypatch):
             return "https://huggingface.co/me/tiny/commit/abc"
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    from regproxy_cli.checkpoint import push_to_hub
+    from regproxy_cli.io.hub import push_to_hub
 
     save_pretrained(build_model(TINY_VIT, 3), tmp_path / "m")
     assert push_to_hub(tmp_path / "m", "me/tiny", private=True) == "https://huggingface.co/me/tiny/commit/abc"

@@ -1,18 +1,213 @@
-"""The command line: help texts, and one-line errors with a non-zero exit instead of tracebacks."""
+"""The command line: every command's argv reaches the library call it stands for, help texts, the version, and
+one-line errors with a non-zero exit instead of tracebacks."""
+
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
+from regproxy_cli import ZOO, get_backbone, list_backbones
+from regproxy_cli.cli import app as app_module
 from regproxy_cli.cli.app import app
+from regproxy_cli.constants import VERSION
+from regproxy_cli.engine.config import TrainConfig
+from regproxy_cli.model.flops import FlopCount
 
 runner = CliRunner()
+COMMANDS = ("train", "eval", "predict", "models", "convert", "export", "flops", "backbones")
 
 
-def test_top_level_help_lists_the_commands():
-    result = runner.invoke(app, ["--help"])
+def test_top_level_help_lists_every_command_with_a_whole_summary():
+    result = runner.invoke(app, ["--help"], env={"COLUMNS": "300"})
     assert result.exit_code == 0
-    for command in ("flops", "backbones"):
-        assert command in result.output
+    for command in COMMANDS:
+        line = next(line for line in result.output.splitlines() if re.match(rf"\W*{command}\s", line))
+        summary = line.split(command, 1)[1].strip(" │")
+        assert summary.endswith((".", ")")) and summary.count("(") == summary.count(")"), (command, summary)
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"regproxy {VERSION}"
+
+
+class Recorder:
+    """Stands in for a library function: remembers its calls, runs ``effect`` and returns ``result``."""
+
+    def __init__(self, result=None, effect=None):
+        self.calls, self.result, self.effect = [], result, effect
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        if self.effect is not None:
+            self.effect(*args, **kwargs)
+        return self.result
+
+    @property
+    def only(self):
+        assert len(self.calls) == 1, self.calls
+        return self.calls[0]
+
+
+class FakeModel(torch.nn.Module):
+    def __init__(self, classes=("sky", "road")):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.config = SimpleNamespace(classes=list(classes), crop_size=64, palette=[[0, 0, 0], [255, 255, 255]],
+                                      backbone="tiny-vit", m=1, num_classes=len(classes))
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, list(args), env={"COLUMNS": "200"})
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def test_train_passes_the_config_overrides_and_resume(monkeypatch, tmp_path):
+    from regproxy_cli.engine import train as train_module
+
+    run = Recorder(tmp_path / "best")
+    monkeypatch.setattr(train_module, "train", run)
+    invoke("train", "configs/demo.yaml", "--set", "optim.lr=0.5", "--set", "run.out_dir=/tmp/x", "--resume")
+    (config,), kwargs = run.only
+    assert isinstance(config, TrainConfig) and config.optim.lr == 0.5 and config.run.out_dir == "/tmp/x"
+    assert config.model.backbone == "demo8" and kwargs == {"resume": True}
+
+
+def test_eval_passes_every_option(monkeypatch, tmp_path):
+    from regproxy_cli.cli import eval as eval_cli
+
+    dataset, model = object(), FakeModel()
+    opened = Recorder(dataset)
+    loaded = Recorder(model)
+    evaluated = Recorder({"mIoU": 50.0, "mAcc": 60.0, "aAcc": 70.0, "images": 3, "IoU": [40.0, None],
+                          "Acc": [50.0, None]})
+    monkeypatch.setattr(eval_cli, "open_eval_dataset", opened)
+    monkeypatch.setattr(eval_cli, "load_model", loaded)
+    monkeypatch.setattr(eval_cli, "evaluate", evaluated)
+    result = invoke("eval", "-m", "runs/x/best", "--data", "cfg.yaml", "--split", "test", "--mode", "whole", "--tta",
+                    "--device", "cpu", "--window-batch", "3", "--precision", "bf16", "--save-predictions",
+                    str(tmp_path / "p"), "--json")
+    assert opened.only == (("cfg.yaml", "test"), {})
+    assert loaded.only == (("runs/x/best",), {})
+    (segmenter, data), options = evaluated.only
+    assert segmenter is model and data is dataset
+    assert options == {"mode": "whole", "tta": True, "batch_size": 3, "precision": "bf16",
+                       "save_dir": tmp_path / "p", "progress": False}
+    report = json.loads(result.output)
+    assert report["mIoU"] == 50.0 and report["per_class"] == {"sky": {"IoU": 40.0, "Acc": 50.0},
+                                                              "road": {"IoU": None, "Acc": None}}
+    # the defaults: the model's own mode, fp32, 8 windows
+    invoke("eval", "-m", "m", "--data", "d")
+    assert evaluated.calls[1][1] | {"save_dir": None} == {"mode": None, "tta": False, "batch_size": 8,
+                                                          "precision": "fp32", "save_dir": None, "progress": True}
+
+
+def test_predict_passes_every_option(monkeypatch, tmp_path):
+    from regproxy_cli.cli import predict as predict_cli
+
+    image = tmp_path / "a.png"
+    image.write_bytes(b"")
+    model = FakeModel()
+    monkeypatch.setattr(predict_cli, "load_model", Recorder(model))
+    files = Recorder(predict_cli.PredictReport(written=[tmp_path / "out" / "a.png"]))
+    monkeypatch.setattr(predict_cli, "predict_files", files)
+    invoke("predict", str(image), "-m", "s16-ade", "-o", str(tmp_path / "out"), "--mode", "slide", "--scale", "0.5",
+           "--tta", "--regions", "--device", "cpu", "--window-batch", "2", "--precision", "bf16")
+    (segmenter, paths, out), options = files.only
+    assert segmenter is model and paths == [image] and out == tmp_path / "out"
+    del options["progress"]
+    assert options == {"regions": True, "mode": "slide", "tta": True, "scale": 0.5, "batch_size": 2,
+                       "precision": "bf16"}
+
+
+def test_models_json_is_the_zoo():
+    rows = json.loads(invoke("models", "--json").output)
+    assert [(r["name"], r["miou"], r["m"], r["crop"]) for r in rows] == [
+        (e.name, e.miou, e.m, e.crop) for e in ZOO.values()]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--zoo", "s16-city"], ("config", ZOO["s16-city"].config())),
+    (["--backbone", "s16", "--classes", "19", "--head-depth", "3"], ("kwargs", {"backbone": "s16", "num_classes": 19,
+                                                                                "m": 3})),
+])
+def test_convert_passes_the_zoo_entry_or_the_overrides(monkeypatch, tmp_path, argv, expected):
+    from regproxy_cli.cli import convert as convert_cli
+
+    model = FakeModel()
+    converted = Recorder(model)
+    saved = Recorder()
+    monkeypatch.setattr(convert_cli, "convert_authors_checkpoint", converted)
+    monkeypatch.setattr(convert_cli, "save_pretrained", saved)
+    invoke("convert", "x.pth", str(tmp_path / "out"), *argv)
+    args, kwargs = converted.only
+    assert args[0] == Path("x.pth")
+    if expected[0] == "config":
+        assert args[1] == expected[1] and kwargs == {}
+    else:
+        assert kwargs == expected[1]
+    assert saved.only == ((model, tmp_path / "out"), {})
+
+
+def test_export_passes_size_batch_opset_and_static(monkeypatch, tmp_path):
+    from regproxy_cli.cli import export as export_cli
+
+    model = FakeModel()
+    out = tmp_path / "m.onnx"
+    exported = Recorder(effect=lambda *a, **k: out.write_bytes(b"x"))
+    checked = Recorder(1e-6)
+    monkeypatch.setattr(export_cli, "load_model", Recorder(model))
+    monkeypatch.setattr(export_cli, "export_onnx", exported)
+    monkeypatch.setattr(export_cli, "check_onnx", checked)
+    invoke("export", str(out), "--model", "runs/x", "--size", "32x48", "--batch", "2", "--opset", "18", "--static")
+    assert exported.only == ((model, out), {"size": (32, 48), "batch": 2, "opset": 18, "dynamic": False})
+    (path, segmenter, example), _ = checked.only
+    assert path == out and segmenter is model and example.shape == (2, 3, 32, 48)
+    invoke("export", str(out), "--model", "runs/x", "--no-check")
+    assert exported.calls[1][1] == {"size": (64, 64), "batch": 1, "opset": 17, "dynamic": True}  # the crop size
+    assert len(checked.calls) == 1
+
+
+def test_flops_passes_every_option(monkeypatch):
+    from regproxy_cli.cli import flops as flops_cli
+
+    counted = Recorder(FlopCount(params=1, true_macs=2, paper_macs=1, stem_true_macs=0, stem_paper_macs=0, windows=8))
+    monkeypatch.setattr(flops_cli, "count_flops", counted)
+    rows = json.loads(invoke("flops", "-b", "t16", "--size", "768", "--classes", "19", "--region-res", "2x8",
+                             "--baseline", "--slide-image", "1024x2048", "--slide-stride", "512", "--json").output)
+    (spec,), options = counted.only
+    assert spec.name == "t16"
+    assert options == {"size": 768, "classes": 19, "region_res": (2, 8), "baseline": True,
+                       "slide_image": (1024, 2048), "slide_stride": 512}
+    assert rows[0]["windows"] == 8 and rows[0]["model"] == "linear baseline"
+
+
+def test_backbones_json_is_every_installed_spec():
+    rows = json.loads(invoke("backbones", "--json").output)
+    assert [r["name"] for r in rows] == list_backbones()
+    assert all(r["stride"] == get_backbone(r["name"]).stride and r["m"] == get_backbone(r["name"]).m for r in rows)
+
+
+def test_every_command_is_registered_and_tested_here():
+    registered = [command.name for command in app_module.app.registered_commands]
+    assert sorted(registered) == sorted(COMMANDS)
+
+
+@pytest.mark.parametrize("command, option, choices", [
+    ("predict", "--mode", "whole|slide"), ("predict", "--precision", "fp32|bf16|fp16"),
+    ("eval", "--mode", "whole|slide"), ("eval", "--precision", "fp32|bf16|fp16"),
+])
+def test_choices_are_listed_and_checked(command, option, choices):
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert choices in result.output.replace(" ", "")
+    argv = [command, "x.png", "-m", "m"] if command == "predict" else [command, "-m", "m", "--data", "d"]
+    bad = runner.invoke(app, [*argv, option, "tiles"])
+    assert bad.exit_code == 2 and "tiles" in bad.output
 
 
 @pytest.mark.parametrize("command, expected", [

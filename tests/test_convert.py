@@ -9,9 +9,11 @@ import torch
 
 from authors import authors_forward, authors_state_dict
 from regproxy_cli import RegproxyError, build_model, get_backbone
-from regproxy_cli.checkpoint import ModelConfig, build_from_config, load_state_dict_checked
-from regproxy_cli.convert import convert_authors_checkpoint, infer_config, map_authors_keys, tap_index_from_meta
-from regproxy_cli.zoo import ZOO
+from regproxy_cli.io.checkpoint import load_state_dict_checked
+from regproxy_cli.io.convert import convert_authors_checkpoint, infer_config, map_authors_keys, tap_index_from_meta
+from regproxy_cli.io.zoo import ZOO
+from regproxy_cli.model.config import ModelConfig
+from regproxy_cli.model.regproxy import build_from_config
 
 HYBRID_ARCH = {"r26-s32": "vit_small_r26_s32_384", "r50-l32": "vit_large_r50_s32_384"}
 
@@ -129,5 +131,5 @@ def test_convert_cli_writes_a_loadable_directory(tmp_path, cli):
     assert result.returncode == 0, result.stderr
     assert "tiny-vit, M=1, 6 classes" in result.stdout
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"config.json", "model.safetensors", "README.md"}
-    result = cli("convert", str(tmp_path / "a.pth"), str(tmp_path / "out2"), "--model", "s16-ade")
+    result = cli("convert", str(tmp_path / "a.pth"), str(tmp_path / "out2"), "--zoo", "s16-ade")
     assert result.returncode == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr

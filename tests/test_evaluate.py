@@ -8,11 +8,13 @@ import torch
 import yaml
 
 from regproxy_cli import RegproxyError, build_model
-from regproxy_cli.checkpoint import save_pretrained
-from regproxy_cli.data import build_dataset, write_synthetic_dataset
-from regproxy_cli.evaluate import detect_dataset_kind, evaluate
-from regproxy_cli.metrics import ConfusionMatrix
-from regproxy_cli.predict import predict_labels
+from regproxy_cli.data.datasets import build_dataset
+from regproxy_cli.data.open import detect_kind
+from regproxy_cli.data.synthetic import write_synthetic_dataset
+from regproxy_cli.engine.evaluate import evaluate
+from regproxy_cli.engine.metrics import ConfusionMatrix
+from regproxy_cli.inference.predictor import predict_labels
+from regproxy_cli.io.checkpoint import save_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,11 +42,11 @@ def test_class_count_mismatch_is_refused(synthetic):
 
 
 def test_dataset_format_detection(tmp_path, synthetic):
-    assert detect_dataset_kind(synthetic) == "folder"
+    assert detect_kind(synthetic) == "folder"
     (tmp_path / "leftImg8bit").mkdir()
-    assert detect_dataset_kind(tmp_path) == "cityscapes"
+    assert detect_kind(tmp_path) == "cityscapes"
     with pytest.raises(RegproxyError, match="cannot tell the dataset format"):
-        detect_dataset_kind(tmp_path / "leftImg8bit")
+        detect_kind(tmp_path / "leftImg8bit")
 
 
 def test_eval_cli_json_and_table(tmp_path, synthetic, cli):

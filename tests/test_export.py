@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from conftest import TINY_HYBRID, TINY_VIT
-from regproxy_cli.checkpoint import ModelConfig, save_pretrained
 from regproxy_cli.cli.app import main
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.export import MISSING_EXTRA, check_onnx, export_onnx, onnx_metadata, onnx_session
-from regproxy_cli.model import build_model
+from regproxy_cli.io.checkpoint import save_pretrained
+from regproxy_cli.io.export import MISSING_EXTRA, check_onnx, export_onnx, onnx_metadata, onnx_session
+from regproxy_cli.model.config import ModelConfig
+from regproxy_cli.model.regproxy import build_model
 
 TOLERANCE = 1e-4
 # batch 2 from a batch-1 export; the stored 4x4 token grid; non-square; not multiples of the stride
@@ -103,7 +104,7 @@ def test_missing_onnxruntime_names_the_extra(tmp_path, monkeypatch):
 def test_cli_exports_and_checks_a_model_directory(tmp_path, cli):
     save_pretrained(build_model(TINY_VIT, 3), tmp_path / "model")
     out = tmp_path / "model.onnx"
-    result = cli("export", str(tmp_path / "model"), str(out), "--size", "64x80", env={"COLUMNS": "200"})
+    result = cli("export", str(out), "--model", str(tmp_path / "model"), "--size", "64x80", env={"COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
     assert "max |ONNX - PyTorch|" in result.stdout and "1x3x64x80" in result.stdout and "MiB" in result.stdout
     assert f"wrote {out}" in result.stdout
@@ -123,21 +124,21 @@ def model_dir(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["{tmp}/nowhere", "{tmp}/a.onnx"], "error: unknown model '"),
-    (["{model}", "{model}/config.json/a.onnx"], "error: cannot create "),
-    (["{model}", "{tmp}"], "is a directory: give the .onnx file to write"),
-    (["{model}", "{tmp}/a.onnx", "--size", "big"], "error: --size 'big' must be N or HEIGHTxWIDTH"),
-    (["{model}", "{tmp}/a.onnx", "--opset", "21"], "error: ONNX opset 21 is not supported"),
+    (["{tmp}/a.onnx", "--model", "{tmp}/nowhere"], "error: {tmp}/nowhere: no such file or directory"),
+    (["{model}/config.json/a.onnx", "--model", "{model}"], "error: cannot create "),
+    (["{tmp}", "--model", "{model}"], "is a directory: give the .onnx file to write"),
+    (["{tmp}/a.onnx", "--model", "{model}", "--size", "big"], "error: --size 'big' must be N or HEIGHTxWIDTH"),
+    (["{tmp}/a.onnx", "--model", "{model}", "--opset", "21"], "error: ONNX opset 21 is not supported"),
 ])
 def test_cli_errors_are_one_line(tmp_path, model_dir, capsys, args, message):
     code, err = _run_main(capsys, "export", *(a.format(tmp=tmp_path, model=model_dir) for a in args))
-    assert code == 1 and message in err
+    assert code == 1 and message.format(tmp=tmp_path) in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_cli_fails_when_the_check_fails(model_dir, capsys, monkeypatch):
     monkeypatch.setattr("regproxy_cli.cli.export.check_onnx", lambda *args: 3e-3)
-    code, err = _run_main(capsys, "export", str(model_dir), str(model_dir.parent / "a.onnx"), "--size", "32")
+    code, err = _run_main(capsys, "export", str(model_dir.parent / "a.onnx"), "--model", str(model_dir), "--size", "32")
     assert code == 1
     expected = (f"error: ONNX logits differ from PyTorch's by 3.00e-03 > 0.0001; {model_dir.parent / 'a.onnx'} was "
                 "written but should not be trusted")

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import TINY_HYBRID, TINY_VIT
 from regproxy_cli import build_model
-from regproxy_cli.flops import PAPER_FIGURES, count_flops, count_model, sliding_windows
+from regproxy_cli.model.flops import PAPER_FIGURES, count_flops, count_model, sliding_windows
 
 
 @pytest.mark.parametrize("key", list(PAPER_FIGURES), ids=lambda k: f"{k[0]}-{k[1]}-K{k[2]}-{k[3][0]}x{k[3][1]}"

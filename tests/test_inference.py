@@ -1,4 +1,4 @@
-"""Inference: sliding window vs a naive per-window loop, keep-ratio test scales, aug_test, chunked resize + argmax."""
+"""Inference: sliding window vs a naive per-window loop, keep-ratio test scales, aug_test."""
 
 import pytest
 import torch
@@ -6,17 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import TINY_VIT
-from regproxy_cli import RegproxyError, build_model, inference
-from regproxy_cli.inference import (
-    bilinear_weights,
-    rescale_size,
-    resize_argmax,
-    resized_row_chunks,
-    segment_probs,
-    slide_logits,
-    whole_logits,
-    window_starts,
-)
+from regproxy_cli import RegproxyError, build_model
+from regproxy_cli.data.transforms import rescale_size
+from regproxy_cli.inference.protocol import segment_probs, slide_logits, window_starts
 
 K = 5
 
@@ -124,12 +116,6 @@ def test_slide_rejects_bad_window():
         slide_logits(Pointwise(), torch.zeros(1, 3, 8, 8), num_classes=K, window=(0, 8), stride=(4, 4))
 
 
-def test_whole_logits_is_the_model(model):
-    images = torch.randn(1, 3, 32, 48)
-    with torch.no_grad():
-        torch.testing.assert_close(whole_logits(model, images), model(images))
-
-
 @pytest.mark.parametrize(
     ("size", "scale", "expected"),
     [
@@ -204,36 +190,3 @@ def test_segment_probs_rejects_bad_options():
         segment_probs(net, image, num_classes=K, mode="tiles", out_size=(8, 8))
     with pytest.raises(RegproxyError, match="window"):
         segment_probs(net, image, num_classes=K, mode="slide", out_size=(8, 8))
-
-
-@pytest.mark.parametrize("in_size, out_size", [(7, 7), (5, 13), (13, 5), (1, 4), (4, 1), (10, 3), (3, 1000)])
-def test_bilinear_weights_match_pytorch(in_size, out_size):
-    x = torch.randn(2, in_size)
-    reference = F.interpolate(x[None], size=out_size, mode="linear", align_corners=False)[0]
-    torch.testing.assert_close(x @ bilinear_weights(in_size, out_size).T, reference, atol=1e-6, rtol=1e-6)
-
-
-@pytest.mark.parametrize(
-    ("in_size", "out_size", "chunk_rows"),
-    [((13, 17), (50, 61), 7), ((40, 33), (9, 14), 4), ((13, 17), (13, 17), 256), ((8, 9), (301, 5), 64)],
-)
-@pytest.mark.parametrize("direct_limit", [0, 1 << 26], ids=["boundary-first", "direct"])
-def test_resize_argmax_matches_interpolate(in_size, out_size, chunk_rows, direct_limit, monkeypatch):
-    monkeypatch.setattr(inference, "DIRECT_RESIZE_LIMIT", direct_limit)
-    scores = torch.randn(7, *in_size)
-    reference = F.interpolate(scores[None], size=out_size, mode="bilinear", align_corners=False)[0]
-    bands = list(resized_row_chunks(scores, out_size, chunk_rows))
-    assert [first for first, _ in bands] == list(range(0, out_size[0], chunk_rows))
-    torch.testing.assert_close(torch.cat([band for _, band in bands], dim=1), reference, atol=1e-5, rtol=1e-5)
-    labels = resize_argmax(scores, out_size, chunk_rows)
-    assert labels.shape == out_size and labels.dtype == torch.int64
-    # Values agree to float32 rounding, so the argmax can only differ at near-exact ties.
-    assert (labels == reference.argmax(0)).float().mean() >= 0.9999
-
-
-def test_resize_argmax_boundary_first_on_smooth_maps(monkeypatch):
-    """Large flat regions (where most pixels skip the blend) and their boundaries, against PyTorch."""
-    monkeypatch.setattr(inference, "DIRECT_RESIZE_LIMIT", 0)
-    scores = F.interpolate(torch.randn(1, 19, 6, 8), size=(48, 64), mode="bilinear", align_corners=False)[0]
-    reference = F.interpolate(scores[None], size=(403, 517), mode="bilinear", align_corners=False)[0].argmax(0)
-    assert (resize_argmax(scores, (403, 517), chunk_rows=50) == reference).float().mean() >= 0.9999

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from regproxy_cli.metrics import BoundaryFScore, ConfusionMatrix, boundary_f_score
+from regproxy_cli.engine.metrics import BoundaryFScore, ConfusionMatrix, boundary_f_score
 
 
 def test_hand_computed_2x2() -> None:

@@ -7,7 +7,8 @@ from torch import nn
 
 from conftest import TINY_DEIT, TINY_HYBRID, TINY_SPECS, TINY_VIT
 from regproxy_cli import LinearBaseline, RegProxy, RegproxyError, affinity_from_logits, build_model, paint
-from regproxy_cli.model import outside_grid_mask, parse_region_res
+from regproxy_cli.model.ops import outside_grid_mask
+from regproxy_cli.model.regproxy import parse_region_res
 
 OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # row-major 3x3, as F.unfold
 

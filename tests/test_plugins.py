@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from regproxy_cli import RegproxyError, build_model, get_backbone, list_backbones, refresh_backbones
-from regproxy_cli.plugins import ENTRY_POINT_GROUP, _discover
+from regproxy_cli.model.plugins import ENTRY_POINT_GROUP, _discover
 
 PLUGIN_MODULE = textwrap.dedent(
     """
     from functools import partial
     from regproxy_cli import BackboneSpec
-    from regproxy_cli.timm_vit import create_timm_vit
+    from regproxy_cli.model.timm_vit import create_timm_vit
 
     SPEC = BackboneSpec(
         name="{name}", title="Third-party ViT", stride=16, m=1, width=32, depth=2, heads=2, num_prefix_tokens=1,

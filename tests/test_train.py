@@ -15,10 +15,10 @@ import yaml
 from safetensors.torch import load_file
 
 from regproxy_cli import RegproxyError, build_model
-from regproxy_cli import train as train_module
-from regproxy_cli.config import OptimSection, load_config
-from regproxy_cli.train import lr_factor, param_groups, train
-from regproxy_cli.zoo import load_model
+from regproxy_cli.engine import train as train_module
+from regproxy_cli.engine.config import OptimSection, load_config
+from regproxy_cli.engine.train import lr_factor, param_groups, train
+from regproxy_cli.io.zoo import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 

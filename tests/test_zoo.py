@@ -7,9 +7,9 @@ import torch
 from authors import authors_state_dict
 from conftest import hub_snapshot
 from regproxy_cli import RegproxyError, build_model
-from regproxy_cli import zoo as zoo_module
-from regproxy_cli.checkpoint import save_pretrained
-from regproxy_cli.zoo import ZOO, ZooEntry, load_model
+from regproxy_cli.io import zoo as zoo_module
+from regproxy_cli.io.checkpoint import save_pretrained
+from regproxy_cli.io.zoo import ZOO, ZooEntry, load_model
 
 
 @pytest.fixture

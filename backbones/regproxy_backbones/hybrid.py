@@ -7,7 +7,7 @@ the stem the authors used. M = 0: the affinity head reads the tokens right after
 from functools import partial
 
 from regproxy_cli import BackboneSpec
-from regproxy_cli.timm_vit import create_timm_vit
+from regproxy_cli.model.timm_vit import create_timm_vit
 
 R26_VIT_S32 = BackboneSpec(
     name="r26-s32", title="R26+ViT-S/32", stride=32, m=0, width=384, depth=12, heads=6, num_prefix_tokens=1,

@@ -7,7 +7,7 @@ shallower head (3 for Ti/S/B, 6 for L), which the model zoo sets.
 from functools import partial
 
 from regproxy_cli import BackboneSpec
-from regproxy_cli.timm_vit import create_timm_vit
+from regproxy_cli.model.timm_vit import create_timm_vit
 
 VIT_TI16 = BackboneSpec(
     name="t16", title="ViT-Ti/16", stride=16, m=5, width=192, depth=12, heads=3, num_prefix_tokens=1,

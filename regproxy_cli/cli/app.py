@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import re
 import sys
+from typing import Annotated
 
 import typer
 
 from regproxy_cli.cli import backbones, convert, export, flops, models, predict, train
 from regproxy_cli.cli import eval as eval_cli
-from regproxy_cli.cli.output import err_console
+from regproxy_cli.cli.output import console, err_console
+from regproxy_cli.constants import VERSION
 from regproxy_cli.errors import RegproxyError
 
 app = typer.Typer(
@@ -29,9 +31,23 @@ def _unwrap(text: str) -> str:
 
 
 def _register(name: str, module, function) -> None:
-    text = _unwrap(module.HELP)
-    app.command(name, help=text, short_help=text.split(". ")[0].split(":")[0].rstrip("."),
+    """A command whose module says what it does: SUMMARY (one line, for the command list), HELP and EXAMPLES."""
+    app.command(name, help=_unwrap(module.HELP), short_help=module.SUMMARY,
                 epilog=getattr(module, "EXAMPLES", None))(function)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"regproxy {VERSION}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """RegProxy semantic segmentation (CVPR 2022): ViT tokens as proxies of learnable regions."""
 
 
 _register("train", train, train.train)
@@ -42,6 +58,7 @@ _register("convert", convert, convert.convert)
 _register("export", export, export.export)
 _register("flops", flops, flops.flops)
 _register("backbones", backbones, backbones.backbones)
+
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point. Set REGPROXY_DEBUG=1 to see tracebacks instead of one-line errors."""

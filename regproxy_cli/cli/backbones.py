@@ -8,8 +8,9 @@ import typer
 from rich.table import Table
 
 from regproxy_cli.cli.output import console, print_json
-from regproxy_cli.plugins import get_backbone, list_backbones
+from regproxy_cli.model.plugins import get_backbone, list_backbones
 
+SUMMARY = "List the installed backbone plugins and what they declare."
 HELP = "List installed backbone plugins (entry-point group regproxy.backbones) and what they declare."
 
 

@@ -7,41 +7,44 @@ from typing import Annotated
 
 import typer
 
-from regproxy_cli.checkpoint import save_pretrained
 from regproxy_cli.cli.output import console
-from regproxy_cli.convert import convert_authors_checkpoint
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.zoo import ZOO
+from regproxy_cli.io.checkpoint import save_pretrained
+from regproxy_cli.io.convert import convert_authors_checkpoint
+from regproxy_cli.io.zoo import ZOO
 
+SUMMARY = "Convert an authors' mmsegmentation checkpoint into a model directory."
 HELP = """Convert an authors' mmsegmentation checkpoint (.pth from the RegionProxy release) into a model directory
 (config.json + model.safetensors + README.md) that --model accepts and push_to_hub publishes.
 
-Every key is mapped and shape-checked. With --model NAME the zoo entry's settings (classes, M, inference
+Every key is mapped and shape-checked. With --zoo NAME the zoo entry's settings (classes, M, inference
 protocol) are used; otherwise the architecture is read off the weights and M from the checkpoint's config."""
 
 EXAMPLES = """[bold]Examples[/]
 
-  regproxy convert regproxy-s16-ade.pth models/s16-ade --model s16-ade
+  regproxy convert regproxy-s16-ade.pth models/s16-ade --zoo s16-ade
 
-  regproxy convert my_run.pth models/mine --backbone s16 --m 3"""
+  regproxy convert my_run.pth models/mine --backbone s16 --head-depth 3"""
 
 
 def convert(
     source: Annotated[Path, typer.Argument(help="The authors' .pth checkpoint.")],
     destination: Annotated[Path, typer.Argument(help="Output model directory.")],
-    model: Annotated[str | None, typer.Option("--model", help=f"Zoo name: {', '.join(ZOO)}.")] = None,
+    zoo: Annotated[str | None, typer.Option("--zoo", help=f"Take this zoo entry's settings: {', '.join(ZOO)}.")] = None,
     backbone: Annotated[str | None, typer.Option(help="Backbone name, when it cannot be told from the weights.")] = None,
     classes: Annotated[int | None, typer.Option(help="Number of classes (checked against the weights).")] = None,
-    m: Annotated[int | None, typer.Option("--m", help="Token-head depth M (default: from the checkpoint).")] = None,
+    head_depth: Annotated[int | None, typer.Option(
+        "--head-depth", help="Token-head depth M, blocks before the affinity tap (default: from the checkpoint)."
+    )] = None,
 ) -> None:
-    if model is not None:
-        if model not in ZOO:
-            raise RegproxyError(f"unknown zoo model {model!r}; available: {', '.join(ZOO)}")
-        if backbone or classes or m is not None:
-            raise RegproxyError("--model sets everything; do not combine it with --backbone/--classes/--m")
-        converted = convert_authors_checkpoint(source, ZOO[model].config())
+    if zoo is not None:
+        if zoo not in ZOO:
+            raise RegproxyError(f"unknown zoo model {zoo!r}; available: {', '.join(ZOO)}")
+        if backbone or classes or head_depth is not None:
+            raise RegproxyError("--zoo sets everything; do not combine it with --backbone/--classes/--head-depth")
+        converted = convert_authors_checkpoint(source, ZOO[zoo].config())
     else:
-        converted = convert_authors_checkpoint(source, backbone=backbone, num_classes=classes, m=m)
+        converted = convert_authors_checkpoint(source, backbone=backbone, num_classes=classes, m=head_depth)
     save_pretrained(converted, destination)
     config = converted.config
     console.print(f"wrote {destination} ({config.backbone}, M={config.m}, {config.num_classes} classes, "

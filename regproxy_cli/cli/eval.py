@@ -9,11 +9,26 @@ import typer
 from rich import box
 from rich.table import Table
 
-from regproxy_cli.cli.options import COMPILE_HELP, PRECISION_HELP, check_precision, compile_if, parse_device
+from regproxy_cli.cli.options import (
+    CompileOption,
+    DeviceOption,
+    JsonOption,
+    ModelOption,
+    ModeOption,
+    Precision,
+    PrecisionOption,
+    TtaOption,
+    WindowBatchOption,
+    check_precision,
+    check_window_batch,
+    compile_if,
+    parse_device,
+)
 from regproxy_cli.cli.output import console, print_json
-from regproxy_cli.evaluate import evaluate, open_eval_dataset
-from regproxy_cli.zoo import load_model
+from regproxy_cli.engine.evaluate import evaluate, open_eval_dataset
+from regproxy_cli.io.zoo import load_model
 
+SUMMARY = "Evaluate a model on a dataset: mIoU, mAcc, aAcc as mmsegmentation computes them."
 HELP = """Evaluate a model (zoo name, Hub repo id, model directory or .pth) on a dataset: a training config
 (its data section) or a dataset folder (ADE20K, Cityscapes, Pascal Context or the folder format).
 Uses the model's own protocol (test scale, whole or sliding window); --tta adds the paper's multi-scale
@@ -27,25 +42,26 @@ EXAMPLES = """[bold]Examples[/]
 
 
 def eval_command(
-    model: Annotated[str, typer.Option("--model", "-m", help="Zoo name, Hub repo id, model directory or .pth.")],
+    model: ModelOption,
     data: Annotated[str, typer.Option("--data", help="Training config (.yaml) or dataset folder.")],
     split: Annotated[str | None, typer.Option(help="Split to evaluate (default: the config's val split / val).")] = None,
-    mode: Annotated[str | None, typer.Option(help="whole | slide (default: the model's protocol).")] = None,
-    tta: Annotated[bool, typer.Option("--tta", help="Multi-scale + flip test-time augmentation.")] = False,
-    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
-    batch: Annotated[int, typer.Option(help="Sliding windows per forward pass (on a CPU the network still runs them one at a time, which is faster there).")] = 8,
-    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "fp32",
-    compile_network: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
+    mode: ModeOption = None,
+    tta: TtaOption = False,
+    device: DeviceOption = "auto",
+    window_batch: WindowBatchOption = 8,
+    precision: PrecisionOption = Precision.fp32,
+    compile_network: CompileOption = False,
     save_predictions: Annotated[Path | None, typer.Option(help="Write label PNGs here.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
+    check_window_batch(window_batch)
     dataset = open_eval_dataset(data, split)
     torch_device = parse_device(device)
-    check_precision(precision, torch_device)
+    run_precision = check_precision(precision, torch_device)
     segmenter = load_model(model).to(torch_device)
-    compile_if(compile_network, segmenter, precision)
-    result = evaluate(segmenter, dataset, mode=mode, tta=tta, batch_size=batch, precision=precision,
-                      save_dir=save_predictions, progress=not as_json)
+    compile_if(compile_network, segmenter, run_precision)
+    result = evaluate(segmenter, dataset, mode=mode.value if mode else None, tta=tta, batch_size=window_batch,
+                      precision=run_precision, save_dir=save_predictions, progress=not as_json)
     classes = segmenter.config.classes
     if as_json:
         print_json({**{k: result[k] for k in ("mIoU", "mAcc", "aAcc", "images")},

@@ -10,33 +10,34 @@ import torch
 import typer
 from rich.table import Table
 
-from regproxy_cli.cli.options import parse_size
+from regproxy_cli.cli.options import ModelOption, parse_size
 from regproxy_cli.cli.output import console
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.export import MAX_OPSET, MIN_OPSET, check_onnx, export_onnx
-from regproxy_cli.zoo import load_model
+from regproxy_cli.io.export import MAX_OPSET, MIN_OPSET, check_onnx, export_onnx
+from regproxy_cli.io.zoo import load_model
 
 CHECK_TOLERANCE = 1e-4  # largest |ONNX - PyTorch| logit difference --check accepts (fp32)
 
+SUMMARY = "Export a model to ONNX, checked against PyTorch with onnxruntime."
 HELP = """Export a model to ONNX (needs the 'export' extra: pip install 'regproxy\\[export]'). The file takes
 "image", a normalised float32 (B, 3, H, W) RGB batch, and returns "logits" (B, K, H, W); batch, height and width
 are dynamic unless --static. The model's config (classes, palette, mean/std, inference protocol) is stored in
 the file's metadata.
 
-MODEL takes a zoo name (see `regproxy models`), a Hub repo id, a model directory or an authors' .pth file.
+--model takes a zoo name (see `regproxy models`), a Hub repo id, a model directory or an authors' .pth file.
 --check (on by default) runs the file with onnxruntime on a random input and fails if its logits differ from
 PyTorch's by more than 1e-4."""
 
 EXAMPLES = """[bold]Examples[/]
 
-  regproxy export s16-ade s16-ade.onnx
+  regproxy export --model s16-ade s16-ade.onnx
 
-  regproxy export runs/demo/best demo.onnx --size 512x683 --batch 2 --static"""
+  regproxy export --model runs/demo/best demo.onnx --size 512x683 --batch 2 --static"""
 
 
 def export(
-    model: Annotated[str, typer.Argument(help="Zoo name, Hub repo id, model directory or .pth file.")],
     output: Annotated[Path, typer.Argument(help="The .onnx file to write.")],
+    model: ModelOption,
     size: Annotated[str | None, typer.Option(
         help="Example input size, N or HxW (default: the model's crop size); with --static the only size accepted."
     )] = None,
@@ -45,7 +46,7 @@ def export(
     static: Annotated[bool, typer.Option("--static", help="Fix batch and size instead of dynamic axes.")] = False,
     check: Annotated[bool, typer.Option(help="Compare onnxruntime's logits with PyTorch's on a random input.")] = True,
 ) -> None:
-    height, width = parse_size("--size", size.replace("×", "x"), square=True) if size else (None, None)
+    height, width = parse_size("--size", size, square=True) if size else (None, None)
     if batch < 1:
         raise RegproxyError(f"--batch must be at least 1, got {batch}")
     segmenter = load_model(model)

@@ -11,10 +11,11 @@ from rich.table import Table
 from regproxy_cli.cli.options import parse_size
 from regproxy_cli.cli.output import console, print_json
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.flops import count_flops, paper_figure
-from regproxy_cli.model import parse_region_res
-from regproxy_cli.plugins import get_backbone, list_backbones
+from regproxy_cli.model.flops import count_flops, paper_figure
+from regproxy_cli.model.plugins import get_backbone, list_backbones
+from regproxy_cli.model.regproxy import parse_region_res
 
+SUMMARY = "Count parameters and FLOPs, next to the paper's figures."
 HELP = """Count parameters and FLOPs (multiply-adds, as the paper) of RegProxy models or their linear baselines.
 
 Two counts: [bold]paper[/] follows the convention of the paper's tables (mmcv's counter, which skips

@@ -8,11 +8,12 @@ import typer
 from rich import box
 from rich.table import Table
 
-from regproxy_cli.checkpoint import CONFIG_NAME
 from regproxy_cli.cli.output import console, print_json
-from regproxy_cli.plugins import get_backbone
-from regproxy_cli.zoo import ZOO, cache_dir
+from regproxy_cli.io.checkpoint import CONFIG_NAME
+from regproxy_cli.io.zoo import ZOO, cache_dir
+from regproxy_cli.model.plugins import get_backbone
 
+SUMMARY = "List the model zoo: the authors' released models and the paper's mIoU."
 HELP = "List the model zoo: the authors' released RegProxy models, their settings and the paper's mIoU."
 
 

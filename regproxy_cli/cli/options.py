@@ -1,19 +1,55 @@
-"""Option parsing shared by several commands."""
+"""Options several commands share: one spelling, one parser, one help text each."""
 
 from __future__ import annotations
 
+from enum import Enum
+from typing import Annotated
+
 import torch
+import typer
 
 from regproxy_cli.cli.output import err_console
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.inference import autocast, compile_backbone
+from regproxy_cli.inference.runtime import autocast, compile_backbone
 
-PRECISION_HELP = "fp32, or bf16 / fp16 autocast for the network (bf16: CPU or GPU, fp16: CUDA only)."
+
+class Mode(str, Enum):
+    """How a model sees an image: whole, or in crop-sized sliding windows."""
+
+    whole = "whole"
+    slide = "slide"
+
+
+class Precision(str, Enum):
+    """The network's precision: fp32, or bf16 / fp16 autocast."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+MODEL_HELP = "Zoo name (see `regproxy models`), Hub repo id (owner/name), model directory or authors' .pth file."
+PRECISION_HELP = "The network's precision: fp32, or bf16 / fp16 autocast (bf16: CPU or GPU, fp16: CUDA only)."
 COMPILE_HELP = "torch.compile the backbone first (seconds to a minute); pays off over many images of one size."
+DEVICE_HELP = "auto (the first CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:1, mps ..."
+MODE_HELP = "whole | slide (default: the model's own protocol)."
+WINDOW_BATCH_HELP = ("Sliding windows per forward pass (on a CPU the network still runs them one at a time, "
+                     "which is faster there).")
+
+ModelOption = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
+DeviceOption = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]
+ModeOption = Annotated[Mode | None, typer.Option("--mode", help=MODE_HELP)]
+PrecisionOption = Annotated[Precision, typer.Option("--precision", help=PRECISION_HELP)]
+WindowBatchOption = Annotated[int, typer.Option("--window-batch", help=WINDOW_BATCH_HELP)]
+CompileOption = Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)]
+TtaOption = Annotated[bool, typer.Option("--tta", help="The paper's multi-scale (0.5-1.75) + flip test.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
 
 def parse_device(device: str) -> torch.device:
-    """``--device``: a torch device that exists on this machine, or one error line."""
+    """``--device``: a torch device that exists on this machine (``auto``: CUDA when present), or one error line."""
+    if device == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:
         torch_device = torch.device(device)
         torch.empty(0, device=torch_device)
@@ -22,10 +58,16 @@ def parse_device(device: str) -> torch.device:
     return torch_device
 
 
-def check_precision(precision: str, device: torch.device) -> str:
+def check_window_batch(window_batch: int) -> int:
+    if window_batch < 1:
+        raise RegproxyError(f"--window-batch must be at least 1, got {window_batch}")
+    return window_batch
+
+
+def check_precision(precision: Precision, device: torch.device) -> str:
     """``--precision``: one this device runs, or one error line (before any image is read)."""
-    autocast(device, precision)
-    return precision
+    autocast(device, precision.value)
+    return precision.value
 
 
 def compile_if(enabled: bool, model: torch.nn.Module, precision: str) -> None:
@@ -40,7 +82,7 @@ def parse_size(option: str, value: str, *, square: bool = False) -> tuple[int, i
     """``HEIGHTxWIDTH`` (with ``square``, also a single N for NxN) as positive ints, or one error line."""
     form = "N or HEIGHTxWIDTH" if square else "HEIGHTxWIDTH"
     example = "512 or 512x683" if square else "1024x2048"
-    parts = value.lower().split("x")
+    parts = value.lower().replace("×", "x").split("x")
     try:
         sides = tuple(int(p) for p in parts)
     except ValueError:

@@ -8,8 +8,9 @@ from typing import Annotated
 import typer
 
 from regproxy_cli.cli.output import console
-from regproxy_cli.config import load_config
+from regproxy_cli.engine.config import load_config
 
+SUMMARY = "Train a model from a YAML config with the paper's protocol (torchrun for several GPUs)."
 HELP = """Train RegProxy with the paper's protocol from a YAML config (see configs/: one per zoo model, plus
 demo.yaml, which needs no download). Multi-GPU / multi-node: launch with torchrun, e.g.
 `torchrun --nproc-per-node 8 -m regproxy_cli train configs/s16-ade.yaml`.
@@ -33,7 +34,7 @@ def train(
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in run.out_dir from last.pt.")] = False,
 ) -> None:
-    from regproxy_cli.train import train as run_training
+    from regproxy_cli.engine.train import train as run_training
 
     cfg = load_config(config, overrides or [])
     best = run_training(cfg, resume=resume)

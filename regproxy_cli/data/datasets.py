@@ -35,11 +35,10 @@ from regproxy_cli.classes import (
     PASCAL_CONTEXT_PALETTE,
     default_palette,
 )
-from regproxy_cli.errors import RegproxyError
-from regproxy_cli.imaging import load_image
+from regproxy_cli.constants import IGNORE_INDEX, IMAGE_SUFFIXES
+from regproxy_cli.errors import RegproxyError, one_line
+from regproxy_cli.images import READ_ERRORS, load_image
 
-IGNORE_INDEX = 255
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 # Cityscapes labelIds -> trainIds (cityscapesScripts' labels.py); every id not listed is ignored.
 CITYSCAPES_ID_TO_TRAIN_ID: dict[int, int] = {
@@ -47,8 +46,6 @@ CITYSCAPES_ID_TO_TRAIN_ID: dict[int, int] = {
     28: 15, 31: 16, 32: 17, 33: 18,
 }
 
-# What PIL raises on unreadable or corrupt files (UnidentifiedImageError is an OSError).
-_READ_ERRORS = (Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError)
 
 Palette = Sequence[tuple[int, int, int]]
 Sample = tuple[Path, Path, str]  # image path, mask path, name
@@ -73,8 +70,8 @@ def load_mask(path: Path, palette: Palette | None = None) -> np.ndarray:
             else:
                 raise RegproxyError(f"mask {path} has PIL mode {mode!r}; "
                                     "save masks as single-channel PNGs of class ids")
-    except _READ_ERRORS as exc:
-        raise RegproxyError(f"cannot read mask {path}: {' '.join(str(exc).split()) or type(exc).__name__}") from exc
+    except READ_ERRORS as exc:
+        raise RegproxyError(f"cannot read mask {path}: {one_line(exc)}") from exc
     if array.ndim == 2:
         return array.astype(np.uint8) if array.dtype == bool else array
     if palette is None:

@@ -24,8 +24,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from regproxy_cli.inference import rescale_size  # one definition for training and test
-from regproxy_cli.model import IMAGENET_MEAN, IMAGENET_STD
+from regproxy_cli.constants import IMAGENET_MEAN, IMAGENET_STD
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 ArrayLike = np.ndarray | torch.Tensor
@@ -53,6 +52,25 @@ def to_tensors(image: ArrayLike, label: ArrayLike | None) -> tuple[torch.Tensor,
             label = label.astype(np.int64 if label.dtype == np.uint16 else label.dtype)
         label = torch.from_numpy(np.ascontiguousarray(label))
     return image, label
+
+
+def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """The size mmseg's ``Resize(keep_ratio=True)`` (mmcv ``rescale_size``) gives an image for a test scale.
+
+    The image is scaled by ``min(long / max(h, w), short / min(h, w))`` with ``long, short = max(scale),
+    min(scale)``, so the long side is at most ``long`` and the short side at most ``short``; sides round half up.
+
+    Args:
+        height: the image height.
+        width: the image width.
+        scale: (long_max, short_max), e.g. (2048, 512) for ADE20K; the order does not matter, as in mmcv.
+
+    Returns:
+        (new_height, new_width).
+    """
+    long_edge, short_edge = max(scale), min(scale)
+    factor = min(long_edge / max(height, width), short_edge / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
 def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:

@@ -10,33 +10,19 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from regproxy_cli.data import build_dataset
+from regproxy_cli.data.datasets import SegmentationDataset
+from regproxy_cli.data.open import open_dataset
+from regproxy_cli.engine.config import load_config
+from regproxy_cli.engine.metrics import ConfusionMatrix
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.imaging import save_label_png
-from regproxy_cli.metrics import ConfusionMatrix
-from regproxy_cli.predict import predict_labels
+from regproxy_cli.images import save_label_png
+from regproxy_cli.inference.predictor import predict_labels
 
 
 def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def detect_dataset_kind(root: Path) -> str:
-    """The dataset format of a folder given to ``--data``."""
-    if (root / "classes.yaml").is_file():
-        return "folder"
-    if (root / "ADEChallengeData2016").is_dir() or root.name == "ADEChallengeData2016":
-        return "ade20k"
-    if (root / "leftImg8bit").is_dir():
-        return "cityscapes"
-    if (root / "VOCdevkit").is_dir() or (root / "VOC2010").is_dir():
-        return "pascal-context"
-    raise RegproxyError(
-        f"{root}: cannot tell the dataset format: expected classes.yaml (folder format), ADEChallengeData2016/, "
-        f"leftImg8bit/ (Cityscapes) or VOCdevkit/ (Pascal Context)"
-    )
 
 
 @torch.inference_mode()
@@ -86,17 +72,12 @@ def evaluate(
     }
 
 
-def open_eval_dataset(data: str, split: str | None = None):
+def open_eval_dataset(data: str, split: str | None = None) -> SegmentationDataset:
     """``--data``: a training config (its data section) or a dataset folder (format detected)."""
     path = Path(data)
     if path.suffix in (".yaml", ".yml"):
-        from regproxy_cli.config import load_config
-        from regproxy_cli.train import prepare_data_root
-
         section = load_config(path).data
-        kind = "folder" if section.kind == "synthetic" else section.kind
-        root = prepare_data_root(section)
-        return build_dataset(kind, root, split or section.val_split)
+        return section.open(split or section.val_split)
     if not path.is_dir():
         raise RegproxyError(f"--data {data}: not a config file or a dataset folder")
-    return build_dataset(detect_dataset_kind(path), path, split or "val")
+    return open_dataset("auto", path, split or "val")

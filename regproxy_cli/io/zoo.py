@@ -9,21 +9,25 @@ cached, the error says what to fetch and where to put it.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import constants, snapshot_download
-from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub import constants
 from torch import nn
 
-from regproxy_cli.checkpoint import CONFIG_NAME, ModelConfig, load_pretrained, save_pretrained
 from regproxy_cli.classes import ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
 from regproxy_cli.errors import RegproxyError
+from regproxy_cli.io.checkpoint import CONFIG_NAME, load_pretrained, save_pretrained
+from regproxy_cli.io.convert import convert_authors_checkpoint, read_authors_checkpoint
+from regproxy_cli.io.hub import hub_snapshot
+from regproxy_cli.model.config import ModelConfig
 
 HUB_ORG = "regproxy"
+_HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 AUTHORS_URL = "https://drive.usercontent.google.com/download?id={id}&export=download&confirm=t"
 AUTHORS_PAGE = "https://drive.google.com/file/d/{id}/view"
 
@@ -87,16 +91,22 @@ def load_model(spec: str | os.PathLike) -> nn.Module:
     """A model in eval mode from a local directory or file, a zoo name, or a Hub repo id (``owner/name``).
 
     The returned model carries its :class:`ModelConfig` (``model.config``: classes, palette,
-    normalisation, inference protocol) and ``model.predict(image)``.
+    normalisation, inference protocol); :func:`regproxy_cli.predict_labels` segments images with it.
+    A spec that names a missing path under an existing local folder (``runs/x`` when ``runs/`` exists) is an
+    error, not a Hub lookup: a Hub repo id never collides with a folder of yours.
     """
-    path = Path(spec)
+    path = Path(spec).expanduser()
     if path.exists():
         return _load_local(path)
     name = str(spec)
     if name in ZOO:
         return _load_zoo(ZOO[name])
-    if name.count("/") == 1 and not name.startswith((".", "/")):
-        return load_pretrained(_hub_snapshot(name))
+    looks_local = name.startswith((".", "/", "~")) or path.suffix in (".pth", ".pt", ".safetensors", ".onnx") or (
+        len(path.parts) > 1 and Path(path.parts[0]).is_dir())
+    if looks_local:
+        raise RegproxyError(f"{name}: no such file or directory")
+    if _HUB_REPO_ID.fullmatch(name):
+        return load_pretrained(hub_snapshot(name))
     raise RegproxyError(
         f"unknown model {name!r}: not an existing file or directory, a zoo name ({', '.join(ZOO)}) "
         f"or a Hugging Face Hub repo id (owner/name)"
@@ -110,23 +120,7 @@ def _load_local(path: Path) -> nn.Module:
         if not (path.parent / CONFIG_NAME).is_file():
             raise RegproxyError(f"{path}: a weights file needs its {CONFIG_NAME} beside it")
         return load_pretrained(path.parent)
-    from regproxy_cli.convert import convert_authors_checkpoint
-
     return convert_authors_checkpoint(path)  # an authors' .pth: architecture read off the weights
-
-
-def _hub_snapshot(repo_id: str) -> Path:
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, "model.safetensors", "README.md"]))
-    except LocalEntryNotFoundError:
-        raise RegproxyError(
-            f"{repo_id} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub is offline or "
-            f"unreachable: on a connected machine run `hf download {repo_id}` and copy that cache folder here"
-        ) from None
-    except RepositoryNotFoundError:
-        raise RegproxyError(f"no model {repo_id} on the Hugging Face Hub (or it is private: log in)") from None
-    except HfHubHTTPError as exc:
-        raise RegproxyError(f"cannot download {repo_id} from the Hugging Face Hub: {exc}") from None
 
 
 def _load_zoo(entry: ZooEntry) -> nn.Module:
@@ -134,7 +128,7 @@ def _load_zoo(entry: ZooEntry) -> nn.Module:
     if (converted / CONFIG_NAME).is_file():
         return load_pretrained(converted)
     try:
-        return load_pretrained(_hub_snapshot(entry.hub_repo))
+        return load_pretrained(hub_snapshot(entry.hub_repo))
     except RegproxyError:
         pass  # not published on the Hub or unreachable: fall back to the authors' release
     original = cache_dir() / "authors" / f"{entry.name}.pth"
@@ -147,8 +141,6 @@ def _load_zoo(entry: ZooEntry) -> nn.Module:
             )
         download(AUTHORS_URL.format(id=entry.drive_id), original, what=f"{entry.name} (authors' release)",
                  page=entry.authors_url)
-    from regproxy_cli.convert import convert_authors_checkpoint, read_authors_checkpoint
-
     try:
         read_authors_checkpoint(original)
     except RegproxyError as exc:  # e.g. Google Drive answered with a web page instead of the file

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from regproxy_cli.data.datasets import SegmentationDataset
+from regproxy_cli.data.open import SyntheticSpec, open_dataset
 from regproxy_cli.errors import RegproxyError
 
 
@@ -44,6 +46,11 @@ class DataSection:
     synthetic_val: int = 50
     synthetic_size: int = 128
     synthetic_classes: int = 5
+
+    def open(self, split: str) -> SegmentationDataset:
+        """One split of this dataset (synthetic scenes are generated into ``root`` first, once)."""
+        synthetic = SyntheticSpec(self.synthetic_train, self.synthetic_val, self.synthetic_size, self.synthetic_classes)
+        return open_dataset(self.kind, self.root, split, synthetic=synthetic)
 
 
 @dataclass

@@ -15,81 +15,15 @@ The proxy head (Sec. 4.2-4.3, Algorithm 1; authors' ``ProxyHead``):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.inference import resize_argmax
-from regproxy_cli.plugins import BackboneSpec, get_backbone
-
-if TYPE_CHECKING:
-    import numpy as np
-
-NEIGHBOURS = 9  # the 3x3 window of tokens a pixel may belong to
-
-# Every authors' checkpoint, AugReg ones included, normalises RGB 0-255 with ImageNet statistics.
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
-
-
-def outside_grid_mask(height: int, width: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """(9, H, W) boolean mask, True where the neighbour (dy, dx) of token (y, x) falls outside the grid."""
-    offsets = torch.tensor([-1, 0, 1], device=device)
-    rows = torch.arange(height, device=device)[None, :] + offsets[:, None]  # (3, H)
-    cols = torch.arange(width, device=device)[None, :] + offsets[:, None]  # (3, W)
-    row_out = (rows < 0) | (rows >= height)
-    col_out = (cols < 0) | (cols >= width)
-    return (row_out[:, None, :, None] | col_out[None, :, None, :]).reshape(NEIGHBOURS, height, width)
-
-
-def affinity_from_logits(logits: torch.Tensor, region_res: tuple[int, int]) -> torch.Tensor:
-    """Softmax the affinity head's (B, 9*h*w, H, W) output into (B, 9, h, w, H, W) pixel-token affinities."""
-    batch, _, height, width = logits.shape
-    logits = logits.reshape(batch, NEIGHBOURS, *region_res, height, width)
-    outside = outside_grid_mask(height, width, logits.device)[:, None, None]  # (9, 1, 1, H, W)
-    return logits.masked_fill(outside, float("-inf")).softmax(dim=1)
-
-
-def paint(token_logits: torch.Tensor, affinity: torch.Tensor) -> torch.Tensor:
-    """Paint (B, K, H, W) token logits onto pixels with (B, 9, h, w, H, W) affinities: (B, K, H*h, W*w).
-
-    Algorithm 1: out[b, k, y*h + i, x*w + j] = sum_n affinity[b, n, i, j, y, x] * logits of neighbour n.
-
-    Computed token-major, as one batched product per token, (h, w, 9) affinities x (9, K) neighbour logits,
-    written straight into a channels-last (B, H*h, W*w, K) buffer: no (B, K, 9, H, W) unfold and no output
-    permute copy (4.3 against 14.6 ms for unfold + einsum on the paper's S/16 grid at 512^2, bench/). The result
-    is a channels-last view of shape (B, K, H*h, W*w); channels-last also makes the later resize and argmax fast.
-    Neighbours outside the grid read zero-padding, which their zero affinity (the -inf mask) cancels.
-    """
-    batch, classes, height, width = token_logits.shape
-    _, _, sub_h, sub_w, _, _ = affinity.shape
-    padded = F.pad(token_logits.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, K)
-    neighbours = torch.stack(
-        [padded[:, dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3)], dim=3
-    )  # (B, H, W, 9, K), neighbour n = dy * 3 + dx as in the affinity channels
-    weights = affinity.permute(0, 4, 2, 5, 3, 1)  # (B, H, h, W, w, 9)
-    out = torch.matmul(weights, neighbours[:, :, None])  # (B, H, h, W, w, K), broadcast over the sub-rows i
-    return out.reshape(batch, height * sub_h, width * sub_w, classes).permute(0, 3, 1, 2)
-
-
-def _padded_size(size: tuple[int, int], stride: int) -> tuple[int, int]:
-    return -(-size[0] // stride) * stride, -(-size[1] // stride) * stride
-
-
-def _resize_and_crop(logits: torch.Tensor, stride: int, size: tuple[int, int]) -> torch.Tensor:
-    """Resize grid-aligned logits to the padded input they cover, then crop away the padding.
-
-    Always in float32: under bf16/fp16 autocast the full-size logits would lose precision (the loss and the
-    argmax want float32 anyway), and CPU kernels resize and argmax float32 several times faster than bf16.
-    """
-    logits = logits.float()
-    out_h, out_w = _padded_size(size, stride)
-    if tuple(logits.shape[-2:]) != (out_h, out_w):
-        logits = F.interpolate(logits, size=(out_h, out_w), mode="bilinear", align_corners=False)
-    return logits[..., : size[0], : size[1]]
+from regproxy_cli.model.config import ModelConfig
+from regproxy_cli.model.ops import NEIGHBOURS, affinity_from_logits, paint
+from regproxy_cli.model.plugins import BackboneSpec, get_backbone
+from regproxy_cli.model.resize import padded_size, resize_and_crop, resize_argmax
 
 
 class AffinityHead(nn.Sequential):
@@ -145,9 +79,12 @@ class ProxyHead(nn.Module):
 
 
 class Segmenter(nn.Module):
-    """What RegProxy and the linear baseline share: a ``config`` (ModelConfig), :meth:`labels` and :meth:`predict`."""
+    """What RegProxy and the linear baseline share: a ``config`` (ModelConfig), :meth:`grid_logits` and :meth:`labels`.
 
-    config: object  # regproxy_cli.checkpoint.ModelConfig, attached by build_model / load_model
+    Images (files, PIL, arrays) with the config's test protocol: :func:`regproxy_cli.inference.predictor.predict_labels`.
+    """
+
+    config: ModelConfig  # attached by build_model / load_model
     backbone: nn.Module
 
     def grid_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,28 +103,18 @@ class Segmenter(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _resize_and_crop(self.grid_logits(x), self.backbone.stride, x.shape[-2:])
+        return resize_and_crop(self.grid_logits(x), self.backbone.stride, x.shape[-2:])
 
     @torch.inference_mode()
     def labels(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W) label maps of a normalised batch: ``self(x).argmax(1)`` without full-size logits.
 
-        The grid logits go straight to labels with :func:`~regproxy_cli.inference.resize_argmax`, which blends
+        The grid logits go straight to labels with :func:`~regproxy_cli.model.resize.resize_argmax`, which blends
         all K scores only at label boundaries; equal to the argmax of the forward up to float32 rounding ties.
         """
         height, width = x.shape[-2:]
-        padded = _padded_size((height, width), self.backbone.stride)
+        padded = padded_size((height, width), self.backbone.stride)
         return torch.stack([resize_argmax(logits, padded)[:height, :width] for logits in self.grid_logits(x)])
-
-    def predict(self, image, **options) -> np.ndarray:
-        """Segment one image (path, PIL image or HxWx3 uint8 RGB array) into an (H, W) class-id array.
-
-        Uses the preprocessing and inference protocol of ``self.config``; ``options`` are those of
-        :func:`regproxy_cli.predict.predict_labels` (mode, tta, scale, batch_size).
-        """
-        from regproxy_cli.predict import predict_labels
-
-        return predict_labels(self, image, **options)
 
 
 class RegProxy(Segmenter):
@@ -203,7 +130,7 @@ class RegProxy(Segmenter):
     def forward_all(self, x: torch.Tensor) -> ProxyOutput:
         tap, final = self.backbone(x)
         region_logits, affinity, token_logits = self.head(tap, final)
-        logits = _resize_and_crop(region_logits, self.backbone.stride, x.shape[-2:])
+        logits = resize_and_crop(region_logits, self.backbone.stride, x.shape[-2:])
         return ProxyOutput(logits, region_logits, affinity, token_logits)
 
     def batch_grid_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -270,8 +197,6 @@ def build_model(
     """
     if num_classes < 1:
         raise RegproxyError(f"num_classes must be at least 1, got {num_classes}")
-    from regproxy_cli.checkpoint import ModelConfig  # the config module builds models too
-
     spec = get_backbone(backbone)
     region_res = parse_region_res(region_res)
     body = spec.build(m=m, img_size=img_size, pretrained=pretrained, drop_path_rate=drop_path_rate)
@@ -280,4 +205,16 @@ def build_model(
         backbone=spec.name, num_classes=num_classes, m=body.m, region_res=region_res, baseline=baseline,
         crop_size=img_size or spec.crop_size, test_scale=None,
     )
+    return model
+
+
+def build_from_config(
+    config: ModelConfig, *, pretrained_backbone: bool = False, drop_path_rate: float = 0.0
+) -> nn.Module:
+    """An untrained model for ``config``, with the config attached as ``model.config``."""
+    model = build_model(
+        config.backbone, config.num_classes, m=config.m, region_res=config.region_res, baseline=config.baseline,
+        img_size=config.crop_size, pretrained=pretrained_backbone, drop_path_rate=drop_path_rate,
+    )
+    model.config = config
     return model

@@ -3,7 +3,7 @@
 The exported graph takes ``image``, a normalised float32 (B, 3, H, W) RGB batch ((pixel - mean) / std on 0-255
 values), and returns ``logits``, (B, K, H, W) float32. By default batch, height and width are all dynamic: any
 H x W works, not only multiples of the backbone's stride, and the ViT position embeddings are resized inside the
-graph. The model's :class:`~regproxy_cli.checkpoint.ModelConfig` (classes, palette, normalisation, inference
+graph. The model's :class:`~regproxy_cli.model.config.ModelConfig` (classes, palette, normalisation, inference
 protocol) is stored in the file's metadata, so the ``.onnx`` alone is enough to deploy the model.
 
 The TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``) is used on purpose: on torch 2.15 the
@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regproxy_cli.constants import IMAGENET_MEAN, IMAGENET_STD, VERSION
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.files import write_atomic
-from regproxy_cli.model import IMAGENET_MEAN, IMAGENET_STD
 
 MIN_OPSET = 17
 MAX_OPSET = 20  # the newest opset the TorchScript-based exporter writes
@@ -99,11 +99,9 @@ def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _metadata(model: nn.Module, size: tuple[int, int], batch: int, dynamic: bool) -> dict[str, str]:
-    from regproxy_cli import __version__
-
     config = getattr(model, "config", None)
     meta = {
-        "version": __version__,
+        "version": VERSION,
         "input": f"{INPUT_NAME}: float32 (B, 3, H, W) RGB, (pixel - mean) / std with pixel in 0-255",
         "output": f"{OUTPUT_NAME}: float32 (B, K, H, W) class logits at the input size",
         "mean": json.dumps(list(getattr(config, "mean", IMAGENET_MEAN))),

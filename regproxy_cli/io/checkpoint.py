@@ -1,16 +1,15 @@
 """The model directory format (also a Hub repo): ``config.json`` + ``model.safetensors`` + a generated ``README.md``.
 
-``config.json`` carries everything needed to rebuild the model and to use it: backbone, M, region
-resolution, classes and palette, normalisation, crop size, inference mode and window, test scale,
-dataset and the paper's metrics. Files are written atomically (temporary file + ``os.replace``), so an
-interrupted save never leaves a half-written checkpoint behind.
+``config.json`` (:class:`~regproxy_cli.model.config.ModelConfig`) carries everything needed to rebuild the model
+and to use it: backbone, M, region resolution, classes and palette, normalisation, crop size, inference mode and
+window, test scale, dataset and the paper's metrics. Files are written atomically (temporary file + ``os.replace``),
+so an interrupted save never leaves a half-written checkpoint behind.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -18,87 +17,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from regproxy_cli.errors import RegproxyError
+from regproxy_cli.constants import VERSION
+from regproxy_cli.errors import RegproxyError, listed
 from regproxy_cli.files import write_atomic
-from regproxy_cli.model import IMAGENET_MEAN, IMAGENET_STD, build_model
+from regproxy_cli.model.config import ModelConfig
+from regproxy_cli.model.regproxy import build_from_config
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
-
-
-@dataclass
-class ModelConfig:
-    """How to rebuild a model and how to run it (preprocessing and inference protocol)."""
-
-    backbone: str
-    num_classes: int
-    m: int
-    region_res: tuple[int, int] = (4, 4)
-    baseline: bool = False
-    crop_size: int = 512
-    classes: list[str] = field(default_factory=list)
-    palette: list[list[int]] = field(default_factory=list)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    inference_mode: str = "slide"  # 'slide' or 'whole'
-    window_stride: int | None = None  # sliding-window stride; None = crop_size
-    test_scale: tuple[int, int] | None = (2048, 512)  # mmseg keep-ratio (long, short) bound; None = as given
-    dataset: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    source: str | None = None  # where the weights came from
-    format_version: int = FORMAT_VERSION
-
-    def __post_init__(self) -> None:
-        self.region_res = tuple(self.region_res)
-        self.mean, self.std = tuple(self.mean), tuple(self.std)
-        if self.test_scale is not None:
-            self.test_scale = tuple(self.test_scale)
-        if not self.classes:
-            self.classes = [f"class_{i}" for i in range(self.num_classes)]
-        if not self.palette:
-            from regproxy_cli.classes import default_palette
-
-            self.palette = [list(c) for c in default_palette(self.num_classes)]
-        if len(self.classes) != self.num_classes or len(self.palette) != self.num_classes:
-            raise RegproxyError(
-                f"config has {self.num_classes} classes but {len(self.classes)} names and {len(self.palette)} colours"
-            )
-        if self.inference_mode not in ("slide", "whole"):
-            raise RegproxyError(f"inference mode must be 'slide' or 'whole', not {self.inference_mode!r}")
-
-    @property
-    def stride(self) -> int:
-        return self.window_stride or self.crop_size
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict, where: str = "config") -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise RegproxyError(f"{where}: unknown key(s) {', '.join(unknown)}")
-        version = data.get("format_version", FORMAT_VERSION)
-        if version > FORMAT_VERSION:
-            raise RegproxyError(f"{where}: format version {version} is newer than this regproxy ({FORMAT_VERSION})")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise RegproxyError(f"{where}: {exc}") from None
-
-
-def build_from_config(
-    config: ModelConfig, *, pretrained_backbone: bool = False, drop_path_rate: float = 0.0
-) -> nn.Module:
-    """An untrained model for ``config``, with the config attached as ``model.config``."""
-    model = build_model(
-        config.backbone, config.num_classes, m=config.m, region_res=config.region_res, baseline=config.baseline,
-        img_size=config.crop_size, pretrained=pretrained_backbone, drop_path_rate=drop_path_rate,
-    )
-    model.config = config
-    return model
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, config: ModelConfig | None = None) -> Path:
@@ -152,27 +78,8 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], wh
     model.load_state_dict(state, strict=True, assign=True)
 
 
-def listed(items: list[str], limit: int = 5, sep: str = ", ") -> str:
-    """The first ``limit`` items joined, and how many more there are: error messages stay one short line."""
-    return sep.join(items[:limit]) + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
-
-
-def push_to_hub(directory: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
-    """Upload a saved model directory to the Hugging Face Hub; returns the commit URL."""
-    from huggingface_hub import HfApi
-
-    directory = Path(directory)
-    load_pretrained(directory)  # refuse to publish something that does not load
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    info = api.upload_folder(folder_path=str(directory), repo_id=repo_id, commit_message="Upload regproxy model")
-    return str(info)
-
-
 def model_card(config: ModelConfig) -> str:
     """A Hub model card (README.md with YAML front matter) generated from the config."""
-    from regproxy_cli import __version__
-
     kind = "linear baseline" if config.baseline else f"RegProxy (h×w = {config.region_res[0]}×{config.region_res[1]})"
     metrics = "".join(f"| {k} | {v} |\n" for k, v in config.metrics.items()) or "| - | - |\n"
     tags = ["regproxy", "semantic-segmentation", "vision-transformer"]
@@ -183,7 +90,7 @@ def model_card(config: ModelConfig) -> str:
         + "---\n\n"
         f"# {kind} on {config.backbone}\n\n"
         "Semantic Segmentation by Early Region Proxy (Zhang, Pang, Lu; CVPR 2022), loaded with "
-        f"[regproxy](https://pypi.org/project/regproxy/) {__version__}.\n\n"
+        f"[regproxy](https://pypi.org/project/regproxy/) {VERSION}.\n\n"
         "```bash\npip install regproxy regproxy-backbones\nregproxy predict image.jpg --model <this repo id>\n```\n\n"
         f"- backbone: `{config.backbone}`, token-head depth M = {config.m}\n"
         f"- classes: {config.num_classes}" + (f" ({config.dataset})" if config.dataset else "") + "\n"

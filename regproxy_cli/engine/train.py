@@ -25,14 +25,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from regproxy_cli.checkpoint import ModelConfig, build_from_config, save_pretrained
-from regproxy_cli.config import DataSection, OptimSection, TrainConfig, dump_config
-from regproxy_cli.data import build_dataset, train_pipeline, write_synthetic_dataset
+from regproxy_cli.constants import IGNORE_INDEX
+from regproxy_cli.data.transforms import train_pipeline
+from regproxy_cli.engine.config import OptimSection, TrainConfig, dump_config
+from regproxy_cli.engine.evaluate import evaluate
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.evaluate import evaluate
 from regproxy_cli.files import write_atomic
+from regproxy_cli.io.checkpoint import save_pretrained
+from regproxy_cli.model.config import ModelConfig
+from regproxy_cli.model.plugins import get_backbone
+from regproxy_cli.model.regproxy import build_from_config
 
-IGNORE_INDEX = 255
 NO_DECAY_KEYS = ("pos_embed", "cls_token", "dist_token", "norm")  # the authors' paramwise_cfg, in our names
 
 
@@ -62,15 +65,6 @@ def setup_runtime(device: str) -> Runtime:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return Runtime(rank, world, torch_device)
-
-
-def prepare_data_root(data: DataSection) -> Path:
-    """The dataset folder; synthetic scenes are generated there first when the config asks for them."""
-    root = Path(data.root)
-    if data.kind == "synthetic":
-        size = (data.synthetic_size, data.synthetic_size)
-        write_synthetic_dataset(root, data.synthetic_train, data.synthetic_val, size, data.synthetic_classes)
-    return root
 
 
 class TrainStream(Dataset):
@@ -200,8 +194,6 @@ class _Log:
 
 def build_training_model(config: TrainConfig, classes, palette) -> nn.Module:
     m, d, t = config.model, config.data, config.test
-    from regproxy_cli.plugins import get_backbone
-
     spec = get_backbone(m.backbone)
     model_config = ModelConfig(
         backbone=m.backbone, num_classes=len(classes), m=spec.m if m.m is None else m.m,
@@ -231,14 +223,14 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         raise RegproxyError(f"{out_dir} already holds a run: pass --resume to continue it, or choose run.out_dir")
 
     torch.manual_seed(r.seed)
-    data_root = prepare_data_root(config.data) if runtime.main else Path(config.data.root)
+    if runtime.main:
+        config.data.open(config.data.train_split)  # generates synthetic scenes once, before the others read them
     if runtime.world > 1:
-        dist.barrier()  # the main process may have generated the synthetic data
-    kind = "folder" if config.data.kind == "synthetic" else config.data.kind
-    train_set = build_dataset(kind, data_root, config.data.train_split)
-    val_set = build_dataset(kind, data_root, config.data.val_split)
+        dist.barrier()
+    train_set = config.data.open(config.data.train_split)
+    val_set = config.data.open(config.data.val_split)
     if len(train_set) == 0:
-        raise RegproxyError(f"{data_root}: the {config.data.train_split} split is empty")
+        raise RegproxyError(f"{config.data.root}: the {config.data.train_split} split is empty")
 
     model = build_training_model(config, train_set.classes, train_set.palette).to(runtime.device)
     raw_model = model

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import torch
 
-from regproxy_cli.checkpoint import ModelConfig, build_from_config, listed, load_state_dict_checked
-from regproxy_cli.errors import RegproxyError
-from regproxy_cli.plugins import get_backbone, list_backbones
+from regproxy_cli.errors import RegproxyError, listed
+from regproxy_cli.io.checkpoint import load_state_dict_checked
+from regproxy_cli.model.config import ModelConfig
+from regproxy_cli.model.plugins import get_backbone, list_backbones
+from regproxy_cli.model.regproxy import build_from_config
 
 # (authors' pattern, ours); applied in order, first match wins
 _RULES: list[tuple[str, str]] = [

@@ -1,4 +1,4 @@
-"""A :class:`~regproxy_cli.plugins.Backbone` over timm's Vision Transformers (vanilla, DeiT-distilled, hybrid).
+"""A :class:`~regproxy_cli.model.plugins.Backbone` over timm's Vision Transformers (vanilla, DeiT-distilled, hybrid).
 
 Built on timm's public API only (``timm.create_model``, ``timm.layers.resample_abs_pos_embed`` and the
 model's submodules), so a timm upgrade does not break it. Plugins for other timm ViTs can reuse
@@ -119,7 +119,7 @@ def create_timm_vit(
     stride: int,
     **model_args: object,
 ) -> TimmViTBackbone:
-    """Factory for :class:`~regproxy_cli.plugins.BackboneSpec`: a timm ViT by architecture name.
+    """Factory for :class:`~regproxy_cli.model.plugins.BackboneSpec`: a timm ViT by architecture name.
 
     Args:
         arch: timm architecture (``vit_small_patch16_384``); ``pretrained`` (``arch.tag``) replaces it

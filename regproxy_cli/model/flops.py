@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.model import ProxyHead, build_model, parse_region_res
-from regproxy_cli.plugins import BackboneSpec, get_backbone
+from regproxy_cli.model.plugins import BackboneSpec, get_backbone
+from regproxy_cli.model.regproxy import ProxyHead, build_model, parse_region_res
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.PReLU, nn.ELU, nn.LeakyReLU)

@@ -1,12 +1,10 @@
-"""Image loading in every PIL mode, one-line load errors, label PNGs, overlays, region maps and dataset metadata."""
+"""Image loading in every PIL mode, one-line load errors, label PNGs and dataset metadata."""
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from conftest import TINY_VIT
-from regproxy_cli import RegproxyError, build_model
+from regproxy_cli import RegproxyError
 from regproxy_cli.classes import (
     ADE20K_CLASSES,
     ADE20K_PALETTE,
@@ -18,16 +16,8 @@ from regproxy_cli.classes import (
     PASCAL_CONTEXT_PALETTE,
     default_palette,
 )
-from regproxy_cli.imaging import (
-    colorize,
-    load_image,
-    overlay,
-    region_boundaries,
-    region_map,
-    region_owners,
-    save_label_png,
-    save_png_atomic,
-)
+from regproxy_cli.images import load_image, save_label_png, save_png_atomic
+from regproxy_cli.viz import colorize
 
 RNG = np.random.default_rng(0)
 
@@ -167,62 +157,6 @@ def test_many_classes_give_a_16_bit_png(tmp_path):
 def test_label_ids_must_fit(tmp_path):
     with pytest.raises(ValueError, match="label ids"):
         save_label_png(tmp_path / "x.png", np.array([[-1, 0]]), CITYSCAPES_PALETTE)
-
-
-def test_colorize_and_overlay():
-    labels = np.array([[0, 1], [2, 1]])
-    palette = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
-    np.testing.assert_array_equal(colorize(labels, palette)[1, 0], [0, 0, 255])
-    image = np.full((2, 2, 3), 100, dtype=np.uint8)
-    blended = overlay(image, labels, palette, alpha=0.5)
-    assert blended.dtype == np.uint8
-    np.testing.assert_array_equal(blended[0, 0], [178, 50, 50])  # round(0.5 * 100 + 0.5 * 255) = 178
-    np.testing.assert_array_equal(overlay(image, labels, palette, alpha=0.0), image)
-    with pytest.raises(ValueError):
-        colorize(np.array([[3]]), palette)
-
-
-def one_hot_affinity(neighbour: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """(9, h, w, Hg, Wg) affinity giving every sub-pixel (i, j) of every token the neighbour ``neighbour[i, j]``."""
-    sub_h, sub_w = neighbour.shape
-    affinity = np.zeros((9, sub_h, sub_w, *grid), dtype=np.float32)
-    for i in range(sub_h):
-        for j in range(sub_w):
-            affinity[neighbour[i, j], i, j] = 1
-    return affinity
-
-
-def test_centre_ownership_has_boundaries_only_on_the_token_grid():
-    stride, grid = 16, (3, 4)
-    image = RNG.integers(0, 256, (40, 60, 3), dtype=np.uint8)  # not a multiple of the stride: cropped
-    affinity = one_hot_affinity(np.full((4, 4), 4), grid)
-    owners = region_owners(affinity, stride, (40, 60))
-    np.testing.assert_array_equal(owners, (np.arange(40)[:, None] // 16) * 4 + np.arange(60)[None, :] // 16)
-    edges = np.argwhere(region_boundaries(owners))
-    assert len(edges) and np.all((edges[:, 0] % stride == stride - 1) | (edges[:, 1] % stride == stride - 1))
-    picture = region_map(image, torch.from_numpy(affinity), stride)
-    assert picture.shape == (40, 60, 3) and picture.dtype == np.uint8
-    assert np.all(picture[15, 5] == 255) and not np.all(picture[5, 5] == 255)  # boundary white, interior tinted
-
-
-def test_checkerboard_ownership_draws_boundaries_inside_tokens():
-    checker = np.where((np.arange(4)[:, None] + np.arange(4)[None, :]) % 2 == 0, 4, 5)  # centre / right neighbour
-    owners = region_owners(one_hot_affinity(checker, (2, 2)), 16, (32, 32))
-    edges = region_boundaries(owners)
-    assert edges[0, 3] and edges[3, 0]  # between the 4x4-pixel sub-pixel cells of token (0, 0)
-    # Right neighbours of the last column fall outside the grid and are clipped to the token itself.
-    assert not edges[0:15, 16:31].any()
-
-
-def test_region_map_of_a_model(tmp_path):
-    model = build_model(TINY_VIT, 3).eval()
-    image = RNG.integers(0, 256, (40, 50, 3), dtype=np.uint8)
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
-    with torch.no_grad():
-        affinity = model.forward_all(x).affinity
-    assert region_map(image, affinity, 16).shape == (40, 50, 3)  # a leading batch of 1 is accepted
-    save_png_atomic(tmp_path / "regions.png", region_map(image, affinity[0], 16))
-    assert load_image(tmp_path / "regions.png").shape == (40, 50, 3)
 
 
 def test_dataset_metadata():

@@ -1,0 +1,1 @@
+"""Training and evaluation: the YAML config, the training loop, evaluation and its metrics."""

@@ -1,0 +1,1 @@
+"""Inference: the test protocol (whole, sliding window, TTA), the runtime (precision, compile) and the predictor."""

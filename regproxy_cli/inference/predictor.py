@@ -1,0 +1,116 @@
+"""Segmenting one image with a loaded model: preprocessing from its config, then whole or sliding-window inference
+and test-time augmentation (:mod:`~regproxy_cli.inference.protocol`) down to a label map at the image's size."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from regproxy_cli.data.transforms import rescale_size
+from regproxy_cli.errors import RegproxyError
+from regproxy_cli.images import load_image
+from regproxy_cli.inference.protocol import segment_probs, slide_logits
+from regproxy_cli.inference.runtime import autocast
+from regproxy_cli.model.config import ModelConfig
+from regproxy_cli.model.resize import resize_argmax
+
+TTA_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the paper's multi-scale test
+
+
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def to_rgb_array(image: str | os.PathLike | Image.Image | np.ndarray) -> np.ndarray:
+    """An (H, W, 3) uint8 RGB array from a path, a PIL image (any mode) or an array."""
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise RegproxyError(f"expected an HxWx3 uint8 RGB array, got shape {array.shape} dtype {array.dtype}")
+    return array
+
+
+def normalise(image: np.ndarray, config: ModelConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(1, 3, H, W) float tensor normalised with the config's mean/std on RGB 0-255."""
+    x = torch.tensor(image, dtype=torch.float32, device=device).permute(2, 0, 1)[None]  # copies: arrays may be read-only
+    mean = torch.tensor(config.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(config.std, device=device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def working_size(height: int, width: int, config: ModelConfig, scale: float = 1.0) -> tuple[int, int]:
+    """The size the model sees: the config's keep-ratio test scale (times ``scale``), or the image's own."""
+    if config.test_scale is None:
+        return max(1, round(height * scale)), max(1, round(width * scale))
+    long_side, short_side = config.test_scale
+    return rescale_size(height, width, (long_side * scale, short_side * scale))
+
+
+def _logits_at(model: nn.Module, x: torch.Tensor, config: ModelConfig, mode: str, batch_size: int) -> torch.Tensor:
+    if mode == "whole":
+        return model(x)
+    window = (config.crop_size, config.crop_size)
+    stride = (config.stride, config.stride)
+    return slide_logits(model, x, num_classes=config.num_classes, window=window, stride=stride, batch_size=batch_size)
+
+
+@torch.inference_mode()
+def predict_labels(
+    model: nn.Module,
+    image: str | os.PathLike | Image.Image | np.ndarray,
+    *,
+    mode: str | None = None,
+    tta: bool = False,
+    scale: float = 1.0,
+    batch_size: int = 8,
+    precision: str = "fp32",
+) -> np.ndarray:
+    """(H, W) int class ids for one image at its original size.
+
+    Args:
+        mode: 'whole' or 'slide' (default: the config's inference mode).
+        tta: the paper's multi-scale (0.5-1.75) + flip test, averaging softmax probabilities.
+        scale: multiplies the config's test scale (or the image size when it has none).
+        batch_size: sliding windows per forward pass.
+        precision: fp32, or bf16 / fp16 autocast for the network (resizing and argmax stay float32).
+    """
+    config = model.config
+    mode = mode or config.inference_mode
+    if mode not in ("whole", "slide"):
+        raise RegproxyError(f"mode must be 'whole' or 'slide', not {mode!r}")
+    if scale <= 0:
+        raise RegproxyError(f"scale must be positive, got {scale}")
+    rgb = to_rgb_array(image)
+    height, width = rgb.shape[:2]
+    device = device_of(model)
+    x = normalise(rgb, config, device)
+    size = working_size(height, width, config, scale)
+    with autocast(device, precision):
+        if mode == "whole" and not tta and size == (height, width) and hasattr(model, "labels"):
+            return model.labels(x)[0].cpu().numpy()  # one resize: straight from the grid logits to labels
+        scores = _scores(model, x, config, mode=mode, tta=tta, scale=scale, size=size, batch_size=batch_size)
+    # resize to the original in row chunks: a huge photo never needs a K x H x W tensor
+    return resize_argmax(scores.float(), (height, width)).cpu().numpy()
+
+
+def _scores(model: nn.Module, x: torch.Tensor, config: ModelConfig, *, mode: str, tta: bool, scale: float,
+            size: tuple[int, int], batch_size: int) -> torch.Tensor:
+    """(K, h, w) logits (or TTA probabilities) of one normalised image at the working size."""
+    if tta:
+        return segment_probs(
+            model, x, num_classes=config.num_classes, mode=mode, window=(config.crop_size,) * 2,
+            stride=(config.stride,) * 2, test_scale=None if config.test_scale is None else
+            (config.test_scale[0] * scale, config.test_scale[1] * scale), ratios=TTA_RATIOS, flip=True,
+            out_size=size, batch_size=batch_size,
+        )
+    if size != tuple(x.shape[-2:]):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return _logits_at(model, x, config, mode, batch_size)[0]

@@ -1,0 +1,47 @@
+"""How the network runs: precision (autocast) and ``torch.compile``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from regproxy_cli.errors import RegproxyError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def autocast(device: torch.device | str, precision: str = "fp32") -> torch.autocast:
+    """The autocast context for running a model at ``precision`` (fp32: a disabled one, i.e. plain fp32).
+
+    bf16 runs on CPUs (fast where they have AVX512-BF16 or AMX) and GPUs; fp16 only on CUDA.
+    """
+    if precision not in PRECISIONS:
+        raise RegproxyError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    device_type = torch.device(device).type
+    if precision == "fp16" and device_type != "cuda":
+        raise RegproxyError("fp16 needs a CUDA device; use bf16 on CPU")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def compile_backbone(model: nn.Module, precision: str = "fp32", size: tuple[int, int] | None = None) -> None:
+    """``--compile``: ``torch.compile`` the backbone in place (with inductor's freezing of the inference weights).
+
+    The backbone is where the time goes; the head and the label step are small or already fused kernels. One warm-up
+    forward at ``size`` (the sliding window; default 2x2 tokens) compiles it now, so a machine without what inductor
+    needs (a C++ compiler on CPU, Triton on GPU) gives one error line before any image is read. Other input sizes
+    compile again on first sight (then with dynamic shapes). Measured on CPU (bench/run.py --compile): S/16 at 512^2
+    ~5% faster after ~15 s of compiling; worth it for many images of one size, not for one photo. After a failure
+    the backbone stays marked for compiling (there is no public undo): reload the model to run it eagerly.
+    """
+    backbone = model.backbone
+    stride = backbone.stride
+    first = next(model.parameters())
+    backbone.compile(options={"freezing": True})
+    example = torch.zeros(1, 3, *(size or (2 * stride, 2 * stride)), device=first.device)
+    try:
+        with torch.inference_mode(), autocast(first.device, precision):
+            backbone(example)
+    except RuntimeError as exc:  # dynamo's and inductor's errors (no C++ compiler, no Triton, unsupported op)
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RegproxyError(f"torch.compile failed on this machine ({message}); run without --compile") from exc

@@ -1,0 +1,147 @@
+"""The package's layering, read from the source: imports point down the layers and never round in a circle.
+
+foundations (errors, constants, files, images, classes) -> model -> data -> inference -> io, viz -> engine -> cli.
+A module may import from its own package or from a lower layer (the foundations from each other); lazy imports
+inside functions count too.
+"""
+
+import ast
+import importlib
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "regproxy_cli"
+
+LAYERS = {
+    "errors": 0, "constants": 0, "files": 0, "images": 0, "classes": 0,
+    "model": 1,
+    "data": 2,
+    "inference": 3,
+    "io": 4, "viz": 4,
+    "engine": 5,
+    "cli": 6,
+}
+FACADE = {"regproxy_cli", "regproxy_cli.__main__"}  # the public API gathers from every layer
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every regproxy_cli import in a file, at any depth."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against this module's package
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            # `from regproxy_cli.x import y` may name a submodule y: count it as importing x.y when it is one
+            for alias in node.names:
+                candidate = f"{module}.{alias.name}"
+                is_module = (PACKAGE.parent / candidate.replace(".", "/")).with_suffix(".py").is_file() or (
+                    PACKAGE.parent / candidate.replace(".", "/") / "__init__.py").is_file()
+                found.append((node.lineno, candidate if is_module else module))
+    return [(line, name) for line, name in found if name == "regproxy_cli" or name.startswith("regproxy_cli.")]
+
+
+def _group(module: str) -> str:
+    return module.split(".")[1]
+
+
+SOURCES = sorted(PACKAGE.rglob("*.py"))
+GRAPH = {_module_name(p): _imports(p) for p in SOURCES}
+
+
+def test_every_module_belongs_to_a_layer():
+    unplaced = sorted(m for m in GRAPH if m not in FACADE and _group(m) not in LAYERS)
+    assert not unplaced, f"add these to LAYERS (and the README's layout): {unplaced}"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in GRAPH if m not in FACADE))
+def test_imports_point_down_the_layers(module):
+    rank = LAYERS[_group(module)]
+    upward = []
+    for line, target in GRAPH[module]:
+        if target in FACADE:
+            upward.append(f"line {line}: {target} (the public facade; import the defining module)")
+        elif _group(target) != _group(module) and LAYERS[_group(target)] >= rank > 0:
+            upward.append(f"line {line}: {target} ({_group(target)} is not below {_group(module)})")
+    assert not upward, f"{module} imports upward: {upward}"
+
+
+def test_no_import_cycles():
+    edges = {m: sorted({t for _, t in imports if t in GRAPH and t != m}) for m, imports in GRAPH.items()}
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = finished
+    cycles = []
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in edges[module]:
+            if state.get(target) == 1:
+                cycles.append(path[path.index(target):] + [target])
+            elif target not in state:
+                visit(target, path + [target])
+        state[module] = 2
+
+    for module in sorted(edges):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, f"import cycles: {[' -> '.join(c) for c in cycles]}"
+
+
+def test_the_checker_sees_an_upward_and_a_circular_import(tmp_path, monkeypatch):
+    """The checks above would fail on a violation: run them over a planted one."""
+    fake = tmp_path / "regproxy_cli"
+    (fake / "model").mkdir(parents=True)
+    (fake / "engine").mkdir()
+    for init in (fake / "__init__.py", fake / "model" / "__init__.py", fake / "engine" / "__init__.py"):
+        init.write_text("")
+    (fake / "model" / "a.py").write_text("def f():\n    from regproxy_cli.engine.b import g\n")
+    (fake / "engine" / "b.py").write_text("from regproxy_cli.model import a\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    imports = {_module_name(p): _imports(p) for p in sorted(fake.rglob("*.py"))}
+    assert imports["regproxy_cli.model.a"] == [(2, "regproxy_cli.engine.b")]
+    assert imports["regproxy_cli.engine.b"] == [(1, "regproxy_cli.model.a")]
+    monkeypatch.setattr(sys.modules[__name__], "GRAPH", imports)
+    with pytest.raises(AssertionError, match="imports upward"):
+        test_imports_point_down_the_layers("regproxy_cli.model.a")
+    test_imports_point_down_the_layers("regproxy_cli.engine.b")
+    with pytest.raises(AssertionError, match="import cycles"):
+        test_no_import_cycles()
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether ``regproxy_cli.a.b.c`` names a module, or an attribute of one (a class, a function, a method)."""
+    parts = dotted.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            target = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        try:
+            for name in parts[split:]:
+                target = getattr(target, name)
+        except AttributeError:
+            return False
+        return True
+    return False
+
+
+def test_every_dotted_path_in_the_docs_and_docstrings_exists():
+    root = PACKAGE.parent
+    files = [*PACKAGE.rglob("*.py"), *(root / "bench").glob("*.py"), root / "README.md", *(root / "docs").glob("*.md")]
+    missing = sorted({f"{path.relative_to(root)}: {dotted}" for path in files
+                      for dotted in re.findall(r"regproxy_cli(?:\.\w+)+", path.read_text())
+                      if not _resolves(dotted.rstrip("."))})
+    assert not missing, missing
