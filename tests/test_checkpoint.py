@@ -7,7 +7,7 @@ import torch
 
 from conftest import TINY_HYBRID, TINY_VIT
 from regproxy_cli import RegproxyError, build_model
-from regproxy_cli.io.checkpoint import load_pretrained, model_card, save_pretrained
+from regproxy_cli.io.checkpoint import load_pretrained, save_pretrained
 from regproxy_cli.model.config import ModelConfig
 
 
@@ -40,9 +40,21 @@ def test_config_json_and_card(tmp_path):
     for key in ("backbone", "m", "region_res", "classes", "palette", "mean", "std", "crop_size", "inference_mode",
                 "window_stride", "test_scale", "dataset", "metrics"):
         assert key in data
+    assert data["backbone"] == "tiny-vit" and data["num_classes"] == 3 and data["m"] == 1
+    assert data["region_res"] == [4, 4] and data["baseline"] is False and data["crop_size"] == 64
+    assert data["mean"] == [123.675, 116.28, 103.53] and data["std"] == [58.395, 57.12, 57.375]  # ImageNet, RGB 0-255
+    assert data["dataset"] == "ade20k" and data["metrics"] == {} and len(data["classes"]) == len(data["palette"]) == 3
     card = (tmp_path / "m" / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: regproxy") and "tiny-vit" in card and "ade20k" in card
-    assert model_card(model.config) == card
+    front, body = card.split("\n---\n", 1)
+    assert front.startswith("---\n")
+    front_lines = front.splitlines()[1:]
+    assert "library_name: regproxy" in front_lines and "pipeline_tag: image-segmentation" in front_lines
+    assert 'datasets: ["ade20k"]' in front_lines
+    body_lines = body.splitlines()
+    assert "# RegProxy (h×w = 4×4) on tiny-vit" in body_lines
+    assert "- backbone: `tiny-vit`, token-head depth M = 1" in body_lines
+    assert "- classes: 3 (ade20k)" in body_lines
+    assert "- normalisation: mean [123.675, 116.28, 103.53], std [58.395, 57.12, 57.375] on RGB 0-255" in body_lines
     assert not list((tmp_path / "m").glob(".*tmp"))  # no leftovers of the atomic writes
 
 

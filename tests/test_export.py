@@ -5,6 +5,7 @@ import json
 import sys
 
 import onnx
+import onnxruntime
 import pytest
 import torch
 
@@ -35,10 +36,44 @@ def exported(request, tmp_path_factory):
     return model, path
 
 
+def _onnxruntime_logits(path, x: torch.Tensor) -> torch.Tensor:
+    """The exported file run by onnxruntime directly, with none of regproxy's helpers."""
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+
+
+def _pytorch_logits(model, x: torch.Tensor) -> torch.Tensor:
+    """``model.eval()(x)``, the caller's training mode restored (the module-scoped fixture checks it)."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            return model.eval()(x)
+    finally:
+        model.train(was_training)
+
+
+def _assert_onnx_matches_pytorch(path, model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    got, expected = _onnxruntime_logits(path, x), _pytorch_logits(model, x)
+    assert expected.shape == (x.shape[0], model.num_classes, *x.shape[-2:])
+    # non-trivial logits: not all equal, varying over pixels and classes
+    assert expected.std() > 1e-3 and expected.std(dim=(-2, -1)).min() > 0 and expected.std(dim=1).max() > 0
+    torch.testing.assert_close(got, expected, rtol=0, atol=TOLERANCE)
+    return got, expected
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_logits_match_pytorch_at_any_batch_and_size(exported, shape):
     model, path = exported
-    assert check_onnx(path, model, torch.randn(*shape)) < TOLERANCE
+    _assert_onnx_matches_pytorch(path, model, torch.randn(*shape))
+
+
+def test_check_onnx_reports_the_largest_difference(exported):
+    model, path = exported
+    x = torch.randn(2, 3, 50, 37)
+    got, expected = _assert_onnx_matches_pytorch(path, model, x)
+    difference = (got - expected).abs().max().item()
+    assert check_onnx(path, model, x) == pytest.approx(difference, abs=1e-6)
+    assert model.training  # check_onnx restores the caller's mode too
 
 
 def test_export_keeps_training_mode_and_axes_are_dynamic(exported):
@@ -64,7 +99,7 @@ def test_hybrid_exports_with_dynamic_shapes(tmp_path):
     model = build_model(TINY_HYBRID, 2)
     path = export_onnx(model, tmp_path / "hybrid.onnx", size=64)  # the stored grid
     # one check (a session on its full-size ResNet stem takes seconds): batch 2, sides not multiples of 32
-    assert check_onnx(path, model, torch.randn(2, 3, 70, 45)) < TOLERANCE
+    _assert_onnx_matches_pytorch(path, model, torch.randn(2, 3, 70, 45))
 
 
 def test_static_export_accepts_only_its_shape(tmp_path):
@@ -72,7 +107,7 @@ def test_static_export_accepts_only_its_shape(tmp_path):
     path = export_onnx(model, tmp_path / "static.onnx", size=(48, 80), batch=2, dynamic=False)
     assert onnx_session(path).get_inputs()[0].shape == [2, 3, 48, 80]
     assert onnx_metadata(path)["dynamic_axes"] == "none"
-    assert check_onnx(path, model, torch.randn(2, 3, 48, 80)) < TOLERANCE
+    _assert_onnx_matches_pytorch(path, model, torch.randn(2, 3, 48, 80))
     with pytest.raises(RegproxyError, match=r"takes inputs of shape 2x3x48x80, not 1x3x48x80: .*without --static"):
         check_onnx(path, model, torch.randn(1, 3, 48, 80))
 

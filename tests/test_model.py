@@ -196,12 +196,17 @@ def _resize_like(grid_logits: torch.Tensor, x: torch.Tensor, stride: int = TINY_
 def test_linear_baseline_is_bilinear_upsampled_per_token_logits():
     model = build_model(TINY_DEIT, 6, baseline=True).eval()
     assert isinstance(model, LinearBaseline) and not hasattr(model, "head")
+    with torch.no_grad():  # a non-zero bias, so that a dropped or misplaced bias shows
+        model.classifier.bias.normal_(0, 0.5)
     x = torch.randn(1, 3, 70, 90)
     with torch.no_grad():
         logits = model(x)
         _, final = model.backbone(x)
-    tokens = model.classifier(final.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    assert final.shape == (1, 32, 5, 6)  # 70x90 padded to 80x96 at stride 16
+    weight, bias = model.classifier.weight, model.classifier.bias
+    tokens = torch.einsum("bchw,kc->bkhw", final, weight) + bias[None, :, None, None]
     expected = F.interpolate(tokens, size=(80, 96), mode="bilinear", align_corners=False)[..., :70, :90]
+    assert expected.std(dim=(-2, -1)).min() > 1e-3  # varies over the image in every class
     torch.testing.assert_close(logits, expected)
 
 

@@ -1,5 +1,6 @@
 """Backbone discovery through the regproxy.backbones entry-point group, built-ins and third-party alike."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -96,7 +97,7 @@ def test_broken_plugins_give_clear_errors(site, target, message):
         get_backbone("acme-bad")
 
 
-def test_pip_installed_plugin_is_found_by_the_cli(tmp_path):
+def test_pip_installed_plugin_is_found_by_the_cli(tmp_path, monkeypatch):
     """The real path: a separate distribution built and installed by pip, seen by a fresh `regproxy` process."""
     project = tmp_path / "acme-plugin"
     (project / "acme_plugin").mkdir(parents=True)
@@ -124,4 +125,11 @@ def test_pip_installed_plugin_is_found_by_the_cli(tmp_path):
     assert by_name["acme-pip"]["width"] == 32 and "s16" in by_name
     counted = subprocess.run([sys.executable, "-m", "regproxy_cli", "flops", "-b", "acme-pip", "--size", "64", "--json"],
                              env=env, capture_output=True, text=True, check=True)
-    assert json.loads(counted.stdout)[0]["params"] > 0
+    # the installed spec built in this process, at the CLI's defaults (150 classes, 4x4 regions, its 64 crop)
+    monkeypatch.syspath_prepend(str(target))
+    plugin = importlib.import_module("acme_plugin")
+    monkeypatch.setitem(sys.modules, "acme_plugin", plugin)  # so that teardown removes it again
+    spec = plugin.SPEC
+    expected = sum(p.numel() for p in build_model(spec, 150, img_size=64).parameters())
+    row = json.loads(counted.stdout)[0]
+    assert row["backbone"] == "acme-pip" and row["params"] == expected

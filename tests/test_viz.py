@@ -7,7 +7,7 @@ import torch
 from conftest import TINY_VIT
 from regproxy_cli import build_model
 from regproxy_cli.images import load_image, save_png_atomic
-from regproxy_cli.viz import colorize, overlay, region_boundaries, region_map, region_owners
+from regproxy_cli.viz import colorize, overlay, region_boundaries, region_map, region_owners, token_colours
 
 RNG = np.random.default_rng(0)
 
@@ -63,6 +63,16 @@ def test_region_map_of_a_model(tmp_path):
     x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
         affinity = model.forward_all(x).affinity
-    assert region_map(image, affinity, 16).shape == (40, 50, 3)  # a leading batch of 1 is accepted
-    save_png_atomic(tmp_path / "regions.png", region_map(image, affinity[0], 16))
-    assert load_image(tmp_path / "regions.png").shape == (40, 50, 3)
+    picture = region_map(image, affinity, 16)
+    assert picture.shape == (40, 50, 3) and picture.dtype == np.uint8
+    np.testing.assert_array_equal(region_map(image, affinity[0], 16), picture)  # a leading batch of 1 is accepted
+    owners = region_owners(affinity[0], 16, (40, 50))
+    edges = region_boundaries(owners)
+    assert edges.any() and (~edges).any()
+    white = np.all(picture == 255, axis=-1)
+    np.testing.assert_array_equal(white, edges)  # boundaries white, and no interior pixel is
+    # interior: the photo blended with each owner's token colour at weight 0.45, rounded to the nearest integer
+    blend = (55 * image[~edges].astype(np.int64) + 45 * token_colours(owners)[~edges].astype(np.int64)) / 100
+    assert np.abs(picture[~edges] - blend).max() <= 0.5
+    save_png_atomic(tmp_path / "regions.png", picture)
+    np.testing.assert_array_equal(load_image(tmp_path / "regions.png"), picture)
