@@ -118,3 +118,76 @@ def authors_forward(sd: dict, img: torch.Tensor, *, depth: int, heads: int, tap:
     q = a.permute(0, 4, 5, 2, 3, 1).reshape(batch, h, w, region * region, 9)
     seg = (q @ nb).reshape(batch, h, w, region, region, k).permute(0, 5, 1, 3, 2, 4).reshape(batch, k, h * region, w * region)
     return F.interpolate(seg, size=img.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def authors_meta(*, tap: int, num_classes: int, mode: str = "slide", crop: int = 512, stride: int = 512,
+                 img_scale: object = (2048, 512), where: str = "both", classes=None, palette=None) -> dict:
+    """A checkpoint's ``meta`` as mmseg 0.17's training script writes it: the merged config as mmcv's
+    ``Config.pretty_text`` (yapf-formatted ``dict(...)`` source), plus CLASSES and PALETTE.
+
+    ``where`` puts the test pipeline in the top-level ``test_pipeline``, in ``data.test.pipeline``, or in both
+    (as a merged config has it).
+    """
+    test_cfg = f"mode='{mode}'" + (f", crop_size=({crop}, {crop}), stride=({stride}, {stride})" if mode == "slide" else "")
+    pipeline = f"""[
+    dict(type='LoadImageFromFile'),
+    dict(
+        type='MultiScaleFlipAug',
+        img_scale={img_scale!r},
+        flip=False,
+        transforms=[
+            dict(type='Resize', keep_ratio=True),
+            dict(type='RandomFlip'),
+            dict(
+                type='Normalize',
+                mean=[123.675, 116.28, 103.53],
+                std=[58.395, 57.12, 57.375],
+                to_rgb=True),
+            dict(type='ImageToTensor', keys=['img']),
+            dict(type='Collect', keys=['img'])
+        ])
+]"""
+    nested = pipeline.replace("\n", "\n        ")
+    text = f"""norm_cfg = dict(type='SyncBN', requires_grad=True)
+model = dict(
+    type='EncoderDecoder',
+    pretrained=None,
+    backbone=dict(
+        type='VisionTransformer',
+        img_size=({crop}, {crop}),
+        patch_size=16,
+        out_indices=[{tap}, 11],
+        norm_cfg=dict(type='LN', eps=1e-06),
+        interpolate_mode='bicubic'),
+    decode_head=dict(
+        type='ProxyHead',
+        in_index=(-2, -1),
+        num_classes={num_classes},
+        norm_cfg=dict(type='SyncBN', requires_grad=True),
+        loss_decode=dict(
+            type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0),
+        region_res=(4, 4)),
+    train_cfg=dict(),
+    test_cfg=dict({test_cfg}))
+dataset_type = 'SomeDataset'
+crop_size = ({crop}, {crop})
+"""
+    if where in ("top", "both"):
+        text += f"test_pipeline = {pipeline}\n"
+    if where in ("data", "both"):
+        text += f"""data = dict(
+    samples_per_gpu=2,
+    workers_per_gpu=4,
+    test=dict(
+        type='SomeDataset',
+        data_root='data/some',
+        img_dir='images/validation',
+        pipeline={nested}))
+"""
+    text += "log_level = 'INFO'\nload_from = None\nworkflow = [('train', 1)]\ncudnn_benchmark = True\n"
+    meta = {"mmseg_version": "0.17.0+abc1234", "config": text}
+    if classes is not None:
+        meta["CLASSES"] = tuple(classes)
+    if palette is not None:
+        meta["PALETTE"] = [list(c) for c in palette]
+    return meta

@@ -72,10 +72,13 @@ def test_train_passes_the_config_overrides_and_resume(monkeypatch, tmp_path):
 
     run = Recorder(tmp_path / "best")
     monkeypatch.setattr(train_module, "train", run)
-    invoke("train", "configs/demo.yaml", "--set", "optim.lr=0.5", "--set", "run.out_dir=/tmp/x", "--resume")
+    invoke("train", "configs/demo.yaml", "--set", "optim.lr=0.5", "--set", "run.out_dir=/tmp/x", "--resume",
+           "--allow-config-change")
     (config,), kwargs = run.only
     assert isinstance(config, TrainConfig) and config.optim.lr == 0.5 and config.run.out_dir == "/tmp/x"
-    assert config.model.backbone == "demo8" and kwargs == {"resume": True}
+    assert config.model.backbone == "demo8" and kwargs == {"resume": True, "allow_config_change": True}
+    invoke("train", "configs/demo.yaml")
+    assert run.calls[1][1] == {"resume": False, "allow_config_change": False}
 
 
 def test_eval_passes_every_option(monkeypatch, tmp_path):
@@ -127,14 +130,22 @@ def test_predict_passes_every_option(monkeypatch, tmp_path):
 
 def test_models_json_is_the_zoo():
     rows = json.loads(invoke("models", "--json").output)
-    assert [(r["name"], r["miou"], r["m"], r["crop"]) for r in rows] == [
-        (e.name, e.miou, e.m, e.crop) for e in ZOO.values()]
+    assert [(r["name"], r["miou"], r["m"], r["crop"], r["hub_revision"], r["sha256"]) for r in rows] == [
+        (e.name, e.miou, e.m, e.crop, "v1", None) for e in ZOO.values()]
+
+
+UNSET = {"backbone": None, "num_classes": None, "m": None, "inference_mode": None, "window_stride": None,
+         "test_scale": None}
 
 
 @pytest.mark.parametrize("argv, expected", [
     (["--zoo", "s16-city"], ("config", ZOO["s16-city"].config())),
-    (["--backbone", "s16", "--classes", "19", "--head-depth", "3"], ("kwargs", {"backbone": "s16", "num_classes": 19,
-                                                                                "m": 3})),
+    (["--backbone", "s16", "--classes", "19", "--head-depth", "3"],
+     ("kwargs", {**UNSET, "backbone": "s16", "num_classes": 19, "m": 3})),
+    (["--mode", "slide", "--window-stride", "512", "--test-scale", "1024x2048"],
+     ("kwargs", {**UNSET, "inference_mode": "slide", "window_stride": 512, "test_scale": (2048, 1024)})),
+    (["--mode", "whole", "--test-scale", "2048x512"],
+     ("kwargs", {**UNSET, "inference_mode": "whole", "test_scale": (2048, 512)})),
 ])
 def test_convert_passes_the_zoo_entry_or_the_overrides(monkeypatch, tmp_path, argv, expected):
     from regproxy_cli.cli import convert as convert_cli
@@ -149,7 +160,8 @@ def test_convert_passes_the_zoo_entry_or_the_overrides(monkeypatch, tmp_path, ar
     assert args[0] == Path("x.pth")
     if expected[0] == "config":
         assert args[1] == expected[1] and kwargs == {}
-    else:
+    else:  # the zoo is passed along: a checkpoint without an embedded config is tested as its matching entry
+        assert kwargs.pop("known") == {e.name: e.config() for e in ZOO.values()}
         assert kwargs == expected[1]
     assert saved.only == ((model, tmp_path / "out"), {})
 

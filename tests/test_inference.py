@@ -8,7 +8,8 @@ from torch import nn
 from conftest import TINY_VIT
 from regproxy_cli import RegproxyError, build_model
 from regproxy_cli.data.transforms import rescale_size
-from regproxy_cli.inference.protocol import segment_probs, slide_logits, window_starts
+from regproxy_cli.inference import protocol
+from regproxy_cli.inference.protocol import resize_rows, segment_labels, segment_probs, slide_logits, window_starts
 
 K = 5
 
@@ -190,3 +191,35 @@ def test_segment_probs_rejects_bad_options():
         segment_probs(net, image, num_classes=K, mode="tiles", out_size=(8, 8))
     with pytest.raises(RegproxyError, match="window"):
         segment_probs(net, image, num_classes=K, mode="slide", out_size=(8, 8))
+
+
+@pytest.mark.parametrize(("in_size", "out_size"), [((7, 9), (30, 40)), ((13, 17), (5, 6)), ((8, 8), (8, 8))])
+def test_resize_rows_are_rows_of_the_full_resize(in_size, out_size):
+    logits = torch.randn(K, *in_size)
+    full = F.interpolate(logits[None], size=out_size, mode="bilinear", align_corners=False)[0]
+    for first in range(out_size[0]):
+        for last in range(first + 1, out_size[0] + 1):
+            torch.testing.assert_close(resize_rows(logits, out_size, slice(first, last)), full[:, first:last])
+
+
+def test_segment_labels_in_bands_is_the_argmax_of_segment_probs(model, monkeypatch):
+    image = torch.randn(1, 3, 40, 56)
+    # test sizes 20x28 and 15x21 (and their mirrors): far fewer floats than the 90x130 output
+    options = {"num_classes": K, "mode": "slide", "window": (32, 32), "stride": (24, 24), "test_scale": (40, 20),
+               "ratios": (0.75, 1.0), "flip": True, "out_size": (90, 130)}
+    expected = segment_probs(model, image, **options).argmax(0)
+    bands = []
+    monkeypatch.setattr(protocol, "TTA_FULL_SIZE_LIMIT", K * 130 * 8)  # 8 rows at a time
+    monkeypatch.setattr(protocol, "resize_rows", lambda logits, size, rows: bands.append(rows) or resize_rows(
+        logits, size, rows))
+    got = segment_labels(model, image, **options)
+    assert len(bands) == 4 * len(range(0, 90, 8)) and max(r.stop - r.start for r in bands) == 8
+    assert torch.equal(got, expected)
+
+
+def test_segment_labels_keeps_the_accumulator_when_the_test_sizes_are_larger(model, monkeypatch):
+    image = torch.randn(1, 3, 40, 56)
+    options = {"num_classes": K, "ratios": (1.0,), "flip": True, "out_size": (40, 56)}  # held logits: twice the output
+    monkeypatch.setattr(protocol, "TTA_FULL_SIZE_LIMIT", 1)
+    monkeypatch.setattr(protocol, "resize_rows", None)  # banding would fail
+    assert torch.equal(segment_labels(model, image, **options), segment_probs(model, image, **options).argmax(0))

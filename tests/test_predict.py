@@ -3,12 +3,16 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 from regproxy_cli import RegproxyError, build_model
+from regproxy_cli.inference import protocol
 from regproxy_cli.inference.predictor import predict_labels
 from regproxy_cli.io.checkpoint import save_pretrained
 from regproxy_cli.io.zoo import load_model
+from regproxy_cli.model.config import ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +184,85 @@ def test_test_scale_sets_the_working_size_and_labels_come_back_full_size(model_d
     labels = predict_labels(model, _photo(1200, 1600), mode="whole")
     handle.remove()
     assert labels.shape == (1200, 1600) and seen == [(64, 85)]
+
+
+class _SharpPointwise(nn.Module):
+    """A 1x1 conv with large weights, run whole: logits we control, steep enough that the softmax is far from
+    linear, so softmax-then-resize and resize-then-softmax give different labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = ModelConfig(backbone="stub", num_classes=4, m=0, crop_size=64, inference_mode="whole",
+                                  test_scale=(16, 12))  # a 96x128 image is segmented at 12x16
+        generator = torch.Generator().manual_seed(3)
+        self.conv = nn.Conv2d(3, 4, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(4, 3, 1, 1, generator=generator) * 2)
+            self.conv.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+# the test sizes of a 96x128 image for test scale (16, 12) x (0.5 ... 1.75): scale factors 1/16, 3/32, ... 7/32
+_TTA_SIZES = [(6, 8), (9, 12), (12, 16), (15, 20), (18, 24), (21, 28)]
+
+
+def _tta_reference(net: nn.Module, image: np.ndarray, probs_at: tuple[int, int] | None) -> np.ndarray:
+    """mmseg 0.17's aug_test written out: every scale and flip, logits resized to the original size, softmax,
+    mean, argmax. With ``probs_at``, the old order instead: softmax at that size, mean, resize the mean."""
+    height, width = image.shape[:2]
+    mean, std = np.array([123.675, 116.28, 103.53]), np.array([58.395, 57.12, 57.375])
+    x = torch.from_numpy(((image - mean) / std).transpose(2, 0, 1)[None]).float()
+    total = 0
+    with torch.no_grad():
+        for size in _TTA_SIZES:
+            scaled = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            for view in ("plain", "flipped"):
+                logits = net(scaled) if view == "plain" else net(scaled.flip(-1)).flip(-1)
+                to = probs_at or (height, width)
+                total = total + F.interpolate(logits, size=to, mode="bilinear", align_corners=False).softmax(1)
+        probs = total / (2 * len(_TTA_SIZES))
+        if probs_at is not None:
+            probs = F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)
+    return probs[0].argmax(0).numpy()
+
+
+def test_tta_resizes_each_augmentations_logits_to_the_original_size_before_the_softmax():
+    net, image = _SharpPointwise(), _photo(96, 128, seed=4)
+    labels = predict_labels(net, image, tta=True)
+    expected = _tta_reference(net, image, probs_at=None)
+    old_order = _tta_reference(net, image, probs_at=(12, 16))
+    assert labels.shape == (96, 128)
+    assert (expected != old_order).sum() > 20  # the example tells the two orders apart
+    assert np.array_equal(labels, expected)
+
+
+def test_tta_in_row_bands_gives_the_same_labels(monkeypatch):
+    net, image = _SharpPointwise(), _photo(96, 128, seed=4)
+    whole = predict_labels(net, image, tta=True)
+    bands = []
+    resize_rows = protocol.resize_rows
+
+    def spy(logits, out_size, rows):
+        bands.append(rows)
+        return resize_rows(logits, out_size, rows)
+
+    monkeypatch.setattr(protocol, "TTA_FULL_SIZE_LIMIT", 4 * 128 * 7)  # 7 rows of 4 classes at a time
+    monkeypatch.setattr(protocol, "resize_rows", spy)
+    banded = predict_labels(net, image, tta=True)
+    assert {(r.start, r.stop) for r in bands} == {(y, min(y + 7, 96)) for y in range(0, 96, 7)}
+    assert len(bands) == 12 * len(range(0, 96, 7))  # every band of every augmentation
+    assert np.array_equal(banded, whole)
+
+
+def test_tta_without_a_test_scale_applies_scale_to_the_image():
+    net = _SharpPointwise()
+    net.config.test_scale = None
+    seen = []
+    handle = net.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))
+    labels = predict_labels(net, _photo(40, 60), tta=True, scale=0.5)
+    handle.remove()
+    # ratios 0.5 ... 1.75 times 0.5 of 40x60, halves rounded up; each size plain and mirrored
+    expected = [(10, 15), (15, 23), (20, 30), (25, 38), (30, 45), (35, 53)]
+    assert labels.shape == (40, 60) and seen == [size for size in expected for _ in range(2)]

@@ -130,9 +130,50 @@ def test_training_run_end_to_end(tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_module.F, "cross_entropy", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(train_module, "segmentation_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(RegproxyError, match="the loss became nan at iteration 0 .* lower optim.lr"):
         train(load_config(tiny_config(tmp_path)), progress=False)
+
+
+def test_resume_is_strict(tmp_path):
+    """--resume needs a last.pt written with the same config; a changed one is named, and accepted on request."""
+    config = load_config(tiny_config(tmp_path, optim={"iters": 2}, run={"eval_every": 2, "save_every": 2}))
+    with pytest.raises(RegproxyError, match=r"--resume: .*last.pt does not exist, there is nothing to resume"):
+        train(config, resume=True, progress=False)
+    train(config, progress=False)
+    longer = load_config(tiny_config(tmp_path, optim={"iters": 4, "lr": 5e-4}, run={"eval_every": 2, "save_every": 2,
+                                                                                    "threads": 2}))
+    with pytest.raises(RegproxyError, match=r"differs from the one .* in optim.iters, optim.lr; pass "
+                                            r"--allow-config-change") as error:
+        train(longer, resume=True, progress=False)
+    assert "threads" not in str(error.value)  # speed settings may change
+    train(longer, resume=True, allow_config_change=True, progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in lines if "loss" in r] == [1, 2, 3, 4]  # continued, not restarted
+
+
+def test_training_checkpoints_load_as_weights_only_on_the_cpu(tmp_path):
+    config = load_config(tiny_config(tmp_path, optim={"iters": 2}, run={"eval_every": 2, "save_every": 2}))
+    train(config, progress=False)
+    state = train_module.read_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["iteration"] == 2 and state["config"] == config.to_dict()
+    rng = state["rng"]["torch"]
+    assert rng.device.type == "cpu" and rng.dtype == torch.uint8
+    before = torch.get_rng_state()
+    train_module._set_rng_state(state["rng"])
+    assert torch.equal(torch.get_rng_state(), rng)
+    torch.set_rng_state(before)
+    # a checkpoint that needs arbitrary code to unpickle is refused in one line, not run
+    torch.save({"iteration": 1, "payload": Path("x")}, tmp_path / "evil.pt")
+    with pytest.raises(RegproxyError, match=r"evil.pt: not a readable training checkpoint"):
+        train_module.read_checkpoint(tmp_path / "evil.pt")
+
+
+def test_changed_keys_are_dotted_and_skip_speed_settings():
+    saved = {"optim": {"lr": 1.0, "iters": 5}, "run": {"threads": 1}, "data": {"workers": 2, "root": "a"}}
+    current = {"optim": {"lr": 2.0, "iters": 5}, "run": {"threads": 4}, "data": {"workers": 0, "root": "a"},
+               "loss": {"mean_over": "all"}}
+    assert train_module.changed_keys(saved, current) == ["loss", "optim.lr"]
 
 
 def _run_cli(*args: str, cwd: Path) -> subprocess.Popen:
@@ -156,7 +197,7 @@ def test_a_killed_run_resumes_exactly(tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    stopped_at = torch.load(checkpoint, weights_only=False)["iteration"]
+    stopped_at = train_module.read_checkpoint(checkpoint)["iteration"]
     assert stopped_at < 10, "the run finished before it could be killed"
     resumed = _run_cli("train", str(killed), "--resume", cwd=tmp_path)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()

@@ -7,24 +7,29 @@ from typing import Annotated
 
 import typer
 
+from regproxy_cli.cli.options import Mode, parse_size
 from regproxy_cli.cli.output import console
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.io.checkpoint import save_pretrained
 from regproxy_cli.io.convert import convert_authors_checkpoint
-from regproxy_cli.io.zoo import ZOO
+from regproxy_cli.io.zoo import ZOO, zoo_configs
 
 SUMMARY = "Convert an authors' mmsegmentation checkpoint into a model directory."
 HELP = """Convert an authors' mmsegmentation checkpoint (.pth from the RegionProxy release) into a model directory
 (config.json + model.safetensors + README.md) that --model accepts and push_to_hub publishes.
 
 Every key is mapped and shape-checked. With --zoo NAME the zoo entry's settings (classes, M, inference
-protocol) are used; otherwise the architecture is read off the weights and M from the checkpoint's config."""
+protocol) are used; otherwise the architecture is read off the weights, and M and the test protocol (mode,
+window stride, test scale) come from the options given, else the checkpoint's embedded mmseg config, else the
+zoo entry with the same backbone, classes and crop."""
 
 EXAMPLES = """[bold]Examples[/]
 
   regproxy convert regproxy-s16-ade.pth models/s16-ade --zoo s16-ade
 
-  regproxy convert my_run.pth models/mine --backbone s16 --head-depth 3"""
+  regproxy convert my_run.pth models/mine --backbone s16 --head-depth 3
+
+  regproxy convert my_run.pth models/mine --mode slide --window-stride 512 --test-scale 2048x1024"""
 
 
 def convert(
@@ -36,15 +41,34 @@ def convert(
     head_depth: Annotated[int | None, typer.Option(
         "--head-depth", help="Token-head depth M, blocks before the affinity tap (default: from the checkpoint)."
     )] = None,
+    mode: Annotated[Mode | None, typer.Option(
+        "--mode", help="whole | slide: how the model is tested (default: from the checkpoint or the zoo)."
+    )] = None,
+    window_stride: Annotated[int | None, typer.Option(
+        "--window-stride", help="Sliding-window stride in pixels (default: from the checkpoint or the zoo).", min=1
+    )] = None,
+    test_scale: Annotated[str | None, typer.Option(
+        "--test-scale", metavar="LONGxSHORT",
+        help="Keep-ratio bound images are resized to for testing, e.g. 2048x1024 (default: from the checkpoint "
+             "or the zoo)."
+    )] = None,
 ) -> None:
     if zoo is not None:
         if zoo not in ZOO:
             raise RegproxyError(f"unknown zoo model {zoo!r}; available: {', '.join(ZOO)}")
-        if backbone or classes or head_depth is not None:
-            raise RegproxyError("--zoo sets everything; do not combine it with --backbone/--classes/--head-depth")
+        if backbone or classes or head_depth is not None or mode or window_stride or test_scale:
+            raise RegproxyError("--zoo sets everything; do not combine it with --backbone/--classes/--head-depth/"
+                                "--mode/--window-stride/--test-scale")
         converted = convert_authors_checkpoint(source, ZOO[zoo].config())
     else:
-        converted = convert_authors_checkpoint(source, backbone=backbone, num_classes=classes, m=head_depth)
+        scale = None
+        if test_scale is not None:
+            sides = parse_size("--test-scale", test_scale)
+            scale = (max(sides), min(sides))  # mmseg's keep-ratio bound: the order does not matter
+        converted = convert_authors_checkpoint(
+            source, known=zoo_configs(), backbone=backbone, num_classes=classes, m=head_depth,
+            inference_mode=mode.value if mode else None, window_stride=window_stride, test_scale=scale,
+        )
     save_pretrained(converted, destination)
     config = converted.config
     console.print(f"wrote {destination} ({config.backbone}, M={config.m}, {config.num_classes} classes, "

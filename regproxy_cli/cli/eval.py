@@ -22,7 +22,7 @@ from regproxy_cli.cli.options import (
     check_precision,
     check_window_batch,
     compile_if,
-    parse_device,
+    start_runtime,
 )
 from regproxy_cli.cli.output import console, print_json
 from regproxy_cli.engine.evaluate import evaluate, open_eval_dataset
@@ -32,13 +32,16 @@ SUMMARY = "Evaluate a model on a dataset: mIoU, mAcc, aAcc as mmsegmentation com
 HELP = """Evaluate a model (zoo name, Hub repo id, model directory or .pth) on a dataset: a training config
 (its data section) or a dataset folder (ADE20K, Cityscapes, Pascal Context or the folder format).
 Uses the model's own protocol (test scale, whole or sliding window); --tta adds the paper's multi-scale
-(0.5-1.75) + flip test. Runs under torchrun too (each process takes a share of the images)."""
+(0.5-1.75) + flip test. Under torchrun each process evaluates a share of the images on its own GPU (gloo on CPUs)
+and the counts are summed: the result equals a single process's.""" 
 
 EXAMPLES = """[bold]Examples[/]
 
   regproxy eval --model runs/demo/best --data configs/demo.yaml
 
-  regproxy eval --model s16-ade --data /data/ADEChallengeData2016 --tta --json"""
+  regproxy eval --model s16-ade --data /data/ADEChallengeData2016 --tta --json
+
+  torchrun --nproc-per-node 8 -m regproxy_cli eval --model s16-ade --data /data/ADEChallengeData2016"""
 
 
 def eval_command(
@@ -55,13 +58,15 @@ def eval_command(
     as_json: JsonOption = False,
 ) -> None:
     check_window_batch(window_batch)
+    runtime = start_runtime(device)  # under torchrun: the process group, and this process's GPU
     dataset = open_eval_dataset(data, split)
-    torch_device = parse_device(device)
-    run_precision = check_precision(precision, torch_device)
-    segmenter = load_model(model).to(torch_device)
+    run_precision = check_precision(precision, runtime.device)
+    segmenter = load_model(model).to(runtime.device)
     compile_if(compile_network, segmenter, run_precision)
     result = evaluate(segmenter, dataset, mode=mode.value if mode else None, tta=tta, batch_size=window_batch,
                       precision=run_precision, save_dir=save_predictions, progress=not as_json)
+    if not runtime.main:  # the result is the same on every process; one prints it
+        return
     classes = segmenter.config.classes
     if as_json:
         print_json({**{k: result[k] for k in ("mIoU", "mAcc", "aAcc", "images")},

@@ -27,7 +27,8 @@ def models(
             "name": entry.name, "backbone": entry.backbone, "title": get_backbone(entry.backbone).title,
             "dataset": entry.dataset, "classes": config.num_classes, "m": entry.m, "crop": entry.crop,
             "window_stride": config.stride, "test_scale": config.test_scale, "miou": entry.miou,
-            "miou_ms": entry.miou_ms, "hub_repo": entry.hub_repo, "authors_url": entry.authors_url,
+            "miou_ms": entry.miou_ms, "hub_repo": entry.hub_repo, "hub_revision": entry.hub_revision,
+            "authors_url": entry.authors_url, "sha256": entry.sha256,
             "cached": (cache_dir() / "converted" / entry.name / CONFIG_NAME).is_file(),
         })
     if as_json:
@@ -41,5 +42,6 @@ def models(
         table.add_row(r["name"], r["title"], str(r["classes"]), str(r["m"]), str(r["crop"]), str(r["window_stride"]),
                       f"{r['miou']:.1f}", f"{r['miou_ms']:.1f}", "yes" if r["cached"] else "")
     console.print(table)
-    console.print(f"Weights: the Hub repo regproxy/<name> if published, else the authors' release, converted once "
-                  f"into {cache_dir() / 'converted'}.")
+    revisions = sorted({entry.hub_revision for entry in ZOO.values()})
+    console.print(f"Weights: the Hub repo regproxy/<name> at revision {', '.join(revisions)} if published, else the "
+                  f"authors' release (sha256-checked), converted once into {cache_dir() / 'converted'}.")

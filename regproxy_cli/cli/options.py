@@ -9,8 +9,9 @@ import torch
 import typer
 
 from regproxy_cli.cli.output import err_console
+from regproxy_cli.engine.distributed import Runtime, setup_runtime
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.inference.runtime import autocast, compile_backbone
+from regproxy_cli.inference.runtime import autocast, compile_backbone, resolve_device
 
 
 class Mode(str, Enum):
@@ -48,14 +49,18 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of 
 
 def parse_device(device: str) -> torch.device:
     """``--device``: a torch device that exists on this machine (``auto``: CUDA when present), or one error line."""
-    if device == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:
-        torch_device = torch.device(device)
-        torch.empty(0, device=torch_device)
-    except (RuntimeError, AssertionError) as exc:
-        raise RegproxyError(f"--device {device}: {str(exc).splitlines()[0]}") from None
-    return torch_device
+        return resolve_device(device)
+    except RegproxyError as exc:
+        raise RegproxyError(f"--{exc}") from None
+
+
+def start_runtime(device: str) -> Runtime:
+    """``--device`` for a command that runs under ``torchrun`` too: this process's device, the process group started."""
+    try:
+        return setup_runtime(device)
+    except RegproxyError as exc:
+        raise RegproxyError(f"--{exc}") from None
 
 
 def check_window_batch(window_batch: int) -> int:

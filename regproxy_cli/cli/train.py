@@ -33,9 +33,11 @@ def train(
         list[str] | None, typer.Option("--set", help="Override one value: section.key=value (repeatable).")
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in run.out_dir from last.pt.")] = False,
+    allow_config_change: Annotated[bool, typer.Option(
+        "--allow-config-change", help="With --resume: continue although the config differs from last.pt's.")] = False,
 ) -> None:
     from regproxy_cli.engine.train import train as run_training
 
     cfg = load_config(config, overrides or [])
-    best = run_training(cfg, resume=resume)
+    best = run_training(cfg, resume=resume, allow_config_change=allow_config_change)
     console.print(f"model: {best}  (regproxy eval --model {best} --data {config})")

@@ -39,7 +39,6 @@ from regproxy_cli.constants import IGNORE_INDEX, IMAGE_SUFFIXES
 from regproxy_cli.errors import RegproxyError, one_line
 from regproxy_cli.images import READ_ERRORS, load_image
 
-
 # Cityscapes labelIds -> trainIds (cityscapesScripts' labels.py); every id not listed is ignored.
 CITYSCAPES_ID_TO_TRAIN_ID: dict[int, int] = {
     7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13, 27: 14,

@@ -16,6 +16,7 @@ import yaml
 
 from regproxy_cli.data.datasets import SegmentationDataset
 from regproxy_cli.data.open import SyntheticSpec, open_dataset
+from regproxy_cli.engine.losses import MEAN_OVER
 from regproxy_cli.errors import RegproxyError
 
 
@@ -78,6 +79,13 @@ class OptimSection:
 
 
 @dataclass
+class LossSection:
+    # what the summed cross-entropy is divided by: "all" = every pixel of the batch, ignored ones included
+    # (mmseg 0.17's CrossEntropyLoss, so the paper's); "labelled" = only the pixels that carry a label
+    mean_over: str = "all"
+
+
+@dataclass
 class RunSection:
     out_dir: str = "runs/run"
     seed: int = 0
@@ -87,6 +95,7 @@ class RunSection:
     save_every: int = 4000
     log_every: int = 50
     threads: int | None = None  # CPU threads per process; None = torch's default
+    deterministic: bool = False  # torch.use_deterministic_algorithms: bit-exact resume on GPUs, somewhat slower
 
 
 @dataclass
@@ -95,6 +104,7 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     test: TestSection = field(default_factory=TestSection)
     optim: OptimSection = field(default_factory=OptimSection)
+    loss: LossSection = field(default_factory=LossSection)
     run: RunSection = field(default_factory=RunSection)
 
     def to_dict(self) -> dict:
@@ -105,6 +115,7 @@ _CHOICES = {
     "data.kind": ("ade20k", "cityscapes", "pascal-context", "pascal-context-59", "folder", "synthetic"),
     "test.mode": ("slide", "whole"),
     "optim.schedule": ("poly", "cosine_restart"),
+    "loss.mean_over": MEAN_OVER,
     "run.precision": ("fp32", "bf16", "fp16"),
 }
 
@@ -149,7 +160,7 @@ def _build(cls: type, data: dict, prefix: str) -> object:
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
         sub = {"model": ModelSection, "data": DataSection, "test": TestSection, "optim": OptimSection,
-               "run": RunSection}.get(name) if cls is TrainConfig else None
+               "loss": LossSection, "run": RunSection}.get(name) if cls is TrainConfig else None
         values[name] = _build(sub, value, key) if sub else _check_value(key, value, hints[name])
     return cls(**values)
 

@@ -6,23 +6,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
 from regproxy_cli.data.datasets import SegmentationDataset
 from regproxy_cli.data.open import open_dataset
 from regproxy_cli.engine.config import load_config
+from regproxy_cli.engine.distributed import barrier, rank_world
 from regproxy_cli.engine.metrics import ConfusionMatrix
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.images import save_label_png
 from regproxy_cli.inference.predictor import predict_labels
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 @torch.inference_mode()
@@ -46,7 +40,7 @@ def evaluate(
     config = model.config
     if dataset.num_classes != config.num_classes:
         raise RegproxyError(f"the model predicts {config.num_classes} classes but the dataset has {dataset.num_classes}")
-    rank, world = _rank_world()
+    rank, world = rank_world()
     was_training = model.training
     model.eval()
     matrix = ConfusionMatrix(config.num_classes)
@@ -73,7 +67,17 @@ def evaluate(
 
 
 def open_eval_dataset(data: str, split: str | None = None) -> SegmentationDataset:
-    """``--data``: a training config (its data section) or a dataset folder (format detected)."""
+    """``--data``: a training config (its data section) or a dataset folder (format detected).
+
+    Under torchrun the main process opens it first, so synthetic scenes are generated once, not by every process.
+    """
+    rank, _ = rank_world()
+    dataset = _open_eval_dataset(data, split) if rank == 0 else None
+    barrier()
+    return dataset if dataset is not None else _open_eval_dataset(data, split)
+
+
+def _open_eval_dataset(data: str, split: str | None) -> SegmentationDataset:
     path = Path(data)
     if path.suffix in (".yaml", ".yml"):
         section = load_config(path).data

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from regproxy_cli.engine.distributed import all_reduce_sum
 
 
 class ConfusionMatrix:
@@ -61,14 +62,10 @@ class ConfusionMatrix:
         self.matrix += counts.to(self.matrix.device)
 
     def all_reduce(self) -> None:
-        """Sum the matrices of all processes (a no-op unless torch.distributed is initialised)."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        if self.matrix is None:
-            # Every rank must join the collective, even one that saw no batch.
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            self.matrix = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64, device=device)
-        dist.all_reduce(self.matrix)
+        """Sum the matrices of all processes (a no-op without a process group); every process must call it."""
+        if self.matrix is None:  # a rank that saw no image still joins the collective
+            self.matrix = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
+        self.matrix = all_reduce_sum(self.matrix)
 
     def compute(self) -> dict[str, float | np.ndarray]:
         """The metrics of everything counted so far.
@@ -210,13 +207,8 @@ class BoundaryFScore:
         self.counts += counts
 
     def all_reduce(self) -> None:
-        """Sum the counts of all processes (a no-op unless torch.distributed is initialised)."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        counts = self.counts.to(device)
-        dist.all_reduce(counts)
-        self.counts = counts.cpu()
+        """Sum the counts of all processes (a no-op without a process group); every process must call it."""
+        self.counts = all_reduce_sum(self.counts).cpu()
 
     def compute(self) -> dict[str, float | np.ndarray]:
         """The scores of everything counted so far.

@@ -1,7 +1,8 @@
 """``regproxy train``: the paper's training protocol in one loop you can read top to bottom.
 
 AdamW (no weight decay on position embeddings, prefix tokens and norms), linear warm-up then poly or
-cosine restarts by iteration, cross-entropy with ignore 255, optional bf16/fp16 autocast and gradient
+cosine restarts by iteration, cross-entropy with ignore 255 averaged as mmseg 0.17 does (over all pixels, see
+:mod:`~regproxy_cli.engine.losses`), optional bf16/fp16 autocast and gradient
 accumulation, torch DDP under ``torchrun`` (NCCL on GPU with SyncBN in the affinity head, gloo on CPU),
 evaluation every N iterations keeping the best model, atomic checkpoints, and an exact ``--resume``:
 the data stream and its augmentations are a pure function of (seed, sample position), and the model,
@@ -13,14 +14,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -28,8 +28,10 @@ from tqdm import tqdm
 from regproxy_cli.constants import IGNORE_INDEX
 from regproxy_cli.data.transforms import train_pipeline
 from regproxy_cli.engine.config import OptimSection, TrainConfig, dump_config
+from regproxy_cli.engine.distributed import Runtime, barrier, setup_runtime
 from regproxy_cli.engine.evaluate import evaluate
-from regproxy_cli.errors import RegproxyError
+from regproxy_cli.engine.losses import segmentation_loss
+from regproxy_cli.errors import RegproxyError, listed, one_line
 from regproxy_cli.files import write_atomic
 from regproxy_cli.io.checkpoint import save_pretrained
 from regproxy_cli.model.config import ModelConfig
@@ -37,34 +39,6 @@ from regproxy_cli.model.plugins import get_backbone
 from regproxy_cli.model.regproxy import build_from_config
 
 NO_DECAY_KEYS = ("pos_embed", "cls_token", "dist_token", "norm")  # the authors' paramwise_cfg, in our names
-
-
-@dataclass
-class Runtime:
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_runtime(device: str) -> Runtime:
-    """One process, or one of ``torchrun``'s (RANK/WORLD_SIZE/LOCAL_RANK set): NCCL on GPU, gloo on CPU."""
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise RegproxyError("run.device is cuda but no CUDA device is available")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if use_cuda:
-        torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(torch_device)
-    else:
-        torch_device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Runtime(rank, world, torch_device)
 
 
 class TrainStream(Dataset):
@@ -161,9 +135,10 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    # RNG states are CPU ByteTensors whatever device the run uses: set_rng_state refuses any other
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 class _Log:
@@ -204,10 +179,109 @@ def build_training_model(config: TrainConfig, classes, palette) -> nn.Module:
     return build_from_config(model_config, pretrained_backbone=m.pretrained, drop_path_rate=m.drop_path_rate)
 
 
-def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> Path:
-    """Run (or resume) training; returns the directory of the best model (or the last one without evaluation)."""
-    runtime = setup_runtime(config.run.device)
+UNCHECKED_ON_RESUME = ("data.workers", "run.threads")  # they change speed, not results
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A training checkpoint (``last.pt``), on the CPU whatever device wrote it, without running pickled code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise RegproxyError(f"{path}: not a readable training checkpoint ({one_line(exc)[:200]})") from None
+
+
+def changed_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts (a key on one side only counts)."""
+    keys = []
+    for key in sorted(set(saved) | set(current)):
+        dotted = f"{prefix}{key}"
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            keys += changed_keys(old, new, f"{dotted}.")
+        elif old != new and dotted not in UNCHECKED_ON_RESUME:
+            keys.append(dotted)
+    return keys
+
+
+@dataclass
+class Trainer:
+    """What one optimisation step needs: the (possibly DDP-wrapped) network and its optimisation state."""
+
+    model: nn.Module  # the model itself: what is saved and evaluated
+    net: nn.Module  # what runs the forward pass: the model, or DDP around it
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    config: TrainConfig
+    device: torch.device
+
+    def step(self, batches) -> tuple[float, int]:
+        """One iteration: accumulate gradients over ``optim.accum_steps`` batches, then update; (loss, images)."""
+        o = self.config.optim
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.run.precision)
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss, images_seen = 0.0, 0
+        for micro in range(o.accum_steps):
+            images, labels = next(batches)
+            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            # DDP: gradients are exchanged on the last micro-batch only
+            last = micro == o.accum_steps - 1 or not isinstance(self.net, nn.parallel.DistributedDataParallel)
+            with (nullcontext() if last else self.net.no_sync()), torch.autocast(
+                    self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                logits = self.net(images)
+                loss = segmentation_loss(logits.float(), labels, mean_over=self.config.loss.mean_over) / o.accum_steps
+                self.scaler.scale(loss).backward()
+            total_loss += loss.item()
+            images_seen += images.shape[0]
+        if math.isfinite(total_loss):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+        return total_loss, images_seen
+
+    def state(self, iteration: int, best: dict) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": _rng_state(),
+                "iteration": iteration, "best": best, "config": self.config.to_dict()}
+
+    def restore(self, state: dict) -> tuple[int, dict]:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])  # moves its state to the parameters' device
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        return state["iteration"], state["best"]
+
+
+def build_trainer(config: TrainConfig, model: nn.Module, runtime: Runtime) -> Trainer:
+    """Model on its device (DDP with SyncBN on GPUs under torchrun), AdamW, the lr schedule, the fp16 scaler."""
+    o = config.optim
+    model = model.to(runtime.device)
+    net = model
+    if runtime.world > 1:
+        if runtime.device.type == "cuda":  # the affinity head's BN over all GPUs (SyncBN has no CPU kernel)
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, o))
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.run.precision == "fp16")
+    return Trainer(model, net, optimizer, scheduler, scaler, config, runtime.device)
+
+
+def train(config: TrainConfig, *, resume: bool = False, allow_config_change: bool = False,
+          progress: bool = True) -> Path:
+    """Run (or resume) training; returns the directory of the best model (or the last one without evaluation).
+
+    ``resume`` continues from ``run.out_dir/last.pt``, which must exist and must have been written with the same
+    config (``allow_config_change`` accepts a different one, e.g. more iterations).
+    """
     o, r = config.optim, config.run
+    if r.deterministic:  # cuBLAS needs its workspace fixed before CUDA starts (setup_runtime starts it)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    runtime = setup_runtime(config.run.device)
     per_process, rest = divmod(o.batch_size, runtime.world * o.accum_steps)
     if rest or per_process < 1:
         raise RegproxyError(f"optim.batch_size {o.batch_size} must be a multiple of processes ({runtime.world}) x "
@@ -217,45 +291,35 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     if r.threads:
         torch.set_num_threads(r.threads)
     out_dir = Path(r.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     last_path = out_dir / "last.pt"
+    if resume and not last_path.is_file():
+        raise RegproxyError(f"--resume: {last_path} does not exist, there is nothing to resume; run without --resume")
     if not resume and last_path.exists():
         raise RegproxyError(f"{out_dir} already holds a run: pass --resume to continue it, or choose run.out_dir")
+    checkpoint = read_checkpoint(last_path) if resume else None
+    if checkpoint is not None and not allow_config_change:
+        changed = changed_keys(checkpoint.get("config", {}), config.to_dict())
+        if changed:
+            raise RegproxyError(f"--resume: the config differs from the one {last_path} was trained with in "
+                                f"{listed(changed)}; pass --allow-config-change to continue with the new one")
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(r.seed)
     if runtime.main:
         config.data.open(config.data.train_split)  # generates synthetic scenes once, before the others read them
-    if runtime.world > 1:
-        dist.barrier()
+    barrier()
     train_set = config.data.open(config.data.train_split)
     val_set = config.data.open(config.data.val_split)
     if len(train_set) == 0:
         raise RegproxyError(f"{config.data.root}: the {config.data.train_split} split is empty")
 
-    model = build_training_model(config, train_set.classes, train_set.palette).to(runtime.device)
-    raw_model = model
-    if runtime.world > 1:
-        if runtime.device.type == "cuda":  # the affinity head's BN over all GPUs (SyncBN has no CPU kernel)
-            nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(param_groups(raw_model, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, o))
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=r.precision == "fp16")
-    start, best = 0, {"mIoU": -1.0, "iter": 0}
-
-    if resume and last_path.exists():
-        state = torch.load(last_path, map_location=runtime.device, weights_only=False)
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        start, best = state["iteration"], state["best"]
+    trainer = build_trainer(config, build_training_model(config, train_set.classes, train_set.palette), runtime)
+    model = trainer.model
+    start, best = trainer.restore(checkpoint) if checkpoint is not None else (0, {"mIoU": -1.0, "iter": 0})
     if runtime.main:
-        (out_dir / "config.yaml").write_text(dump_config(config))
+        write_atomic(out_dir / "config.yaml", lambda tmp: Path(tmp).write_text(dump_config(config)))
 
-    stream = TrainStream(train_set, _SeededPipeline(config, raw_model.config.mean, raw_model.config.std), r.seed)
+    stream = TrainStream(train_set, _SeededPipeline(config, model.config.mean, model.config.std), r.seed)
     loader = DataLoader(
         stream, batch_size=per_process, sampler=_Positions(start, o.iters, per_process * o.accum_steps,
                                                            runtime.rank, runtime.world),
@@ -265,61 +329,43 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     )
     batches = iter(loader)
     log = _Log(out_dir, runtime.main)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.precision)
     bar = tqdm(total=o.iters, initial=start, desc="training", unit="it", disable=not (progress and runtime.main),
                dynamic_ncols=True)
-    model.train()
+    trainer.net.train()
     images_seen, started = 0, time.perf_counter()
     for iteration in range(start, o.iters):
-        optimizer.zero_grad(set_to_none=True)
-        total_loss = 0.0
-        for micro in range(o.accum_steps):
-            images, labels = next(batches)
-            images, labels = images.to(runtime.device, non_blocking=True), labels.to(runtime.device, non_blocking=True)
-            sync = micro == o.accum_steps - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
-            with (nullcontext() if sync else model.no_sync()), torch.autocast(
-                    runtime.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                logits = model(images)
-                loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX) / o.accum_steps
-                scaler.scale(loss).backward()
-            total_loss += loss.item()
-            images_seen += images.shape[0] * runtime.world
-        if not math.isfinite(total_loss):
+        loss, images = trainer.step(batches)
+        if not math.isfinite(loss):
             raise RegproxyError(
-                f"the loss became {total_loss} at iteration {iteration} (lr {scheduler.get_last_lr()[0]:.3g}): lower "
-                f"optim.lr or use run.precision fp32; --resume restarts from the last checkpoint in {out_dir}"
+                f"the loss became {loss} at iteration {iteration} (lr {trainer.scheduler.get_last_lr()[0]:.3g}): "
+                f"lower optim.lr or use run.precision fp32; --resume restarts from the last checkpoint in {out_dir}"
             )
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        images_seen += images * runtime.world
         done = iteration + 1
-        bar.set_postfix(loss=f"{total_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+        lr = trainer.scheduler.get_last_lr()[0]
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
         bar.update(1)
         if done % r.log_every == 0 or done == o.iters:
-            elapsed = time.perf_counter() - started
-            log.write(done, loss=total_loss, lr=scheduler.get_last_lr()[0], images_per_s=images_seen / elapsed)
+            log.write(done, loss=loss, lr=lr, images_per_s=images_seen / (time.perf_counter() - started))
         if done % r.eval_every == 0 or done == o.iters:
-            metrics = evaluate(raw_model, val_set, progress=progress and runtime.main)
-            raw_model.config.metrics = {"mIoU": round(metrics["mIoU"], 2), "mAcc": round(metrics["mAcc"], 2),
-                                        "aAcc": round(metrics["aAcc"], 2), "iteration": done}
+            metrics = evaluate(model, val_set, progress=progress and runtime.main)
+            model.config.metrics = {"mIoU": round(metrics["mIoU"], 2), "mAcc": round(metrics["mAcc"], 2),
+                                    "aAcc": round(metrics["aAcc"], 2), "iteration": done}
             log.write(done, **{k: metrics[k] for k in ("mIoU", "mAcc", "aAcc")})
             if runtime.main:
                 bar.write(f"iteration {done}: mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  "
                           f"aAcc {metrics['aAcc']:.2f}")
                 if metrics["mIoU"] > best["mIoU"]:
                     best = {"mIoU": metrics["mIoU"], "iter": done}
-                    save_pretrained(raw_model, out_dir / "best")
-            model.train()
+                    save_pretrained(model, out_dir / "best")
+            trainer.net.train()
         if runtime.main and (done % r.save_every == 0 or done == o.iters):
-            state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
-                     "iteration": done, "best": best, "config": config.to_dict()}
+            state = trainer.state(done, best)
             write_atomic(last_path, lambda tmp, state=state: torch.save(state, tmp))
     bar.close()
     if runtime.main:
-        save_pretrained(raw_model, out_dir / "final")
+        save_pretrained(model, out_dir / "final")
         log.write(o.iters, best_mIoU=best["mIoU"], best_iter=best["iter"],
                   images_per_s=images_seen / max(time.perf_counter() - started, 1e-9))
-    if runtime.world > 1:
-        dist.barrier()
+    barrier()
     return out_dir / ("best" if best["mIoU"] >= 0 else "final")

@@ -14,7 +14,7 @@ from torch import nn
 from regproxy_cli.data.transforms import rescale_size
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.images import load_image
-from regproxy_cli.inference.protocol import segment_probs, slide_logits
+from regproxy_cli.inference.protocol import segment_labels, slide_logits
 from regproxy_cli.inference.runtime import autocast
 from regproxy_cli.model.config import ModelConfig
 from regproxy_cli.model.resize import resize_argmax
@@ -77,7 +77,8 @@ def predict_labels(
 
     Args:
         mode: 'whole' or 'slide' (default: the config's inference mode).
-        tta: the paper's multi-scale (0.5-1.75) + flip test, averaging softmax probabilities.
+        tta: the paper's multi-scale (0.5-1.75) + flip test as mmseg 0.17 runs it: each augmentation's logits
+            resized to the image's size, softmaxed, averaged (memory bounded: see ``segment_labels``).
         scale: multiplies the config's test scale (or the image size when it has none).
         batch_size: sliding windows per forward pass.
         precision: fp32, or bf16 / fp16 autocast for the network (resizing and argmax stay float32).
@@ -94,23 +95,20 @@ def predict_labels(
     x = normalise(rgb, config, device)
     size = working_size(height, width, config, scale)
     with autocast(device, precision):
-        if mode == "whole" and not tta and size == (height, width) and hasattr(model, "labels"):
+        if tta:  # mmseg's aug_test: each augmentation's logits resized to the original size, then softmax
+            if config.test_scale is None:  # `scale` then scales the image itself, as without TTA
+                test_scale, ratios = None, tuple(ratio * scale for ratio in TTA_RATIOS)
+            else:
+                test_scale, ratios = (config.test_scale[0] * scale, config.test_scale[1] * scale), TTA_RATIOS
+            return segment_labels(
+                model, x, num_classes=config.num_classes, mode=mode, window=(config.crop_size,) * 2,
+                stride=(config.stride,) * 2, test_scale=test_scale, ratios=ratios, flip=True,
+                out_size=(height, width), batch_size=batch_size,
+            ).cpu().numpy()
+        if mode == "whole" and size == (height, width) and hasattr(model, "labels"):
             return model.labels(x)[0].cpu().numpy()  # one resize: straight from the grid logits to labels
-        scores = _scores(model, x, config, mode=mode, tta=tta, scale=scale, size=size, batch_size=batch_size)
+        if size != (height, width):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        logits = _logits_at(model, x, config, mode, batch_size)[0]
     # resize to the original in row chunks: a huge photo never needs a K x H x W tensor
-    return resize_argmax(scores.float(), (height, width)).cpu().numpy()
-
-
-def _scores(model: nn.Module, x: torch.Tensor, config: ModelConfig, *, mode: str, tta: bool, scale: float,
-            size: tuple[int, int], batch_size: int) -> torch.Tensor:
-    """(K, h, w) logits (or TTA probabilities) of one normalised image at the working size."""
-    if tta:
-        return segment_probs(
-            model, x, num_classes=config.num_classes, mode=mode, window=(config.crop_size,) * 2,
-            stride=(config.stride,) * 2, test_scale=None if config.test_scale is None else
-            (config.test_scale[0] * scale, config.test_scale[1] * scale), ratios=TTA_RATIOS, flip=True,
-            out_size=size, batch_size=batch_size,
-        )
-    if size != tuple(x.shape[-2:]):
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    return _logits_at(model, x, config, mode, batch_size)[0]
+    return resize_argmax(logits.float(), (height, width)).cpu().numpy()

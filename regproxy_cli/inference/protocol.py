@@ -7,7 +7,7 @@ loading, normalising and saving images is :mod:`regproxy_cli.inference.predictor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ from torch import nn
 
 from regproxy_cli.data.transforms import rescale_size
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.model.resize import check_pair
+from regproxy_cli.model.resize import bilinear_taps, check_pair
 
 MODES = ("whole", "slide")
 
@@ -99,6 +99,70 @@ def slide_logits(
     return logits_sum.div_(count)
 
 
+TTA_FULL_SIZE_LIMIT = 1 << 26  # K x H x W floats (256 MB) of output-size probabilities; above, rows in bands
+
+
+def scale_sizes(
+    height: int, width: int, *, test_scale: tuple[float, float] | None, ratios: Sequence[float]
+) -> list[tuple[int, int]]:
+    """The size an H x W image is resized to for each ratio of mmseg's multi-scale test.
+
+    With a test scale, ``rescale_size(H, W, test_scale * r)`` (mmseg multiplies the scale, truncating to int, and
+    keeps the aspect ratio); without one, the image size times r, rounded half up. Never below 1 x 1.
+    """
+    if not ratios:
+        raise RegproxyError("at least one test scale ratio is needed")
+    sizes = []
+    for ratio in ratios:
+        if ratio <= 0:
+            raise RegproxyError(f"test scale ratios must be positive, got {ratio}")
+        if test_scale is None:
+            size = (int(height * ratio + 0.5), int(width * ratio + 0.5))
+        else:
+            size = rescale_size(height, width, (int(test_scale[0] * ratio), int(test_scale[1] * ratio)))
+        sizes.append((max(size[0], 1), max(size[1], 1)))
+    return sizes
+
+
+def _augmented_logits(
+    model: nn.Module,
+    image: torch.Tensor,
+    *,
+    num_classes: int,
+    mode: str,
+    window: tuple[int, int] | None,
+    stride: tuple[int, int] | None,
+    sizes: list[tuple[int, int]],
+    flip: bool,
+    batch_size: int,
+) -> Iterator[torch.Tensor]:
+    """(1, K, h, w) logits of each scale (and mirrored view, mirrored back) at its own size, in aug_test's order."""
+    if mode not in MODES:
+        raise RegproxyError(f"inference mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "slide" and (window is None or stride is None):
+        raise RegproxyError("sliding-window inference needs a window and a stride")
+    for size in sizes:
+        scaled = image
+        if size != tuple(image.shape[-2:]):
+            scaled = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        for flipped in (False, True) if flip else (False,):
+            view = scaled.flip(-1) if flipped else scaled
+            if mode == "slide":
+                logits = slide_logits(model, view, num_classes=num_classes, window=window, stride=stride,
+                                      batch_size=batch_size)
+            else:
+                logits = model(view)
+            yield logits.flip(-1) if flipped else logits
+
+
+def _one_image(image: torch.Tensor) -> torch.Tensor:
+    if image.dim() == 3:
+        image = image[None]
+    if image.dim() != 4 or image.shape[0] != 1:
+        raise ValueError(f"expected one image of shape (1, 3, H, W) or (3, H, W), got {tuple(image.shape)}")
+    return image
+
+
 @torch.inference_mode()
 def segment_probs(
     model: nn.Module,
@@ -108,7 +172,7 @@ def segment_probs(
     mode: str = "whole",
     window: tuple[int, int] | None = None,
     stride: tuple[int, int] | None = None,
-    test_scale: tuple[int, int] | None = None,
+    test_scale: tuple[float, float] | None = None,
     ratios: Sequence[float] = (1.0,),
     flip: bool = False,
     out_size: tuple[int, int],
@@ -116,10 +180,9 @@ def segment_probs(
 ) -> torch.Tensor:
     """Class probabilities of one image with mmseg's (multi-scale, flip) ``aug_test``.
 
-    For every ratio r the image is resized bilinearly to ``rescale_size(H, W, test_scale * r)`` (mmseg multiplies
-    the scale, truncating to int, and keeps the aspect ratio), run whole or sliding-window (and, with ``flip``,
-    also mirrored, its logits mirrored back); each logit map is resized bilinearly to ``out_size`` and softmaxed,
-    and the probabilities are averaged over all scales and flips.
+    For every ratio r the image is resized bilinearly to its :func:`scale_sizes` size, run whole or sliding-window
+    (and, with ``flip``, also mirrored, its logits mirrored back); each logit map is resized bilinearly to
+    ``out_size`` and softmaxed, and the probabilities are averaged over all scales and flips.
 
     Args:
         model: maps a normalised (N, 3, h, w) batch to (N, K, h, w) logits.
@@ -131,48 +194,79 @@ def segment_probs(
         test_scale: (long_max, short_max) as in mmseg's test pipeline; None keeps the input size (times r).
         ratios: scale ratios, e.g. (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) for the paper's multi-scale numbers.
         flip: also average the horizontally flipped image.
-        out_size: (height, width) of the probabilities, usually the original image's size.
+        out_size: (height, width) of the probabilities: mmseg's is the original image's size.
         batch_size: windows per forward call in ``"slide"`` mode.
 
     Returns:
         (K, out_h, out_w) probabilities, summing to 1 over the classes.
     """
-    if mode not in MODES:
-        raise RegproxyError(f"inference mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if mode == "slide" and (window is None or stride is None):
-        raise RegproxyError("sliding-window inference needs a window and a stride")
-    if not ratios:
-        raise RegproxyError("at least one test scale ratio is needed")
-    if image.dim() == 3:
-        image = image[None]
-    if image.dim() != 4 or image.shape[0] != 1:
-        raise ValueError(f"expected one image of shape (1, 3, H, W) or (3, H, W), got {tuple(image.shape)}")
+    image = _one_image(image)
     out_size = check_pair("output size", out_size)
-    height, width = image.shape[-2:]
-
-    def run(batch: torch.Tensor) -> torch.Tensor:
-        if mode == "slide":
-            return slide_logits(model, batch, num_classes=num_classes, window=window, stride=stride,
-                                batch_size=batch_size)
-        return model(batch)
-
+    sizes = scale_sizes(*image.shape[-2:], test_scale=test_scale, ratios=ratios)
     probs = image.new_zeros((num_classes, *out_size), dtype=torch.promote_types(image.dtype, torch.float32))
-    for ratio in ratios:
-        if ratio <= 0:
-            raise RegproxyError(f"test scale ratios must be positive, got {ratio}")
-        if test_scale is None:
-            size = (int(height * ratio + 0.5), int(width * ratio + 0.5))
-        else:
-            size = rescale_size(height, width, (int(test_scale[0] * ratio), int(test_scale[1] * ratio)))
-        size = (max(size[0], 1), max(size[1], 1))
-        scaled = image
-        if size != (height, width):
-            scaled = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
-        views = [(scaled, False), (scaled.flip(-1), True)] if flip else [(scaled, False)]
-        for view, flipped in views:
-            logits = run(view)
-            if flipped:
-                logits = logits.flip(-1)
-            logits = F.interpolate(logits.to(probs.dtype), size=out_size, mode="bilinear", align_corners=False)
-            probs += logits[0].softmax(dim=0)
-    return probs.div_(len(ratios) * (2 if flip else 1))
+    for logits in _augmented_logits(model, image, num_classes=num_classes, mode=mode, window=window, stride=stride,
+                                    sizes=sizes, flip=flip, batch_size=batch_size):
+        logits = F.interpolate(logits.to(probs.dtype), size=out_size, mode="bilinear", align_corners=False)
+        probs += logits[0].softmax(dim=0)
+    return probs.div_(len(sizes) * (2 if flip else 1))
+
+
+def resize_rows(logits: torch.Tensor, out_size: tuple[int, int], rows: slice) -> torch.Tensor:
+    """Rows ``rows`` of ``F.interpolate(logits[None], out_size, mode="bilinear", align_corners=False)[0]``.
+
+    Made from the (K, h, w) input with :func:`~regproxy_cli.model.resize.bilinear_taps`, the taps PyTorch's
+    kernel uses, so values agree with the full resize to float rounding, without ever holding it.
+    """
+    out_h, out_w = out_size
+    low_y, high_y, frac_y = (taps[rows] for taps in bilinear_taps(logits.shape[1], out_h, logits.device))
+    low_x, high_x, frac_x = bilinear_taps(logits.shape[2], out_w, logits.device)
+    blended = torch.lerp(logits[:, low_y], logits[:, high_y], frac_y[:, None])  # (K, r, w): rows first
+    return torch.lerp(blended[:, :, low_x], blended[:, :, high_x], frac_x)
+
+
+@torch.inference_mode()
+def segment_labels(
+    model: nn.Module,
+    image: torch.Tensor,
+    *,
+    num_classes: int,
+    mode: str = "whole",
+    window: tuple[int, int] | None = None,
+    stride: tuple[int, int] | None = None,
+    test_scale: tuple[float, float] | None = None,
+    ratios: Sequence[float] = (1.0,),
+    flip: bool = False,
+    out_size: tuple[int, int],
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """(out_h, out_w) int64 labels: the argmax of :func:`segment_probs` (same arguments), in bounded memory.
+
+    mmseg holds K x out_h x out_w probabilities (plus, here, two same-size temporaries per augmentation). That is
+    what this does up to ``TTA_FULL_SIZE_LIMIT`` floats. Above it, if all augmentations' logits at their own sizes
+    take fewer floats than that accumulator (a photo much larger than the test scale: those sizes do not grow
+    with the photo), they are held instead and the output is made in bands of rows: each augmentation's band
+    resized by :func:`resize_rows`, softmaxed, summed, divided and arg-maxed. Peak memory is then those logits
+    plus a few bands of at most the limit, whatever the photo's size; labels are the same except at ties within
+    float rounding. Without a test scale the working sizes grow with the photo, so the accumulator is kept.
+    """
+    image = _one_image(image)
+    out_h, out_w = check_pair("output size", out_size)
+    sizes = scale_sizes(*image.shape[-2:], test_scale=test_scale, ratios=ratios)
+    views = len(sizes) * (2 if flip else 1)
+    full = num_classes * out_h * out_w
+    held = num_classes * sum(h * w for h, w in sizes) * (2 if flip else 1)
+    if full <= TTA_FULL_SIZE_LIMIT or held >= full:
+        return segment_probs(model, image, num_classes=num_classes, mode=mode, window=window, stride=stride,
+                             test_scale=test_scale, ratios=ratios, flip=flip, out_size=(out_h, out_w),
+                             batch_size=batch_size).argmax(0)
+    dtype = torch.promote_types(image.dtype, torch.float32)
+    augmented = _augmented_logits(model, image, num_classes=num_classes, mode=mode, window=window, stride=stride,
+                                  sizes=sizes, flip=flip, batch_size=batch_size)
+    logits = [view[0].to(dtype) for view in augmented]  # each at its own size: what stays in memory
+    labels = torch.empty(out_h, out_w, dtype=torch.int64, device=image.device)
+    band_rows = max(1, TTA_FULL_SIZE_LIMIT // (num_classes * out_w))
+    for first in range(0, out_h, band_rows):
+        rows = slice(first, min(first + band_rows, out_h))
+        probs = sum(resize_rows(view, (out_h, out_w), rows).softmax(dim=0) for view in logits)
+        labels[rows] = probs.div_(views).argmax(0)
+    return labels

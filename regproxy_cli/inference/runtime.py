@@ -10,6 +10,19 @@ from regproxy_cli.errors import RegproxyError
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+def resolve_device(device: str) -> torch.device:
+    """A torch device that exists on this machine (``auto``: the current CUDA GPU when there is one), or one error line.
+    """
+    if device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        torch_device = torch.device(device)
+        torch.empty(0, device=torch_device)
+    except (RuntimeError, AssertionError) as exc:
+        raise RegproxyError(f"device {device}: {str(exc).splitlines()[0]}") from None
+    return torch_device
+
+
 def autocast(device: torch.device | str, precision: str = "fp32") -> torch.autocast:
     """The autocast context for running a model at ``precision`` (fp32: a disabled one, i.e. plain fp32).
 

@@ -1,35 +1,38 @@
 """The authors' released models, and resolving a ``--model`` spec (directory, file, Hub repo id or zoo name).
 
 A zoo model is looked up, in order: converted weights already in the local cache; the Hugging Face Hub
-repo ``regproxy/<name>`` (through huggingface_hub and its cache); the authors' original release
-(Google Drive), downloaded once and converted on the fly into the local cache. Offline with nothing
-cached, the error says what to fetch and where to put it.
+repo ``regproxy/<name>`` at the entry's pinned revision (through huggingface_hub and its cache); the
+authors' original release (Google Drive), downloaded once, checked against its sha256 (pinned, or recorded
+at the first download) and converted on the fly into the local cache. Only a Hub that does not have the
+model (or is offline with nothing cached) falls back to the authors' release; any other Hub error is
+reported. Offline with nothing cached, the error says what to fetch and where to put it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
-import tempfile
 import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch.hub
 from huggingface_hub import constants
 from torch import nn
 
 from regproxy_cli.classes import ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
-from regproxy_cli.errors import RegproxyError
+from regproxy_cli.errors import RegproxyError, one_line
 from regproxy_cli.io.checkpoint import CONFIG_NAME, load_pretrained, save_pretrained
-from regproxy_cli.io.convert import convert_authors_checkpoint, read_authors_checkpoint
-from regproxy_cli.io.hub import hub_snapshot
+from regproxy_cli.io.convert import UnknownProtocolError, convert_authors_checkpoint, read_authors_checkpoint
+from regproxy_cli.io.hub import HubModelMissing, hub_snapshot
 from regproxy_cli.model.config import ModelConfig
 
 HUB_ORG = "regproxy"
 _HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 AUTHORS_URL = "https://drive.usercontent.google.com/download?id={id}&export=download&confirm=t"
 AUTHORS_PAGE = "https://drive.google.com/file/d/{id}/view"
+HUB_REVISION = "v1"  # the tag every zoo repo is published under (until a model is re-released)
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,10 @@ class ZooEntry:
     drive_id: str
     miou: float  # single scale, the paper's Tables 4-5
     miou_ms: float  # multi-scale + flip
+    hub_revision: str = HUB_REVISION  # the Hub tag (or commit) to load, so a later push cannot change the model
+    # sha256 of the authors' .pth; None until someone checks it from a trusted copy (Google Drive has no
+    # published hashes), and then the first download's hash is recorded beside the file and trusted
+    sha256: str | None = None
 
     @property
     def hub_repo(self) -> str:
@@ -113,6 +120,11 @@ def load_model(spec: str | os.PathLike) -> nn.Module:
     )
 
 
+def zoo_configs() -> dict[str, ModelConfig]:
+    """Every zoo entry's config by name: how an authors' checkpoint without an embedded config is tested."""
+    return {name: entry.config() for name, entry in ZOO.items()}
+
+
 def _load_local(path: Path) -> nn.Module:
     if path.is_dir():
         return load_pretrained(path)
@@ -120,7 +132,13 @@ def _load_local(path: Path) -> nn.Module:
         if not (path.parent / CONFIG_NAME).is_file():
             raise RegproxyError(f"{path}: a weights file needs its {CONFIG_NAME} beside it")
         return load_pretrained(path.parent)
-    return convert_authors_checkpoint(path)  # an authors' .pth: architecture read off the weights
+    try:  # an authors' .pth: architecture read off the weights, test protocol from its config or the zoo
+        return convert_authors_checkpoint(path, known=zoo_configs())
+    except UnknownProtocolError as exc:
+        raise RegproxyError(
+            f"{exc.path}: {exc.reason}: run `regproxy convert {exc.path} DIR {' '.join(exc.options)}` "
+            f"(or `--zoo NAME`) and pass --model DIR"
+        ) from None
 
 
 def _load_zoo(entry: ZooEntry) -> nn.Module:
@@ -128,45 +146,78 @@ def _load_zoo(entry: ZooEntry) -> nn.Module:
     if (converted / CONFIG_NAME).is_file():
         return load_pretrained(converted)
     try:
-        return load_pretrained(hub_snapshot(entry.hub_repo))
-    except RegproxyError:
-        pass  # not published on the Hub or unreachable: fall back to the authors' release
-    original = cache_dir() / "authors" / f"{entry.name}.pth"
-    if not original.is_file():
-        if _offline():
-            raise RegproxyError(
-                f"{entry.name} is not cached and the network is off (HF_HUB_OFFLINE): download the authors' "
-                f"checkpoint from {entry.authors_url} to {original} (or run `hf download {entry.hub_repo}` on a "
-                f"connected machine and copy {constants.HF_HUB_CACHE})"
-            )
-        download(AUTHORS_URL.format(id=entry.drive_id), original, what=f"{entry.name} (authors' release)",
-                 page=entry.authors_url)
-    try:
-        read_authors_checkpoint(original)
-    except RegproxyError as exc:  # e.g. Google Drive answered with a web page instead of the file
-        original.unlink()
-        raise RegproxyError(f"{exc}; download {entry.authors_url} by hand and save it as {original}") from None
+        return load_pretrained(hub_snapshot(entry.hub_repo, revision=entry.hub_revision))
+    except HubModelMissing:
+        pass  # not published there, or offline/unreachable with nothing cached: the authors' release has it
+    original = _authors_checkpoint(entry)
     model = convert_authors_checkpoint(original, entry.config())
     save_pretrained(model, converted)
     return model
 
 
-def download(url: str, destination: Path, *, what: str, page: str | None = None) -> Path:
-    """Stream ``url`` to ``destination`` atomically, with a progress bar."""
-    from tqdm import tqdm
+def _authors_checkpoint(entry: ZooEntry) -> Path:
+    """The authors' .pth of a zoo entry in the local cache: downloaded once, then checked before every use.
 
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
+    Its sha256 must be the entry's pinned one, or else the one recorded beside it (``<name>.pth.sha256``) at
+    the first download (trust on first use): a changed file is removed and reported, never converted.
+    """
+    original = cache_dir() / "authors" / f"{entry.name}.pth"
+    record = original.with_name(original.name + ".sha256")
+    expected = entry.sha256 or _recorded_sha256(record)
+    if original.is_file():
+        digest = sha256_of(original)
+        if expected is not None and digest != expected:
+            original.unlink()
+            # the record stays: the next download must match the first one (delete it if the authors re-released)
+            raise RegproxyError(
+                f"{original} has sha256 {digest}, not the {'pinned' if entry.sha256 else 'recorded'} {expected}: "
+                f"removed it; download it again from {entry.authors_url}"
+            )
+    else:
+        if _offline():
+            raise RegproxyError(
+                f"{entry.name} is not cached and the network is off (HF_HUB_OFFLINE): download the authors' "
+                f"checkpoint from {entry.authors_url} to {original} (or run `hf download {entry.hub_repo} --revision "
+                f"{entry.hub_revision}` on a connected machine and copy {constants.HF_HUB_CACHE})"
+            )
+        download(AUTHORS_URL.format(id=entry.drive_id), original, sha256=expected,
+                 what=f"{entry.name} (authors' release)", page=entry.authors_url)
+        digest = sha256_of(original)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {what}") as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-        os.replace(tmp, destination)
+        read_authors_checkpoint(original)
+    except RegproxyError as exc:  # e.g. Google Drive answered with a web page instead of the file
+        original.unlink()
+        raise RegproxyError(f"{exc}; download {entry.authors_url} by hand and save it as {original}") from None
+    if expected is None:  # first use (downloaded now, or put there by hand): trust it and remember it
+        record.write_text(f"{digest}  {original.name}\n")  # the `sha256sum -c` format
+    return original
+
+
+def _recorded_sha256(record: Path) -> str | None:
+    words = record.read_text().split() if record.is_file() else []
+    return words[0] if words else None
+
+
+def sha256_of(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(url: str, destination: Path, *, sha256: str | None, what: str, page: str | None = None) -> Path:
+    """Download ``url`` to ``destination`` atomically with a progress bar; refuse it unless its sha256 is ``sha256``."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(destination), hash_prefix=sha256, progress=True)
+    except RuntimeError as exc:  # torch's 'invalid hash value': the partial file is already gone
+        raise RegproxyError(
+            f"{what} from {url} failed its sha256 check ({one_line(exc)}): not kept; fetch {page or url} by hand and "
+            f"check it before saving it as {destination}"
+        ) from None
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise RegproxyError(
             f"cannot download {what} ({getattr(exc, 'reason', exc)}): fetch {page or url} by hand and save it as "
             f"{destination}"
