@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from conftest import TINY_HYBRID, TINY_VIT
 from regproxy_cli import RegproxyError, build_model
@@ -47,9 +48,9 @@ def test_config_json_and_card(tmp_path):
     card = (tmp_path / "m" / "README.md").read_text()
     front, body = card.split("\n---\n", 1)
     assert front.startswith("---\n")
-    front_lines = front.splitlines()[1:]
-    assert "library_name: regproxy" in front_lines and "pipeline_tag: image-segmentation" in front_lines
-    assert 'datasets: ["ade20k"]' in front_lines
+    meta = yaml.safe_load(front.removeprefix("---\n"))
+    assert meta["library_name"] == "regproxy" and meta["pipeline_tag"] == "image-segmentation"
+    assert meta["datasets"] == ["ade20k"] and "model-index" not in meta  # no metrics yet: nothing to index
     body_lines = body.splitlines()
     assert "# RegProxy (h×w = 4×4) on tiny-vit" in body_lines
     assert "- backbone: `tiny-vit`, token-head depth M = 1" in body_lines
@@ -98,8 +99,9 @@ def test_push_to_hub_uploads_a_loadable_directory(tmp_path, monkeypatch):
         def create_repo(self, repo_id, private, exist_ok):
             calls.append(("create", repo_id, private, exist_ok))
 
-        def upload_folder(self, folder_path, repo_id, commit_message):
-            calls.append(("upload", sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir()), repo_id))
+        def upload_folder(self, folder_path, repo_id, revision, commit_message):
+            calls.append(("upload", sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir()), repo_id,
+                          revision))
             return "https://huggingface.co/me/tiny/commit/abc"
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
@@ -108,7 +110,7 @@ def test_push_to_hub_uploads_a_loadable_directory(tmp_path, monkeypatch):
     save_pretrained(build_model(TINY_VIT, 3), tmp_path / "m")
     assert push_to_hub(tmp_path / "m", "me/tiny", private=True) == "https://huggingface.co/me/tiny/commit/abc"
     assert calls == [("token", None), ("create", "me/tiny", True, True),
-                     ("upload", ["README.md", "config.json", "model.safetensors"], "me/tiny")]
+                     ("upload", ["README.md", "config.json", "model.safetensors"], "me/tiny", None)]
     (tmp_path / "m" / "model.safetensors").unlink()
     with pytest.raises(RegproxyError, match="model.safetensors is missing"):
         push_to_hub(tmp_path / "m", "me/tiny")

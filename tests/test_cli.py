@@ -18,7 +18,7 @@ from regproxy_cli.engine.config import TrainConfig
 from regproxy_cli.model.flops import FlopCount
 
 runner = CliRunner()
-COMMANDS = ("train", "eval", "predict", "models", "convert", "export", "flops", "backbones")
+COMMANDS = ("train", "eval", "predict", "models", "convert", "export", "flops", "backbones", "benchmark", "push")
 
 
 def test_top_level_help_lists_every_command_with_a_whole_summary():
@@ -96,7 +96,7 @@ def test_eval_passes_every_option(monkeypatch, tmp_path):
                     "--device", "cpu", "--window-batch", "3", "--precision", "bf16", "--save-predictions",
                     str(tmp_path / "p"), "--json")
     assert opened.only == (("cfg.yaml", "test"), {})
-    assert loaded.only == (("runs/x/best",), {})
+    assert loaded.only == (("runs/x/best",), {"provider": "cpu"})
     (segmenter, data), options = evaluated.only
     assert segmenter is model and data is dataset
     assert options == {"mode": "whole", "tta": True, "batch_size": 3, "precision": "bf16",
@@ -119,13 +119,18 @@ def test_predict_passes_every_option(monkeypatch, tmp_path):
     monkeypatch.setattr(predict_cli, "load_model", Recorder(model))
     files = Recorder(predict_cli.PredictReport(written=[tmp_path / "out" / "a.png"]))
     monkeypatch.setattr(predict_cli, "predict_files", files)
+    loaded = Recorder(model)
+    monkeypatch.setattr(predict_cli, "load_model", loaded)
     invoke("predict", str(image), "-m", "s16-ade", "-o", str(tmp_path / "out"), "--mode", "slide", "--scale", "0.5",
-           "--tta", "--regions", "--device", "cpu", "--window-batch", "2", "--precision", "bf16")
+           "--tta", "--regions", "--device", "cpu", "--window-batch", "2", "--precision", "bf16", "--batch", "3",
+           "--format", "png", "--format", "cvat", "--polygon-tolerance", "0.5")
+    assert loaded.only == (("s16-ade",), {"provider": "cpu"})
     (segmenter, paths, out), options = files.only
     assert segmenter is model and paths == [image] and out == tmp_path / "out"
     del options["progress"]
+    assert options.pop("formats") == ["png", "cvat"]
     assert options == {"regions": True, "mode": "slide", "tta": True, "scale": 0.5, "batch_size": 2,
-                       "precision": "bf16"}
+                       "precision": "bf16", "batch": 3, "polygon_tolerance": 0.5}
 
 
 def test_models_json_is_the_zoo():

@@ -9,9 +9,9 @@ from typing import Annotated
 
 import typer
 
-from regproxy_cli.cli import backbones, convert, export, flops, models, predict, train
+from regproxy_cli.cli import backbones, benchmark, convert, export, flops, models, predict, push, train
 from regproxy_cli.cli import eval as eval_cli
-from regproxy_cli.cli.output import console, err_console
+from regproxy_cli.cli.output import console, err_console, print_error
 from regproxy_cli.constants import VERSION
 from regproxy_cli.errors import RegproxyError
 
@@ -58,6 +58,8 @@ _register("convert", convert, convert.convert)
 _register("export", export, export.export)
 _register("flops", flops, flops.flops)
 _register("backbones", backbones, backbones.backbones)
+_register("push", push, push.push)
+_register("benchmark", benchmark, benchmark.benchmark)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     except RegproxyError as exc:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", markup=True)
+        print_error(exc)
         sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("interrupted")

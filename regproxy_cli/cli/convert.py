@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
 from regproxy_cli.cli.options import Mode, parse_size
-from regproxy_cli.cli.output import console
+from regproxy_cli.cli.output import console, err_console
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.io.checkpoint import save_pretrained
 from regproxy_cli.io.convert import convert_authors_checkpoint
-from regproxy_cli.io.zoo import ZOO, zoo_configs
+from regproxy_cli.io.zoo import ZOO, authors_checkpoint_path, convert_cached_releases, zoo_configs
 
 SUMMARY = "Convert an authors' mmsegmentation checkpoint into a model directory."
 HELP = """Convert an authors' mmsegmentation checkpoint (.pth from the RegionProxy release) into a model directory
@@ -21,7 +22,11 @@ HELP = """Convert an authors' mmsegmentation checkpoint (.pth from the RegionPro
 Every key is mapped and shape-checked. With --zoo NAME the zoo entry's settings (classes, M, inference
 protocol) are used; otherwise the architecture is read off the weights, and M and the test protocol (mode,
 window stride, test scale) come from the options given, else the checkpoint's embedded mmseg config, else the
-zoo entry with the same backbone, classes and crop."""
+zoo entry with the same backbone, classes and crop.
+
+With --all DIR (for maintainers mirroring the zoo), every zoo model whose authors' .pth is in the local cache
+($REGPROXY_CACHE/authors/NAME.pth) is converted with its zoo settings into DIR/NAME/, and a table says which
+were converted and where the missing files go."""
 
 EXAMPLES = """[bold]Examples[/]
 
@@ -29,12 +34,19 @@ EXAMPLES = """[bold]Examples[/]
 
   regproxy convert my_run.pth models/mine --backbone s16 --head-depth 3
 
-  regproxy convert my_run.pth models/mine --mode slide --window-stride 512 --test-scale 2048x1024"""
+  regproxy convert my_run.pth models/mine --mode slide --window-stride 512 --test-scale 2048x1024
+
+  regproxy convert --all mirror/"""
 
 
 def convert(
-    source: Annotated[Path, typer.Argument(help="The authors' .pth checkpoint.")],
-    destination: Annotated[Path, typer.Argument(help="Output model directory.")],
+    source: Annotated[Path | None, typer.Argument(
+        help="The authors' .pth checkpoint.", show_default=False)] = None,
+    destination: Annotated[Path | None, typer.Argument(
+        help="Output model directory.", show_default=False)] = None,
+    all_into: Annotated[Path | None, typer.Option(
+        "--all", metavar="DIR", help="Convert every zoo model whose authors' .pth is in the local cache into DIR/NAME/."
+    )] = None,
     zoo: Annotated[str | None, typer.Option("--zoo", help=f"Take this zoo entry's settings: {', '.join(ZOO)}.")] = None,
     backbone: Annotated[str | None, typer.Option(help="Backbone name, when it cannot be told from the weights.")] = None,
     classes: Annotated[int | None, typer.Option(help="Number of classes (checked against the weights).")] = None,
@@ -53,6 +65,16 @@ def convert(
              "or the zoo)."
     )] = None,
 ) -> None:
+    if all_into is not None:
+        if source is not None:
+            raise RegproxyError("--all DIR converts the cached zoo releases: give no SOURCE or DESTINATION with it")
+        if zoo or backbone or classes or head_depth is not None or mode or window_stride or test_scale:
+            raise RegproxyError("--all DIR uses each zoo entry's settings: do not combine it with --zoo/--backbone/"
+                                "--classes/--head-depth/--mode/--window-stride/--test-scale")
+        convert_all(all_into)
+        return
+    if source is None or destination is None:
+        raise RegproxyError("give the authors' .pth SOURCE and the DESTINATION directory (or --all DIR)")
     if zoo is not None:
         if zoo not in ZOO:
             raise RegproxyError(f"unknown zoo model {zoo!r}; available: {', '.join(ZOO)}")
@@ -73,3 +95,20 @@ def convert(
     config = converted.config
     console.print(f"wrote {destination} ({config.backbone}, M={config.m}, {config.num_classes} classes, "
                   f"{sum(p.numel() for p in converted.parameters()) / 1e6:.2f} M parameters)")
+
+
+def convert_all(directory: Path) -> None:
+    with err_console.status(f"converting the cached authors' releases into {directory}"):
+        written = convert_cached_releases(directory)
+    table = Table(title=f"Zoo models converted into {directory}")
+    for column in ("model", "status", "model directory / where the authors' .pth goes"):
+        table.add_column(column)
+    for name, out in written.items():
+        if out is not None:
+            table.add_row(name, "[green]converted[/]", str(out))
+        else:
+            table.add_row(name, "[yellow]missing[/]",
+                          f"download {ZOO[name].authors_url} to {authors_checkpoint_path(ZOO[name])}")
+    console.print(table)
+    converted = sum(out is not None for out in written.values())
+    console.print(f"{converted} converted, {len(written) - converted} missing")

@@ -17,11 +17,15 @@ from regproxy_cli.cli.options import (
     ModeOption,
     Precision,
     PrecisionOption,
+    Provider,
+    ProviderOption,
     TtaOption,
     WindowBatchOption,
+    check_onnx_options,
     check_precision,
     check_window_batch,
     compile_if,
+    model_device,
     start_runtime,
 )
 from regproxy_cli.cli.output import console, print_json
@@ -29,7 +33,8 @@ from regproxy_cli.engine.evaluate import evaluate, open_eval_dataset
 from regproxy_cli.io.zoo import load_model
 
 SUMMARY = "Evaluate a model on a dataset: mIoU, mAcc, aAcc as mmsegmentation computes them."
-HELP = """Evaluate a model (zoo name, Hub repo id, model directory or .pth) on a dataset: a training config
+HELP = """Evaluate a model (zoo name, Hub repo id, model directory, .pth, or .onnx run by onnxruntime on --provider)
+on a dataset: a training config
 (its data section) or a dataset folder (ADE20K, Cityscapes, Pascal Context or the folder format).
 Uses the model's own protocol (test scale, whole or sliding window); --tta adds the paper's multi-scale
 (0.5-1.75) + flip test. Under torchrun each process evaluates a share of the images on its own GPU (gloo on CPUs)
@@ -54,14 +59,16 @@ def eval_command(
     window_batch: WindowBatchOption = 8,
     precision: PrecisionOption = Precision.fp32,
     compile_network: CompileOption = False,
+    provider: ProviderOption = Provider.cpu,
     save_predictions: Annotated[Path | None, typer.Option(help="Write label PNGs here.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     check_window_batch(window_batch)
-    runtime = start_runtime(device)  # under torchrun: the process group, and this process's GPU
+    runtime = start_runtime(model_device(device, model))  # under torchrun: the process group, and this process's GPU
     dataset = open_eval_dataset(data, split)
     run_precision = check_precision(precision, runtime.device)
-    segmenter = load_model(model).to(runtime.device)
+    segmenter = load_model(model, provider=provider.value).to(runtime.device)
+    check_onnx_options(segmenter, run_precision, compile_network)
     compile_if(compile_network, segmenter, run_precision)
     result = evaluate(segmenter, dataset, mode=mode.value if mode else None, tta=tta, batch_size=window_batch,
                       precision=run_precision, save_dir=save_predictions, progress=not as_json)

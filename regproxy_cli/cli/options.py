@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 from typing import Annotated
 
 import torch
@@ -12,6 +13,7 @@ from regproxy_cli.cli.output import err_console
 from regproxy_cli.engine.distributed import Runtime, setup_runtime
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.inference.runtime import autocast, compile_backbone, resolve_device
+from regproxy_cli.io.onnx_model import OnnxModel
 
 
 class Mode(str, Enum):
@@ -29,11 +31,22 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
+class Provider(str, Enum):
+    """Where onnxruntime runs an .onnx model (regproxy_cli.io.export.PROVIDERS maps these to its providers)."""
+
+    cpu = "cpu"
+    openvino = "openvino"
+    cuda = "cuda"
+    tensorrt = "tensorrt"
+
+
 MODEL_HELP = "Zoo name (see `regproxy models`), Hub repo id (owner/name), model directory or authors' .pth file."
 PRECISION_HELP = "The network's precision: fp32, or bf16 / fp16 autocast (bf16: CPU or GPU, fp16: CUDA only)."
 COMPILE_HELP = "torch.compile the backbone first (seconds to a minute); pays off over many images of one size."
 DEVICE_HELP = "auto (the first CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:1, mps ..."
 MODE_HELP = "whole | slide (default: the model's own protocol)."
+PROVIDER_HELP = ("Where onnxruntime runs an .onnx --model: cpu, or openvino / cuda / tensorrt where this onnxruntime "
+                 "has them (onnxruntime-openvino, onnxruntime-gpu).")
 WINDOW_BATCH_HELP = ("Sliding windows per forward pass (on a CPU the network still runs them one at a time, "
                      "which is faster there).")
 
@@ -43,6 +56,7 @@ ModeOption = Annotated[Mode | None, typer.Option("--mode", help=MODE_HELP)]
 PrecisionOption = Annotated[Precision, typer.Option("--precision", help=PRECISION_HELP)]
 WindowBatchOption = Annotated[int, typer.Option("--window-batch", help=WINDOW_BATCH_HELP)]
 CompileOption = Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)]
+ProviderOption = Annotated[Provider, typer.Option("--provider", help=PROVIDER_HELP)]
 TtaOption = Annotated[bool, typer.Option("--tta", help="The paper's multi-scale (0.5-1.75) + flip test.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
@@ -53,6 +67,23 @@ def parse_device(device: str) -> torch.device:
         return resolve_device(device)
     except RegproxyError as exc:
         raise RegproxyError(f"--{exc}") from None
+
+
+def model_device(device: str, model: str) -> str:
+    """``--device`` for ``--model``: ``auto`` is the CPU for an .onnx file, whose tensors stay on the host (its
+    --provider picks where onnxruntime computes)."""
+    return "cpu" if device == "auto" and Path(model).suffix.lower() == ".onnx" else device
+
+
+def check_onnx_options(model: torch.nn.Module, precision: str, compile_network: bool, regions: bool = False) -> None:
+    """An ONNX model runs its graph as exported: --precision, --compile and --regions need the PyTorch model."""
+    if not isinstance(model, OnnxModel):
+        return
+    for option, used in ((f"--precision {precision}", precision != "fp32"), ("--compile", compile_network),
+                         ("--regions", regions)):
+        if used:
+            raise RegproxyError(f"{option} needs a PyTorch model: {model.path.name} runs through onnxruntime as "
+                                f"exported; drop {option.split()[0]} or use the model it was exported from")
 
 
 def start_runtime(device: str) -> Runtime:

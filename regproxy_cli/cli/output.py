@@ -6,9 +6,15 @@ import json
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def print_error(message: object) -> None:
+    """One error line on stderr; the message is text, not markup (a path or `pip install 'x[extra]'` stays whole)."""
+    err_console.print(f"[bold red]error:[/] {escape(str(message))}", markup=True)
 
 
 def print_json(data: object) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 from collections import Counter
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -22,32 +23,57 @@ from regproxy_cli.cli.options import (
     ModeOption,
     Precision,
     PrecisionOption,
+    Provider,
+    ProviderOption,
     TtaOption,
     WindowBatchOption,
+    check_onnx_options,
     check_precision,
     check_window_batch,
     compile_if,
+    model_device,
     parse_device,
 )
-from regproxy_cli.cli.output import console, err_console
+from regproxy_cli.cli.output import console, print_error
 from regproxy_cli.constants import IMAGE_SUFFIXES
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.images import load_image, save_label_png, save_png_atomic
-from regproxy_cli.inference.predictor import predict_labels
+from regproxy_cli.inference.pipeline import forward_batch, predict_label_batch, run_pipeline
+from regproxy_cli.io.annotations import AnnotationWriter, check_formats
 from regproxy_cli.io.zoo import load_model
 from regproxy_cli.viz import overlay, predict_regions
 
 SUMMARY = "Segment images into label PNGs, colour overlays and region pictures."
 HELP = """Segment images: files, directories and glob patterns. For each image writes OUT/<name>.png (class ids,
 palette-coloured), OUT/<name>_overlay.png and, with --regions, OUT/<name>_regions.png (the learned regions).
+--format coco|labelme|cvat (repeatable) writes annotation-tool files instead or as well: OUT/predictions.json
+(COCO RLE, category_id = class id), OUT/<name>.json (labelme polygons), OUT/cvat.zip (CVAT Segmentation mask 1.1).
 
---model takes a zoo name (see `regproxy models`), a Hub repo id, a model directory or an authors' .pth file."""
+--model takes a zoo name (see `regproxy models`), a Hub repo id, a model directory, an authors' .pth file or a
+`regproxy export`ed .onnx file (run by onnxruntime on --provider)."""
 
 EXAMPLES = """[bold]Examples[/]
 
   regproxy predict photo.jpg --model s16-ade
 
   regproxy predict photos/ 'more/*.png' --model s16-ade --out seg --regions --tta"""
+
+BATCH_HELP = ("Images per forward pass on CUDA: consecutive images of one size are batched (not with --tta). On a CPU "
+              "the network runs image by image anyway, so this only applies on CUDA.")
+
+
+class OutputFormat(str, Enum):
+    """What predict writes: label PNG + overlay, COCO RLE, labelme polygons, CVAT Segmentation mask 1.1."""
+
+    png = "png"
+    coco = "coco"
+    labelme = "labelme"
+    cvat = "cvat"
+
+
+FORMAT_HELP = ("Output format, repeatable (default: png): png (label PNG + overlay), coco (OUT/predictions.json), "
+               "labelme (OUT/<name>.json), cvat (OUT/cvat.zip). coco and labelme need the 'annotations' extra.")
+TOLERANCE_HELP = "labelme polygons: simplification tolerance in pixels (0: exact region boundaries)."
 
 
 def predict(
@@ -62,19 +88,28 @@ def predict(
     window_batch: WindowBatchOption = 8,
     precision: PrecisionOption = Precision.fp32,
     compile_network: CompileOption = False,
+    provider: ProviderOption = Provider.cpu,
+    formats: Annotated[list[OutputFormat] | None, typer.Option("--format", help=FORMAT_HELP)] = None,
+    polygon_tolerance: Annotated[float, typer.Option("--polygon-tolerance", min=0.0, help=TOLERANCE_HELP)] = 1.0,
+    batch: Annotated[int, typer.Option("--batch", help=BATCH_HELP)] = 1,
 ) -> None:
     check_window_batch(window_batch)
-    torch_device = parse_device(device)
+    output_formats = check_formats(formats or [OutputFormat.png])  # a missing extra stops here, before loading
+    if batch < 1:
+        raise RegproxyError(f"--batch must be at least 1, got {batch}")
+    torch_device = parse_device(model_device(device, model))
     run_precision = check_precision(precision, torch_device)
     paths, problems = expand_inputs(inputs)
-    segmenter = load_model(model).to(torch_device)
+    segmenter = load_model(model, provider=provider.value).to(torch_device)
+    check_onnx_options(segmenter, run_precision, compile_network, regions)
     compile_if(compile_network, segmenter, run_precision)
     with tqdm(total=len(paths), unit="image", desc="segmenting", disable=not paths) as bar:
         report = predict_files(segmenter, paths, out, regions=regions, progress=bar.update,
+                               formats=output_formats, polygon_tolerance=polygon_tolerance,
                                mode=mode.value if mode else None, tta=tta, scale=scale, batch_size=window_batch,
-                               precision=run_precision)
+                               precision=run_precision, batch=batch)
     for problem in problems + report.failed:
-        err_console.print(f"[bold red]error:[/] {problem}", markup=True)
+        print_error(problem)
     if report.written:
         _summary(segmenter.config, report)
         console.print(f"wrote {len(report.written)} label maps to {out}")
@@ -128,30 +163,62 @@ def predict_files(
     *,
     regions: bool = False,
     progress=None,
+    formats: list[str] | tuple[str, ...] = ("png",),
+    polygon_tolerance: float = 1.0,
+    batch: int = 1,
+    workers: int = 2,
     **options,
 ) -> PredictReport:
     """Segment each image, writing ``<stem>.png`` (class ids, palette), ``<stem>_overlay.png`` and, with
-    ``regions``, ``<stem>_regions.png``. A bad input is recorded and the rest still run."""
+    ``regions``, ``<stem>_regions.png``; the first two only when ``formats`` has "png", and "coco", "labelme",
+    "cvat" add those files (:class:`regproxy_cli.io.annotations.AnnotationWriter`, ``polygon_tolerance`` for
+    labelme). A bad input is recorded and the rest still run.
+
+    Decoding and writing run on ``workers`` threads (0: all on this one) while this thread runs the network; on
+    CUDA, up to ``batch`` consecutive same-size images share a forward pass
+    (:func:`regproxy_cli.inference.pipeline.run_pipeline`). Outputs and the report do not depend on ``workers``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     palette = np.array(model.config.palette, dtype=np.uint8)
     report = PredictReport()
     stems = Counter(p.stem for p in paths)
-    for path in paths:
-        try:
-            image = load_image(path)
-            labels = predict_labels(model, image, **options)
-            stem = path.stem if stems[path.stem] == 1 else f"{path.parent.name}_{path.stem}"
-            save_label_png(out_dir / f"{stem}.png", labels, palette)
-            save_png_atomic(out_dir / f"{stem}_overlay.png", overlay(image, labels, palette))
-            report.written.append(out_dir / f"{stem}.png")
-            if regions:
-                save_png_atomic(out_dir / f"{stem}_regions.png",
-                                predict_regions(model, image, scale=options.get("scale", 1.0)))
-            ids, counts = np.unique(labels, return_counts=True)
+    png = "png" in check_formats(formats)
+    annotations = AnnotationWriter(out_dir, formats, model.config.classes, model.config.palette,
+                                   polygon_tolerance=polygon_tolerance)
+
+    def infer(images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray | None]]:  # on this thread: the network
+        labels = predict_label_batch(model, images, **options)
+        pictures = [predict_regions(model, image, scale=options.get("scale", 1.0)) if regions else None
+                    for image in images]
+        return list(zip(labels, pictures))
+
+    def write(path: Path, image: np.ndarray, result: tuple[np.ndarray, np.ndarray | None]):  # on the pool
+        labels, picture = result
+        stem = path.stem if stems[path.stem] == 1 else f"{path.parent.name}_{path.stem}"
+        written = _write_outputs(out_dir, stem, image, labels, palette, picture, png=png)
+        annotations.add(stem, labels, path)
+        return written, np.unique(labels, return_counts=True)
+
+    for _, done, error in run_pipeline(paths, load_image, infer, write, batch=forward_batch(model, batch),
+                                       workers=workers):
+        if error is not None:
+            report.failed.append(error)
+        else:
+            written, (ids, counts) = done
+            report.written.append(written)
             report.pixels.update(dict(zip(ids.tolist(), counts.tolist())))
             report.images.update(ids.tolist())
-        except RegproxyError as exc:
-            report.failed.append(str(exc))
         if progress is not None:
             progress()
+    annotations.close()  # COCO's predictions.json and the CVAT zip, once
     return report
+
+
+def _write_outputs(out_dir: Path, stem: str, image: np.ndarray, labels: np.ndarray, palette: np.ndarray,
+                   regions_picture: np.ndarray | None, png: bool = True) -> Path:
+    """One image's output files (called on the writer threads); returns the label map's path."""
+    if png:
+        save_label_png(out_dir / f"{stem}.png", labels, palette)
+        save_png_atomic(out_dir / f"{stem}_overlay.png", overlay(image, labels, palette))
+    if regions_picture is not None:
+        save_png_atomic(out_dir / f"{stem}_regions.png", regions_picture)
+    return out_dir / f"{stem}.png"

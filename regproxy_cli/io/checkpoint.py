@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -25,6 +26,7 @@ from regproxy_cli.model.regproxy import build_from_config
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, config: ModelConfig | None = None) -> Path:
@@ -37,7 +39,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, config: Mode
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     write_atomic(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
     write_atomic(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config.to_dict(), indent=2) + "\n"))
-    write_atomic(directory / "README.md", lambda p: Path(p).write_text(model_card(config)))
+    write_atomic(directory / CARD_NAME, lambda p: Path(p).write_text(model_card(config), encoding="utf-8"))
     return directory
 
 
@@ -78,17 +80,53 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], wh
     model.load_state_dict(state, strict=True, assign=True)
 
 
-def model_card(config: ModelConfig) -> str:
-    """A Hub model card (README.md with YAML front matter) generated from the config."""
+CITATION = """@inproceedings{zhang2022regproxy,
+  title     = {Semantic Segmentation by Early Region Proxy},
+  author    = {Yifan Zhang and Bo Pang and Cewu Lu},
+  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2022}
+}"""
+DATASET_NAMES = {"ade20k": "ADE20K", "cityscapes": "Cityscapes", "pascal-context": "Pascal Context"}
+CARD_METRICS = ("mIoU", "mAcc", "aAcc")  # metric types the model index states (with variants, "mIoU (ms+flip)")
+
+
+def card_metadata(config: ModelConfig) -> dict:
+    """The Hub metadata of a model card (its YAML front matter), ``model-index`` holding the config's metrics.
+
+    Metrics named ``mIoU``, ``mAcc``, ``aAcc`` or a variant (``mIoU (ms+flip)``) go into the model index, typed
+    by the part before the bracket; others (the training iteration) only into the card's table. The index needs
+    the dataset the metrics were measured on, so a config without one has none.
+    """
+    meta: dict = {"library_name": "regproxy", "license": "apache-2.0", "pipeline_tag": "image-segmentation",
+                  "tags": ["regproxy", "semantic-segmentation", "vision-transformer"]}
+    if config.dataset:
+        meta["datasets"] = [config.dataset]
+    results = [{"type": key.split(" (")[0], "value": float(value), "name": key}
+               for key, value in config.metrics.items()
+               if key.split(" (")[0] in CARD_METRICS and isinstance(value, (int, float)) and not isinstance(value, bool)]
+    if results and config.dataset:
+        meta["model-index"] = [{"name": _card_title(config), "results": [{
+            "task": {"type": "image-segmentation", "name": "Semantic Segmentation"},
+            "dataset": {"name": DATASET_NAMES.get(config.dataset, config.dataset), "type": config.dataset},
+            "metrics": results,
+        }]}]
+    return meta
+
+
+def _card_title(config: ModelConfig) -> str:
     kind = "linear baseline" if config.baseline else f"RegProxy (h×w = {config.region_res[0]}×{config.region_res[1]})"
+    return f"{kind} on {config.backbone}"
+
+
+def model_card(config: ModelConfig, training_config: str | None = None) -> str:
+    """A Hub model card (README.md): YAML front matter (:func:`card_metadata`), then the model, its metrics, the
+    training config (``training_config``, the YAML a training run wrote, when given) and the paper's citation."""
+    front = yaml.safe_dump(card_metadata(config), sort_keys=False, allow_unicode=True)
     metrics = "".join(f"| {k} | {v} |\n" for k, v in config.metrics.items()) or "| - | - |\n"
-    tags = ["regproxy", "semantic-segmentation", "vision-transformer"]
+    training = f"\n## Training config\n\n```yaml\n{training_config.rstrip()}\n```\n" if training_config else ""
     return (
-        "---\n"
-        f"library_name: regproxy\nlicense: apache-2.0\npipeline_tag: image-segmentation\ntags: {json.dumps(tags)}\n"
-        + (f"datasets: [{json.dumps(config.dataset)}]\n" if config.dataset else "")
-        + "---\n\n"
-        f"# {kind} on {config.backbone}\n\n"
+        f"---\n{front}---\n\n"
+        f"# {_card_title(config)}\n\n"
         "Semantic Segmentation by Early Region Proxy (Zhang, Pang, Lu; CVPR 2022), loaded with "
         f"[regproxy](https://pypi.org/project/regproxy/) {VERSION}.\n\n"
         "```bash\npip install regproxy regproxy-backbones\nregproxy predict image.jpg --model <this repo id>\n```\n\n"
@@ -101,4 +139,6 @@ def model_card(config: ModelConfig) -> str:
         f"- normalisation: mean {list(config.mean)}, std {list(config.std)} on RGB 0-255\n"
         + (f"- weights: {config.source}\n" if config.source else "")
         + f"\n## Metrics\n\n| metric | value |\n|---|---|\n{metrics}"
+        + training
+        + f"\n## Citation\n\n```bibtex\n{CITATION}\n```\n"
     )

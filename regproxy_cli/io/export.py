@@ -4,7 +4,10 @@ The exported graph takes ``image``, a normalised float32 (B, 3, H, W) RGB batch 
 values), and returns ``logits``, (B, K, H, W) float32. By default batch, height and width are all dynamic: any
 H x W works, not only multiples of the backbone's stride, and the ViT position embeddings are resized inside the
 graph. The model's :class:`~regproxy_cli.model.config.ModelConfig` (classes, palette, normalisation, inference
-protocol) is stored in the file's metadata, so the ``.onnx`` alone is enough to deploy the model.
+protocol) is stored in the file's metadata, so the ``.onnx`` alone is enough to deploy the model:
+:class:`~regproxy_cli.io.onnx_model.OnnxModel` runs it on an onnxruntime execution provider (:func:`onnx_session`)
+through the same inference code as a PyTorch model. :func:`quantize_int8` makes a static int8 copy, calibrated on
+a :class:`CalibrationSet`; :func:`label_agreement` measures what that changed.
 
 The TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``) is used on purpose: on torch 2.15 the
 torch.export-based exporter took 18 s on a 2-block test ViT, produced a graph whose batch dimension failed in
@@ -17,25 +20,37 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
+import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regproxy_cli.constants import IMAGENET_MEAN, IMAGENET_STD, VERSION
+from regproxy_cli.constants import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, VERSION
+from regproxy_cli.data.open import detect_kind, open_dataset
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.files import write_atomic
+from regproxy_cli.images import load_image
+from regproxy_cli.inference.predictor import normalise, predict_labels
+from regproxy_cli.model.config import ModelConfig
 
 MIN_OPSET = 17
 MAX_OPSET = 20  # the newest opset the TorchScript-based exporter writes
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 META_PREFIX = "regproxy."
 MISSING_EXTRA = "ONNX export needs the 'export' extra: pip install 'regproxy[export]'"
+# --provider names -> onnxruntime's execution providers, and the package that brings each
+PROVIDERS = {"cpu": "CPUExecutionProvider", "openvino": "OpenVINOExecutionProvider",
+             "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+PROVIDER_PACKAGES = {"cpu": "onnxruntime", "openvino": "onnxruntime-openvino", "cuda": "onnxruntime-gpu",
+                     "tensorrt": "onnxruntime-gpu (with TensorRT)"}
 
 
 def _onnx() -> tuple[ModuleType, ModuleType]:
@@ -199,24 +214,66 @@ def _existing(path: str | os.PathLike) -> Path:
     return path
 
 
-def onnx_session(path: str | os.PathLike, threads: int | None = None):
-    """An onnxruntime CPU ``InferenceSession`` for ``path``: all graph optimisations, ``threads`` intra-op threads
-    (default ``torch.get_num_threads()``, so timings compare with PyTorch's) and one inter-op thread (the graph
-    is a chain: the parallelism is inside the operators)."""
+def onnxruntime_errors() -> tuple[type[Exception], ...]:
+    """The exceptions onnxruntime raises for a bad file or input (its own types, with no common base but Exception)."""
+    _onnx()
+    from onnxruntime.capi import onnxruntime_pybind11_state as state  # where its exception types live
+
+    return (state.Fail, state.InvalidArgument, state.InvalidGraph, state.InvalidProtobuf, state.NotImplemented,
+            state.RuntimeException)
+
+
+def execution_providers(provider: str = "cpu") -> list[str]:
+    """onnxruntime's execution providers for ``provider`` (cpu, openvino, cuda, tensorrt), in priority order.
+
+    The CPU comes last as the fallback for operators an accelerator lacks (TensorRT also falls back on CUDA). A
+    provider this onnxruntime build does not have (``onnxruntime.get_available_providers()``) is one error line.
+    """
+    _, ort = _onnx()
+    if provider not in PROVIDERS:
+        raise RegproxyError(f"unknown ONNX provider {provider!r}: use one of {', '.join(PROVIDERS)}")
+    available = ort.get_available_providers()
+    wanted = PROVIDERS[provider]
+    if wanted not in available:
+        present = ", ".join(name for name, ident in PROVIDERS.items() if ident in available)
+        raise RegproxyError(
+            f"this onnxruntime ({ort.__version__}) has no {wanted} (here: {present}); install "
+            f"{PROVIDER_PACKAGES[provider]} in place of onnxruntime, or use the cpu provider"
+        )
+    chain = [wanted, PROVIDERS["cuda"] if provider == "tensorrt" else wanted, PROVIDERS["cpu"]]
+    return [ident for ident in dict.fromkeys(chain) if ident in available]
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None, provider: str = "cpu"):
+    """An onnxruntime ``InferenceSession`` for ``path`` on ``provider`` (see :func:`execution_providers`).
+
+    All graph optimisations, ``threads`` intra-op threads (default ``torch.get_num_threads()``, so timings compare
+    with PyTorch's) and one inter-op thread (the graph is a chain: the parallelism is inside the operators). A
+    provider that is installed but cannot start (e.g. CUDA libraries missing: onnxruntime then quietly runs on the
+    CPU) is one error line.
+    """
     _, ort = _onnx()
     path = _existing(path)
     if threads is not None and threads < 1:
         raise RegproxyError(f"threads must be at least 1, got {threads}")
+    providers = execution_providers(provider)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
-    from onnxruntime.capi import onnxruntime_pybind11_state as state  # where its exception types live
-
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    except (state.Fail, state.InvalidProtobuf, state.InvalidGraph) as exc:
+        with warnings.catch_warnings(record=True) as caught:  # why a provider did not start, if one did not
+            warnings.simplefilter("always")
+            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except onnxruntime_errors() as exc:
         raise RegproxyError(f"{path}: onnxruntime cannot load it ({str(exc).strip().splitlines()[0]})") from None
+    if session.get_providers()[0] != providers[0]:
+        reason = f" ({' '.join(str(caught[0].message).split())})" if caught else ""
+        raise RegproxyError(f"onnxruntime could not start {providers[0]} for {path}{reason}; check the "
+                            "accelerator's libraries, or use the cpu provider")
+    for warning in caught:  # the others are the caller's business, as without the recording
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return session
 
 
 def check_onnx(path: str | os.PathLike, model: nn.Module, inputs: torch.Tensor) -> float:
@@ -239,3 +296,144 @@ def check_onnx(path: str | os.PathLike, model: nn.Module, inputs: torch.Tensor) 
     if tuple(got.shape) != tuple(expected.shape):
         raise RegproxyError(f"{path}: ONNX logits have shape {tuple(got.shape)}, PyTorch's {tuple(expected.shape)}")
     return float((torch.from_numpy(got) - expected).abs().max())
+
+
+def config_from_metadata(meta: dict[str, str], path: str | os.PathLike) -> ModelConfig:
+    """The :class:`ModelConfig` in the ``regproxy.config`` of an exported file's metadata (:func:`onnx_metadata`),
+    or one error line naming ``path``."""
+    if "config" not in meta:
+        raise RegproxyError(f"{path}: its metadata has no {META_PREFIX}config (classes, normalisation, test protocol): "
+                            "export it with `regproxy export` from a model directory")
+    try:
+        data = json.loads(meta["config"])
+    except json.JSONDecodeError as exc:
+        raise RegproxyError(f"{path}: {META_PREFIX}config is not valid JSON ({exc})") from None
+    return ModelConfig.from_dict(data, where=f"{path} ({META_PREFIX}config)")
+
+
+# Quantized operators: the matrix products, where the time goes. Quantizing everything onnxruntime can (adds,
+# norms, softmax, the affinity head's constants) left 6-40% of a tiny ViT's labels unchanged; these alone, 98%.
+QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
+
+
+class CalibrationSet:
+    """The images a quantized model is calibrated and measured on: (image, label or None, name) per item.
+
+    A dataset folder (one :func:`~regproxy_cli.data.open.open_dataset` recognises) gives up to ``limit`` images
+    of its ``split``, evenly spread, with their labels (so it also works as an evaluation dataset); any other
+    folder gives its images (``IMAGE_SUFFIXES``, searched recursively, sorted), evenly spread, without labels.
+    """
+
+    def __init__(self, folder: str | os.PathLike, limit: int = 32, split: str = "val") -> None:
+        folder = Path(folder)
+        if limit < 1:
+            raise RegproxyError(f"the number of calibration images must be at least 1, got {limit}")
+        if not folder.is_dir():
+            raise RegproxyError(f"{folder}: no such calibration folder")
+        try:
+            kind = detect_kind(folder)
+        except RegproxyError:
+            kind = None
+        self.folder = folder
+        self.dataset = open_dataset(kind, folder, split) if kind else None
+        self.paths = [] if kind else sorted(
+            p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        total = len(self.dataset) if self.dataset is not None else len(self.paths)
+        if total == 0:
+            raise RegproxyError(f"{folder}: no images to calibrate on")
+        self.indices = sorted({round(i * (total - 1) / max(limit - 1, 1)) for i in range(min(limit, total))})
+
+    @property
+    def labelled(self) -> bool:
+        return self.dataset is not None
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.dataset.num_classes if self.dataset is not None else None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray | None, str]:
+        if self.dataset is not None:
+            return self.dataset[self.indices[index]]
+        path = self.paths[self.indices[index]]
+        return load_image(path), None, str(path.relative_to(self.folder))
+
+    def images(self) -> Iterator[np.ndarray]:
+        for index in range(len(self)):
+            yield self[index][0]
+
+
+def calibration_input(image: np.ndarray, config: ModelConfig, size: tuple[int, int]) -> np.ndarray:
+    """A (1, 3, *size) float32 network input made as predict makes its input: the config's mean/std, then a
+    bilinear resize of the whole image (the aspect ratio is not kept: the calibration sees the crop size)."""
+    x = normalise(image, config)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False).numpy()
+
+
+def quantize_int8(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    calibration: CalibrationSet,
+    *,
+    size: tuple[int, int] | None = None,
+) -> Path:
+    """Static int8 quantization of an exported fp32 file, written atomically to ``output``.
+
+    onnxruntime's ``quantize_static`` in QDQ format: per-channel int8 weights and int8 activations whose ranges
+    are the min/max seen on ``calibration`` (each image whole, resized to ``size``, default the crop size, with
+    :func:`calibration_input`), for the ``QUANTIZED_OPS``; the rest stays float32. The metadata is the source's
+    plus ``regproxy.quantization`` = ``int8``.
+    """
+    onnx, _ = _onnx()
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    meta = onnx_metadata(source)
+    config = config_from_metadata(meta, source)
+    size = size or (config.crop_size, config.crop_size)
+    output = Path(output)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.inputs = (calibration_input(image, config, size) for image in calibration.images())
+
+        def get_next(self) -> dict | None:
+            x = next(self.inputs, None)
+            return None if x is None else {INPUT_NAME: x}
+
+    with tempfile.TemporaryDirectory(prefix="regproxy-int8-") as tmp, warnings.catch_warnings():
+        # onnxruntime logs advice on pre-processing and per-channel axes of 1-D tensors it then skips: not ours to act on
+        warnings.simplefilter("ignore")
+        quiet = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)
+        try:
+            quantize_static(str(source), str(Path(tmp) / "int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                            per_channel=True, op_types_to_quantize=list(QUANTIZED_OPS))
+        except (RuntimeError, ValueError) as exc:
+            raise RegproxyError(f"int8 quantization of {source} failed: {str(exc).strip().splitlines()[0]}") from exc
+        finally:
+            logging.getLogger().setLevel(quiet)
+        proto = onnx.load(str(Path(tmp) / "int8.onnx"))
+    props = {META_PREFIX + key: value for key, value in {**meta, "quantization": "int8"}.items()}
+    onnx.helper.set_model_props(proto, props)
+    proto.doc_string = "RegProxy semantic segmentation (Zhang et al., CVPR 2022), exported by regproxy, int8 (QDQ)"
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(output, lambda tmp: onnx.save_model(proto, tmp))
+    except OSError as exc:
+        raise RegproxyError(f"cannot write {output}: {exc.strerror or exc}") from None
+    return output
+
+
+def label_agreement(reference: nn.Module, candidate: nn.Module, images: Iterable[np.ndarray]) -> float:
+    """The percentage of pixels whose labels ``candidate`` and ``reference`` agree on, over all ``images``
+    (each segmented with the models' own protocol by :func:`~regproxy_cli.inference.predictor.predict_labels`)."""
+    equal = total = 0
+    for image in images:
+        a, b = predict_labels(reference, image), predict_labels(candidate, image)
+        equal += int((a == b).sum())
+        total += a.size
+    if total == 0:
+        raise RegproxyError("no images to compare the models on")
+    return 100.0 * equal / total

@@ -26,6 +26,7 @@ from regproxy_cli.errors import RegproxyError, one_line
 from regproxy_cli.io.checkpoint import CONFIG_NAME, load_pretrained, save_pretrained
 from regproxy_cli.io.convert import UnknownProtocolError, convert_authors_checkpoint, read_authors_checkpoint
 from regproxy_cli.io.hub import HubModelMissing, hub_snapshot
+from regproxy_cli.io.onnx_model import load_onnx_model
 from regproxy_cli.model.config import ModelConfig
 
 HUB_ORG = "regproxy"
@@ -94,15 +95,23 @@ def _offline() -> bool:
     return constants.is_offline_mode()
 
 
-def load_model(spec: str | os.PathLike) -> nn.Module:
+def load_model(spec: str | os.PathLike, *, provider: str | None = None) -> nn.Module:
     """A model in eval mode from a local directory or file, a zoo name, or a Hub repo id (``owner/name``).
 
     The returned model carries its :class:`ModelConfig` (``model.config``: classes, palette,
     normalisation, inference protocol); :func:`regproxy_cli.predict_labels` segments images with it.
     A spec that names a missing path under an existing local folder (``runs/x`` when ``runs/`` exists) is an
-    error, not a Hub lookup: a Hub repo id never collides with a folder of yours.
+    error, not a Hub lookup: a Hub repo id never collides with a folder of yours. An exported ``.onnx`` file runs
+    through onnxruntime on ``provider`` (:class:`~regproxy_cli.io.onnx_model.OnnxModel`; cpu, openvino, cuda or
+    tensorrt); any other model takes no provider but ``cpu``.
     """
     path = Path(spec).expanduser()
+    onnx_file = path.suffix.lower() == ".onnx"
+    if onnx_file and path.is_file():
+        return load_onnx_model(path, provider=provider)
+    if provider not in (None, "cpu") and not onnx_file:  # a missing .onnx is reported below
+        raise RegproxyError(f"provider {provider!r} is for ONNX models (.onnx files); {spec} is a PyTorch model: "
+                            "export it with `regproxy export`, or leave the provider out")
     if path.exists():
         return _load_local(path)
     name = str(spec)
@@ -155,13 +164,37 @@ def _load_zoo(entry: ZooEntry) -> nn.Module:
     return model
 
 
+def authors_checkpoint_path(entry: ZooEntry) -> Path:
+    """Where a zoo entry's authors' ``.pth`` is kept in the local cache: downloaded there, or put there by hand."""
+    return cache_dir() / "authors" / f"{entry.name}.pth"
+
+
+def convert_cached_releases(directory: str | os.PathLike) -> dict[str, Path | None]:
+    """Convert every zoo entry whose authors' ``.pth`` is in the local cache into ``directory/<name>/``.
+
+    For maintainers mirroring the zoo: each file is checked as ``--model NAME`` checks it (sha256, pinned or
+    recorded at first use) and converted with the entry's config. Returns every entry's model directory by
+    name, None where its ``.pth`` is not in the cache (:func:`authors_checkpoint_path` says where it goes).
+    """
+    directory = Path(directory)
+    written: dict[str, Path | None] = {}
+    for name, entry in ZOO.items():
+        if not authors_checkpoint_path(entry).is_file():
+            written[name] = None
+            continue
+        model = convert_authors_checkpoint(_authors_checkpoint(entry), entry.config())
+        written[name] = save_pretrained(model, directory / name)
+        del model  # one full-size model in memory at a time
+    return written
+
+
 def _authors_checkpoint(entry: ZooEntry) -> Path:
     """The authors' .pth of a zoo entry in the local cache: downloaded once, then checked before every use.
 
     Its sha256 must be the entry's pinned one, or else the one recorded beside it (``<name>.pth.sha256``) at
     the first download (trust on first use): a changed file is removed and reported, never converted.
     """
-    original = cache_dir() / "authors" / f"{entry.name}.pth"
+    original = authors_checkpoint_path(entry)
     record = original.with_name(original.name + ".sha256")
     expected = entry.sha256 or _recorded_sha256(record)
     if original.is_file():

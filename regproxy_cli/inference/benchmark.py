@@ -1,0 +1,116 @@
+"""Timing a model's image -> label map step (``Segmenter.labels``, whole mode) on this machine."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from regproxy_cli.errors import RegproxyError
+from regproxy_cli.inference.predictor import device_of
+from regproxy_cli.inference.runtime import autocast
+
+
+@dataclass
+class BenchmarkResult:
+    """What :func:`benchmark_labels` measured. ``times_ms`` holds every timed call (one batch each)."""
+
+    backbone: str
+    size: tuple[int, int]
+    batch: int
+    precision: str
+    device: str
+    device_name: str
+    torch_version: str
+    threads: int
+    warmup: int
+    iters: int
+    total_s: float
+    images_per_s: float
+    ms_per_image_median: float
+    ms_per_image_min: float
+    ms_per_image_max: float
+    times_ms: list[float]
+    max_memory_allocated: int | None  # bytes, CUDA only
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model (from /proc/cpuinfo where there is one)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or device.type
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def benchmark_labels(
+    model: nn.Module,
+    *,
+    size: tuple[int, int] | None = None,
+    batch: int = 1,
+    iters: int = 20,
+    warmup: int = 3,
+    precision: str = "fp32",
+    seed: int = 0,
+) -> BenchmarkResult:
+    """Time ``model.labels`` on a random normalised (batch, 3, H, W) input on the model's device.
+
+    ``warmup`` untimed calls first (allocator, kernels, lazy init), then ``iters`` timed calls, each followed by a
+    device synchronisation on CUDA, so a call's time is the whole batch's work. images/s is ``iters * batch`` over
+    the total of the timed calls; ms/image is a call's time over ``batch`` (median, min, max over the calls).
+
+    Args:
+        size: (H, W) of the input; default the model's crop.
+        batch: images per call.
+        iters: timed calls.
+        warmup: untimed calls before them.
+        precision: fp32, or bf16 / fp16 autocast.
+    """
+    if batch < 1 or iters < 1 or warmup < 0:
+        raise RegproxyError(f"need batch >= 1, iters >= 1 and warmup >= 0, got {batch}, {iters}, {warmup}")
+    config = model.config
+    height, width = size or (config.crop_size, config.crop_size)
+    if min(height, width) < 1:
+        raise RegproxyError(f"size must have positive sides, got {height}x{width}")
+    device = device_of(model)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, height, width, generator=generator).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    with autocast(device, precision):
+        for step in range(warmup + iters):
+            _sync(device)
+            start = time.perf_counter()
+            model.labels(x)
+            _sync(device)
+            if step >= warmup:
+                times.append(time.perf_counter() - start)
+    total = sum(times)
+    per_image = [1000 * t / batch for t in times]
+    return BenchmarkResult(
+        backbone=config.backbone, size=(height, width), batch=batch, precision=precision, device=str(device),
+        device_name=device_name(device), torch_version=torch.__version__, threads=torch.get_num_threads(),
+        warmup=warmup, iters=iters, total_s=total, images_per_s=iters * batch / total,
+        ms_per_image_median=statistics.median(per_image), ms_per_image_min=min(per_image),
+        ms_per_image_max=max(per_image), times_ms=[1000 * t for t in times],
+        max_memory_allocated=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    )
