@@ -29,6 +29,7 @@ from regproxy_cli.cli.options import (
     start_runtime,
 )
 from regproxy_cli.cli.output import console, print_json
+from regproxy_cli.engine.distributed import shutdown
 from regproxy_cli.engine.evaluate import evaluate, open_eval_dataset
 from regproxy_cli.io.zoo import load_model
 
@@ -72,6 +73,7 @@ def eval_command(
     compile_if(compile_network, segmenter, run_precision)
     result = evaluate(segmenter, dataset, mode=mode.value if mode else None, tta=tta, batch_size=window_batch,
                       precision=run_precision, save_dir=save_predictions, progress=not as_json)
+    shutdown()
     if not runtime.main:  # the result is the same on every process; one prints it
         return
     classes = segmenter.config.classes

@@ -15,6 +15,8 @@ import torch.distributed as dist
 
 from regproxy_cli.inference.runtime import resolve_device
 
+_started_here: list[bool] = []  # whether setup_runtime started the process group (shutdown ends only that one)
+
 
 @dataclass
 class Runtime:
@@ -44,6 +46,7 @@ def setup_runtime(device: str = "auto") -> Runtime:
         torch.cuda.set_device(torch_device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch_device.type == "cuda" else "gloo")
+        _started_here.append(True)
     return Runtime(rank, world, torch_device)
 
 
@@ -71,6 +74,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     on_backend = tensor.to(collective_device(), copy=True)
     dist.all_reduce(on_backend)
     return on_backend
+
+
+def shutdown() -> None:
+    """Leave the process group :func:`setup_runtime` started, once every process is done (exiting with it alive
+    can abort the process: seen with torch 2.4's gloo). A group the caller started is left alone."""
+    if _started_here and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+        _started_here.clear()
 
 
 def barrier() -> None:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from regproxy_cli.constants import IGNORE_INDEX
 from regproxy_cli.data.transforms import train_pipeline
 from regproxy_cli.engine.config import OptimSection, TrainConfig, dump_config
-from regproxy_cli.engine.distributed import Runtime, barrier, setup_runtime
+from regproxy_cli.engine.distributed import Runtime, barrier, setup_runtime, shutdown
 from regproxy_cli.engine.evaluate import evaluate
 from regproxy_cli.engine.losses import segmentation_loss
 from regproxy_cli.errors import RegproxyError, listed, one_line
@@ -367,5 +367,5 @@ def train(config: TrainConfig, *, resume: bool = False, allow_config_change: boo
         save_pretrained(model, out_dir / "final")
         log.write(o.iters, best_mIoU=best["mIoU"], best_iter=best["iter"],
                   images_per_s=images_seen / max(time.perf_counter() - started, 1e-9))
-    barrier()
+    shutdown()
     return out_dir / ("best" if best["mIoU"] >= 0 else "final")
