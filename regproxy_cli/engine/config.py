@@ -7,6 +7,7 @@ config is written into the run directory, so ``config.yaml`` + checkpoint rebuil
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import yaml
 
 from regproxy_cli.data.datasets import SegmentationDataset
 from regproxy_cli.data.open import SyntheticSpec, open_dataset
-from regproxy_cli.engine.losses import MEAN_OVER
+from regproxy_cli.engine.losses import LOSS_KINDS, MEAN_OVER
 from regproxy_cli.errors import RegproxyError
 
 
@@ -28,6 +29,10 @@ class ModelSection:
     baseline: bool = False
     pretrained: bool = True  # start from the backbone's ImageNet weights (Hub)
     drop_path_rate: float = 0.1
+    # start from another model (anything --model accepts): matching tensors loaded, position embeddings resized,
+    # classifier rows kept by class name (regproxy_cli.engine.finetune); model.pretrained is then not used
+    init_from: str | None = None
+    freeze: str = "none"  # none | backbone | blocks:N (patch embedding, prefix tokens, position embedding, N blocks)
 
 
 @dataclass
@@ -47,10 +52,12 @@ class DataSection:
     synthetic_val: int = 50
     synthetic_size: int = 128
     synthetic_classes: int = 5
+    synthetic_generator: str = "scenes"  # scenes | streets (regproxy_cli.data.streets: street-like, 7 classes)
 
     def open(self, split: str) -> SegmentationDataset:
         """One split of this dataset (synthetic scenes are generated into ``root`` first, once)."""
-        synthetic = SyntheticSpec(self.synthetic_train, self.synthetic_val, self.synthetic_size, self.synthetic_classes)
+        synthetic = SyntheticSpec(self.synthetic_train, self.synthetic_val, self.synthetic_size, self.synthetic_classes,
+                                  self.synthetic_generator)
         return open_dataset(self.kind, self.root, split, synthetic=synthetic)
 
 
@@ -83,6 +90,10 @@ class LossSection:
     # what the summed cross-entropy is divided by: "all" = every pixel of the batch, ignored ones included
     # (mmseg 0.17's CrossEntropyLoss, so the paper's); "labelled" = only the pixels that carry a label
     mean_over: str = "all"
+    kind: str = "ce"  # ce | focal | dice | ce+dice | lovasz (regproxy_cli.engine.losses)
+    # none | auto (median-frequency balancing from the training masks' pixel counts) | [w0, w1, ...]
+    class_weight: str | list[float] | None = "none"
+    focal_gamma: float = 2.0
 
 
 @dataclass
@@ -112,10 +123,11 @@ class TrainConfig:
 
 
 _CHOICES = {
-    "data.kind": ("ade20k", "cityscapes", "pascal-context", "pascal-context-59", "folder", "synthetic"),
+    "data.kind": ("ade20k", "cityscapes", "pascal-context", "pascal-context-59", "camvid", "folder", "synthetic"),
     "test.mode": ("slide", "whole"),
     "optim.schedule": ("poly", "cosine_restart"),
     "loss.mean_over": MEAN_OVER,
+    "loss.kind": LOSS_KINDS,
     "run.precision": ("fp32", "bf16", "fp16"),
 }
 
@@ -129,7 +141,12 @@ def _check_value(key: str, value: object, annotation: object) -> object:
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
-        return _check_value(key, value, options[0])
+        for option in options[:-1]:  # the first type the value fits (str | list[float]: "auto" or [1, 2])
+            try:
+                return _check_value(key, value, option)
+            except RegproxyError:
+                pass
+        return _check_value(key, value, options[-1])
     if origin is list:
         if not isinstance(value, list):
             raise RegproxyError(f"config key {key}: expected a list, got {value!r}")
@@ -212,6 +229,25 @@ def _validate(config: TrainConfig) -> None:
         raise RegproxyError("config: run.eval_every, run.save_every and run.log_every must be positive")
     if not 1 <= config.model.region_res <= 16:
         raise RegproxyError("config key model.region_res: must be 1..16")
+    if not _FREEZE.fullmatch(config.model.freeze):
+        raise RegproxyError(f"config key model.freeze: {config.model.freeze!r} is not none, backbone or blocks:N "
+                            "(N >= 1)")
+    if config.model.init_from is not None and not config.model.init_from.strip():
+        raise RegproxyError("config key model.init_from: empty; give a model (zoo name, Hub id, directory, .pth) or null")
+    loss = config.loss
+    if loss.class_weight is None:
+        loss.class_weight = "none"
+    if isinstance(loss.class_weight, str) and loss.class_weight not in ("none", "auto"):
+        raise RegproxyError(f"config key loss.class_weight: {loss.class_weight!r} is not none, auto or a list of "
+                            "numbers [w0, w1, ...]")
+    if isinstance(loss.class_weight, list) and (not loss.class_weight or min(loss.class_weight) < 0
+                                                or not sum(loss.class_weight) > 0):
+        raise RegproxyError("config key loss.class_weight: a list needs one weight >= 0 per class, not all zero")
+    if loss.focal_gamma < 0:
+        raise RegproxyError("config key loss.focal_gamma: must be >= 0")
+
+
+_FREEZE = re.compile(r"none|backbone|blocks:[1-9][0-9]*")
 
 
 def dump_config(config: TrainConfig) -> str:

@@ -1,4 +1,10 @@
-"""The training loss: per-pixel cross-entropy with an ignore label, averaged the way the config asks."""
+"""Training losses: cross-entropy (the paper's), focal, Dice, CE + Dice and Lovasz-softmax, with an ignore label,
+optional class weights, and the mmseg 0.17 normalisation (``loss.mean_over``) on top of each.
+
+``mean_over`` is the same idea for every kind: ``"labelled"`` is the loss over the labelled pixels, and ``"all"``
+scales it by the labelled share of the batch, so a batch with many ignored pixels pulls less (that is what
+mmseg 0.17's CrossEntropyLoss did: a per-pixel mean over every pixel, ignored ones counting 0).
+"""
 
 from __future__ import annotations
 
@@ -9,26 +15,138 @@ from regproxy_cli.constants import IGNORE_INDEX
 from regproxy_cli.errors import RegproxyError
 
 MEAN_OVER = ("all", "labelled")
+LOSS_KINDS = ("ce", "focal", "dice", "ce+dice", "lovasz")
+DICE_SMOOTH = 1.0  # added to numerator and denominator: a class absent from labels and predictions scores 0
 
 
 def segmentation_loss(
-    logits: torch.Tensor, labels: torch.Tensor, *, mean_over: str = "all", ignore_index: int = IGNORE_INDEX
+    logits: torch.Tensor, labels: torch.Tensor, *, kind: str = "ce", mean_over: str = "all",
+    class_weight: torch.Tensor | None = None, focal_gamma: float = 2.0, ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """Cross-entropy of (B, K, H, W) logits against (B, H, W) labels, in float32.
+    """The ``kind`` loss of (B, K, H, W) logits against (B, H, W) labels, in float32.
 
-    Ignored pixels contribute 0 to the sum. ``mean_over`` chooses the denominator:
+    - ``ce``: per-pixel cross-entropy. ``mean_over="all"`` divides the sum by every pixel of the batch, B x H x W,
+      ignored ones included: mmseg 0.17's ``CrossEntropyLoss`` (``reduction='none'``, then ``mean()``;
+      ``avg_non_ignore`` came later), so the paper's. ``"labelled"`` divides by the labelled pixels, like
+      ``F.cross_entropy(..., ignore_index=...)``. With ``class_weight`` each pixel's loss is multiplied by its
+      class's weight; ``"all"`` still divides by B x H x W (mmseg 0.17 with ``class_weight``), ``"labelled"``
+      by the summed weights of the labelled pixels (``F.cross_entropy(weight=...)``).
+    - ``focal``: ``-(1 - p_t)^gamma log p_t`` per pixel (Lin et al. 2017), class weights as alpha, normalised as
+      ``ce``; gamma = 0 is ``ce``.
+    - ``dice``: 1 - soft Dice per class over the batch's labelled pixels, ``(2 sum p g + 1) / (sum p + sum g + 1)``
+      on softmax probabilities, averaged over all K classes (weighted mean with ``class_weight``).
+    - ``ce+dice``: the sum of the two.
+    - ``lovasz``: Lovasz-softmax (Berman et al. 2018), the Lovasz extension of each class's Jaccard loss on the
+      batch's labelled pixels, averaged over the classes present in the labels (weighted mean with weights).
 
-    - ``"all"``: every pixel of the batch, B x H x W, ignored ones included. This is mmseg 0.17's
-      ``CrossEntropyLoss`` (``reduction='none'``, then ``mean()``; ``avg_non_ignore`` came later), so the paper's.
-      A batch with many ignored pixels gets a proportionally smaller loss and gradient.
-    - ``"labelled"``: only the labelled pixels, like ``F.cross_entropy(..., ignore_index=...)``.
-
-    A batch whose pixels are all ignored gives 0 (and zero gradients) in both, never NaN.
+    Dice and Lovasz are not per-pixel sums: ``"labelled"`` is the loss itself, ``"all"`` multiplies it by the
+    labelled share of the batch. A batch whose pixels are all ignored gives 0 (and zero gradients), never NaN.
     """
     if mean_over not in MEAN_OVER:
         raise RegproxyError(f"mean_over must be one of {', '.join(MEAN_OVER)}, got {mean_over!r}")
-    per_pixel = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none")
+    if kind not in LOSS_KINDS:
+        raise RegproxyError(f"loss kind must be one of {', '.join(LOSS_KINDS)}, got {kind!r}")
+    logits = logits.float()
+    if class_weight is not None:
+        class_weight = class_weight.to(device=logits.device, dtype=torch.float32)
+        if class_weight.shape != (logits.shape[1],):
+            raise RegproxyError(f"class weights: {tuple(class_weight.shape)} for {logits.shape[1]} classes")
+    if kind == "ce":
+        return _cross_entropy(logits, labels, mean_over, class_weight, ignore_index)
+    if kind == "focal":
+        return _focal(logits, labels, mean_over, class_weight, focal_gamma, ignore_index)
+    if kind == "dice":
+        return _dice(logits, labels, mean_over, class_weight, ignore_index)
+    if kind == "ce+dice":
+        return (_cross_entropy(logits, labels, mean_over, class_weight, ignore_index)
+                + _dice(logits, labels, mean_over, class_weight, ignore_index))
+    return _lovasz_softmax(logits, labels, mean_over, class_weight, ignore_index)
+
+
+def _pixel_mean(per_pixel: torch.Tensor, labels: torch.Tensor, mean_over: str, class_weight: torch.Tensor | None,
+                ignore_index: int) -> torch.Tensor:
+    """Sum a per-pixel loss (0 at ignored pixels) with class weights, divided as ``mean_over`` says."""
+    labelled = labels != ignore_index
+    if class_weight is None:
+        if mean_over == "all":
+            return per_pixel.mean()
+        return per_pixel.sum() / labelled.sum().clamp(min=1)  # 0 / 1 = 0 when nothing is labelled
+    pixel_weight = class_weight[torch.where(labelled, labels, 0)] * labelled
+    total = (per_pixel * pixel_weight).sum()
     if mean_over == "all":
-        return per_pixel.mean()
-    labelled = (labels != ignore_index).sum().clamp(min=1)  # 0 / 1 = 0 when nothing is labelled
-    return per_pixel.sum() / labelled
+        return total / labels.numel()
+    # tiny, not 1: weights may sum to less than 1; when they sum to 0 the total is 0 too
+    return total / pixel_weight.sum().clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def _cross_entropy(logits, labels, mean_over, class_weight, ignore_index) -> torch.Tensor:
+    per_pixel = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
+    return _pixel_mean(per_pixel, labels, mean_over, class_weight, ignore_index)
+
+
+def _focal(logits, labels, mean_over, class_weight, gamma, ignore_index) -> torch.Tensor:
+    if gamma < 0:
+        raise RegproxyError(f"focal gamma must be >= 0, got {gamma}")
+    labelled = labels != ignore_index
+    log_p = F.log_softmax(logits, dim=1).gather(1, torch.where(labelled, labels, 0).unsqueeze(1)).squeeze(1)
+    per_pixel = -((1 - log_p.exp()) ** gamma) * log_p * labelled
+    return _pixel_mean(per_pixel, labels, mean_over, class_weight, ignore_index)
+
+
+def _labelled_share(labels: torch.Tensor, mean_over: str, ignore_index: int) -> torch.Tensor | float:
+    return (labels != ignore_index).float().mean() if mean_over == "all" else 1.0
+
+
+def _probabilities_and_targets(logits, labels, ignore_index) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities and one-hot targets of the labelled pixels only, both (N, K)."""
+    classes = logits.shape[1]
+    probabilities = F.softmax(logits, dim=1).permute(0, 2, 3, 1).reshape(-1, classes)
+    flat = labels.reshape(-1)
+    labelled = flat != ignore_index
+    probabilities, flat = probabilities[labelled], flat[labelled]
+    return probabilities, F.one_hot(flat, classes).to(probabilities.dtype)
+
+
+def _dice(logits, labels, mean_over, class_weight, ignore_index) -> torch.Tensor:
+    probabilities, targets = _probabilities_and_targets(logits, labels, ignore_index)
+    overlap = (probabilities * targets).sum(0)
+    size = probabilities.sum(0) + targets.sum(0)
+    per_class = 1 - (2 * overlap + DICE_SMOOTH) / (size + DICE_SMOOTH)
+    if class_weight is None:
+        loss = per_class.mean()
+    else:
+        loss = (per_class * class_weight).sum() / class_weight.sum().clamp(min=torch.finfo(torch.float32).tiny)
+    return loss * _labelled_share(labels, mean_over, ignore_index)
+
+
+def lovasz_jaccard_increments(sorted_truth: torch.Tensor) -> torch.Tensor:
+    """The increments F(S_i) - F(S_{i-1}) of the Jaccard loss along an ordering of the pixels.
+
+    ``sorted_truth`` (N,) is 1 where the pixel belongs to the class (the set G), in the order of decreasing error.
+    S_i is the first i pixels, taken as mispredicted; the Jaccard loss of a mispredicted set S is
+    ``|S| / |G u S|`` (Berman et al., Eq. 3), and ``|G u S_i| = |G| + i - |G n S_i|``.
+    """
+    i = torch.arange(1, sorted_truth.numel() + 1, device=sorted_truth.device, dtype=torch.float32)
+    union = sorted_truth.sum() + i - sorted_truth.cumsum(0)
+    loss_of_prefix = i / union
+    return torch.diff(loss_of_prefix, prepend=loss_of_prefix.new_zeros(1))
+
+
+def _lovasz_softmax(logits, labels, mean_over, class_weight, ignore_index) -> torch.Tensor:
+    probabilities, targets = _probabilities_and_targets(logits, labels, ignore_index)
+    present = (targets.sum(0) > 0).nonzero().flatten()
+    if present.numel() == 0:  # nothing labelled
+        return logits.sum() * 0.0
+    losses = []
+    for c in present.tolist():
+        errors = (targets[:, c] - probabilities[:, c]).abs()  # 1 - p on the class's pixels, p elsewhere
+        errors, order = torch.sort(errors, descending=True)
+        # the Lovasz extension is linear between sort orders: its gradient flows through the sorted errors
+        losses.append(torch.dot(errors, lovasz_jaccard_increments(targets[order, c])))
+    losses = torch.stack(losses)
+    if class_weight is None:
+        loss = losses.mean()
+    else:
+        weights = class_weight[present]
+        loss = (losses * weights).sum() / weights.sum().clamp(min=torch.finfo(torch.float32).tiny)
+    return loss * _labelled_share(labels, mean_over, ignore_index)

@@ -2,7 +2,8 @@
 
 AdamW (no weight decay on position embeddings, prefix tokens and norms), linear warm-up then poly or
 cosine restarts by iteration, cross-entropy with ignore 255 averaged as mmseg 0.17 does (over all pixels, see
-:mod:`~regproxy_cli.engine.losses`), optional bf16/fp16 autocast and gradient
+:mod:`~regproxy_cli.engine.losses`; focal, Dice and Lovasz and class weights on request), a start from another
+model and frozen layers (:mod:`~regproxy_cli.engine.finetune`), optional bf16/fp16 autocast and gradient
 accumulation, torch DDP under ``torchrun`` (NCCL on GPU with SyncBN in the affinity head, gloo on CPU),
 evaluation every N iterations keeping the best model, atomic checkpoints, and an exact ``--resume``:
 the data stream and its augmentations are a pure function of (seed, sample position), and the model,
@@ -17,19 +18,23 @@ import os
 import pickle
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from regproxy_cli.constants import IGNORE_INDEX
+from regproxy_cli.data.class_weights import CLASS_WEIGHT_FORMULA, pixel_counts, suggested_class_weights
+from regproxy_cli.data.datasets import SegmentationDataset
 from regproxy_cli.data.transforms import train_pipeline
 from regproxy_cli.engine.config import OptimSection, TrainConfig, dump_config
 from regproxy_cli.engine.distributed import Runtime, barrier, setup_runtime, shutdown
 from regproxy_cli.engine.evaluate import evaluate
+from regproxy_cli.engine.finetune import apply_freeze, frozen_modules, init_from, load_init_source, train_mode
 from regproxy_cli.engine.losses import segmentation_loss
 from regproxy_cli.errors import RegproxyError, listed, one_line
 from regproxy_cli.files import write_atomic
@@ -176,7 +181,40 @@ def build_training_model(config: TrainConfig, classes, palette) -> nn.Module:
         classes=list(classes), palette=[list(c) for c in palette], inference_mode=t.mode, window_stride=t.stride,
         test_scale=None if t.scale is None else tuple(t.scale), dataset=d.kind,
     )
-    return build_from_config(model_config, pretrained_backbone=m.pretrained, drop_path_rate=m.drop_path_rate)
+    # a run started from another model gets its backbone from there: no ImageNet download
+    pretrained = m.pretrained and m.init_from is None
+    return build_from_config(model_config, pretrained_backbone=pretrained, drop_path_rate=m.drop_path_rate)
+
+
+CLASS_WEIGHTS_NAME = "class_weights.json"
+
+
+def class_weights(config: TrainConfig, train_set: SegmentationDataset, out_dir: Path, *, resume: bool,
+                  progress: bool) -> tuple[list[float] | None, dict | None]:
+    """The class weights ``loss.class_weight`` asks for, and (for ``auto``) the record to save in the run.
+
+    ``auto`` counts the training masks' pixels and applies median-frequency balancing
+    (:mod:`~regproxy_cli.data.class_weights`); a resumed run reads the numbers its start saved, so they never drift.
+    """
+    wanted, k = config.loss.class_weight, train_set.num_classes
+    if wanted == "none":
+        return None, None
+    if isinstance(wanted, list):
+        if len(wanted) != k:
+            raise RegproxyError(f"config key loss.class_weight: {len(wanted)} weights for the {k} classes of "
+                                f"{config.data.root} ({listed(list(train_set.classes), 6)})")
+        return list(wanted), None
+    saved = out_dir / CLASS_WEIGHTS_NAME
+    if resume and saved.is_file():
+        record = json.loads(saved.read_text())
+        if len(record.get("weights", [])) != k:
+            raise RegproxyError(f"{saved}: {len(record.get('weights', []))} weights for {k} classes")
+        return record["weights"], None
+    counts = pixel_counts(train_set, progress=progress)
+    weights = suggested_class_weights(counts)
+    record = {"formula": CLASS_WEIGHT_FORMULA, "classes": list(train_set.classes),
+              "pixel_counts": counts.tolist(), "weights": weights.tolist()}
+    return record["weights"], record
 
 
 UNCHECKED_ON_RESUME = ("data.workers", "run.threads")  # they change speed, not results
@@ -214,6 +252,12 @@ class Trainer:
     scaler: torch.amp.GradScaler
     config: TrainConfig
     device: torch.device
+    class_weight: torch.Tensor | None = None  # loss.class_weight, on the device
+    frozen: list[nn.Module] = field(default_factory=list)  # kept in eval mode (model.freeze)
+
+    def train_mode(self) -> None:
+        """Training mode for the network, except the frozen modules: their BN statistics and drop path stay put."""
+        train_mode(self.net, self.frozen)
 
     def step(self, batches) -> tuple[float, int]:
         """One iteration: accumulate gradients over ``optim.accum_steps`` batches, then update; (loss, images)."""
@@ -229,7 +273,9 @@ class Trainer:
             with (nullcontext() if last else self.net.no_sync()), torch.autocast(
                     self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 logits = self.net(images)
-                loss = segmentation_loss(logits.float(), labels, mean_over=self.config.loss.mean_over) / o.accum_steps
+                loss = segmentation_loss(
+                    logits.float(), labels, kind=self.config.loss.kind, mean_over=self.config.loss.mean_over,
+                    class_weight=self.class_weight, focal_gamma=self.config.loss.focal_gamma) / o.accum_steps
                 self.scaler.scale(loss).backward()
             total_loss += loss.item()
             images_seen += images.shape[0]
@@ -253,8 +299,10 @@ class Trainer:
         return state["iteration"], state["best"]
 
 
-def build_trainer(config: TrainConfig, model: nn.Module, runtime: Runtime) -> Trainer:
-    """Model on its device (DDP with SyncBN on GPUs under torchrun), AdamW, the lr schedule, the fp16 scaler."""
+def build_trainer(config: TrainConfig, model: nn.Module, runtime: Runtime,
+                  class_weight: list[float] | None = None) -> Trainer:
+    """Model on its device (DDP with SyncBN on GPUs under torchrun), AdamW over the trainable parameters (frozen
+    ones stay out), the lr schedule, the fp16 scaler."""
     o = config.optim
     model = model.to(runtime.device)
     net = model
@@ -266,7 +314,9 @@ def build_trainer(config: TrainConfig, model: nn.Module, runtime: Runtime) -> Tr
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, o))
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.run.precision == "fp16")
-    return Trainer(model, net, optimizer, scheduler, scaler, config, runtime.device)
+    weight = None if class_weight is None else torch.tensor(class_weight, dtype=torch.float32, device=runtime.device)
+    # after the SyncBN conversion, which replaces modules
+    return Trainer(model, net, optimizer, scheduler, scaler, config, runtime.device, weight, frozen_modules(model))
 
 
 def train(config: TrainConfig, *, resume: bool = False, allow_config_change: bool = False,
@@ -302,7 +352,12 @@ def train(config: TrainConfig, *, resume: bool = False, allow_config_change: boo
         if changed:
             raise RegproxyError(f"--resume: the config differs from the one {last_path} was trained with in "
                                 f"{listed(changed)}; pass --allow-config-change to continue with the new one")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    m = config.model
+    # a resumed run has its weights in last.pt; a fresh one checks its source before anything is written
+    source = None
+    if m.init_from is not None and checkpoint is None:
+        source = load_init_source(m.init_from, backbone=m.backbone, m=get_backbone(m.backbone).m if m.m is None
+                                  else m.m, baseline=m.baseline)
 
     torch.manual_seed(r.seed)
     if runtime.main:
@@ -313,11 +368,19 @@ def train(config: TrainConfig, *, resume: bool = False, allow_config_change: boo
     if len(train_set) == 0:
         raise RegproxyError(f"{config.data.root}: the {config.data.train_split} split is empty")
 
-    trainer = build_trainer(config, build_training_model(config, train_set.classes, train_set.palette), runtime)
+    model = build_training_model(config, train_set.classes, train_set.palette)
+    report = init_from(model, source, m.init_from) if source is not None else None
+    del source
+    frozen = apply_freeze(model, m.freeze)
+    weights, weights_record = class_weights(config, train_set, out_dir, resume=resume, progress=progress and
+                                            runtime.main)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer = build_trainer(config, model, runtime, weights)
     model = trainer.model
     start, best = trainer.restore(checkpoint) if checkpoint is not None else (0, {"mIoU": -1.0, "iter": 0})
     if runtime.main:
         write_atomic(out_dir / "config.yaml", lambda tmp: Path(tmp).write_text(dump_config(config)))
+        _announce(out_dir, report, frozen, model, weights_record, weights, train_set)
 
     stream = TrainStream(train_set, _SeededPipeline(config, model.config.mean, model.config.std), r.seed)
     loader = DataLoader(
@@ -331,7 +394,7 @@ def train(config: TrainConfig, *, resume: bool = False, allow_config_change: boo
     log = _Log(out_dir, runtime.main)
     bar = tqdm(total=o.iters, initial=start, desc="training", unit="it", disable=not (progress and runtime.main),
                dynamic_ncols=True)
-    trainer.net.train()
+    trainer.train_mode()
     images_seen, started = 0, time.perf_counter()
     for iteration in range(start, o.iters):
         loss, images = trainer.step(batches)
@@ -358,7 +421,7 @@ def train(config: TrainConfig, *, resume: bool = False, allow_config_change: boo
                 if metrics["mIoU"] > best["mIoU"]:
                     best = {"mIoU": metrics["mIoU"], "iter": done}
                     save_pretrained(model, out_dir / "best")
-            trainer.net.train()
+            trainer.train_mode()
         if runtime.main and (done % r.save_every == 0 or done == o.iters):
             state = trainer.state(done, best)
             write_atomic(last_path, lambda tmp, state=state: torch.save(state, tmp))
@@ -369,3 +432,23 @@ def train(config: TrainConfig, *, resume: bool = False, allow_config_change: boo
                   images_per_s=images_seen / max(time.perf_counter() - started, 1e-9))
     shutdown()
     return out_dir / ("best" if best["mIoU"] >= 0 else "final")
+
+
+def _announce(out_dir: Path, report, frozen: list[str], model: nn.Module, weights_record: dict | None,
+              weights: list[float] | None, train_set: SegmentationDataset) -> None:
+    """Say (and record in the run) what the run starts from: init_from's summary, frozen parameters, class weights."""
+    console = Console(highlight=False)
+    if report is not None:
+        console.print(report.table())
+        write_atomic(out_dir / "init_from.json",
+                     lambda tmp: Path(tmp).write_text(json.dumps(report.to_dict(), indent=2) + "\n"))
+    if frozen:
+        total = sum(p.numel() for p in model.parameters())
+        count = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        console.print(f"frozen: {len(frozen)} tensors, {count:,} of {total:,} parameters")
+    if weights_record is not None:
+        write_atomic(out_dir / CLASS_WEIGHTS_NAME,
+                     lambda tmp: Path(tmp).write_text(json.dumps(weights_record, indent=2) + "\n"))
+    if weights is not None:
+        shown = ", ".join(f"{name} {w:.3g}" for name, w in zip(train_set.classes, weights))
+        console.print(f"class weights: {shown}")
