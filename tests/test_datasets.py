@@ -240,6 +240,73 @@ def test_unreadable_files_name_the_file(tmp_path: Path) -> None:
 
 
 def test_build_dataset_unknown_kind(tmp_path: Path) -> None:
-    valid = "ade20k, cityscapes, pascal-context, pascal-context-59, folder"
+    valid = "ade20k, cityscapes, pascal-context, pascal-context-59, camvid, folder"
     with pytest.raises(RegproxyError, match=f"valid kinds: {valid}"):
         D.build_dataset("coco", tmp_path)
+
+
+# CamVid (the SegNet tutorial's layout)
+
+
+def _camvid(root: Path, splits: dict[str, int] | None = None) -> Path:
+    """CamVid/{split}/*.png and CamVid/{split}annot/*.png; masks cycle through ids 0-11 (11 = void)."""
+    base = root / "CamVid"
+    for split, count in (splits or {"train": 3, "val": 2, "test": 2}).items():
+        for i in range(count):
+            _image(base / split / f"0001TP_{split}{i:03d}.png", seed=i)
+            _mask(base / f"{split}annot" / f"0001TP_{split}{i:03d}.png", list(range(12)))
+    return base
+
+
+def test_camvid_loads_all_three_splits_and_ignores_void(tmp_path: Path) -> None:
+    from regproxy_cli.data.open import available_splits, detect_kind, open_dataset
+
+    base = _camvid(tmp_path)
+    for root in (tmp_path, base):  # the parent or the CamVid folder itself
+        assert detect_kind(root) == "camvid" and available_splits("auto", root) == ["train", "val", "test"]
+        sizes = {split: len(open_dataset("auto", root, split)) for split in ("train", "val", "test")}
+        assert sizes == {"train": 3, "val": 2, "test": 2}
+    dataset = D.build_dataset("camvid", tmp_path, "test")
+    assert dataset.num_classes == 11 and dataset.classes[0] == "Sky" and dataset.classes[-1] == "Bicyclist"
+    assert len(set(dataset.palette)) == 11
+    image, label, name = dataset[1]
+    assert image.shape == (H, W, 3) and name == "0001TP_test001"
+    np.testing.assert_array_equal(label[:12, 0], [*range(11), 255])
+
+
+def test_camvid_errors_name_paths_and_files(tmp_path: Path) -> None:
+    with pytest.raises(RegproxyError, match=str(tmp_path / "CamVid" / "train")):
+        D.CamVid(tmp_path, "train")
+    base = _camvid(tmp_path, {"train": 2})
+    with pytest.raises(RegproxyError, match="unknown CamVid split 'training'; use train, val, test"):
+        D.CamVid(tmp_path, "training")
+    with pytest.raises(RegproxyError, match=str(base / "val")):
+        D.CamVid(tmp_path, "val")
+    _mask(base / "trainannot" / "0001TP_train001.png", [3, 12])
+    with pytest.raises(RegproxyError, match=r"0001TP_train001\.png: label 12 .*CamVid's void, 11, becomes 255"):
+        D.CamVid(tmp_path, "train")[1]
+    (base / "trainannot" / "0001TP_train000.png").unlink()
+    with pytest.raises(RegproxyError, match=r"CamVid: no mask for .*0001TP_train000\.png"):
+        D.CamVid(tmp_path, "train")
+
+
+def test_camvid_configs_and_eval_open_the_test_split(tmp_path: Path) -> None:
+    from regproxy_cli.engine.config import load_config
+    from regproxy_cli.engine.evaluate import open_eval_dataset
+
+    _camvid(tmp_path)
+    for name in ("camvid-cpu.yaml", "camvid-s16.yaml"):
+        config = load_config(Path(__file__).parent.parent / "configs" / name, [f"data.root={tmp_path}"])
+        assert config.data.kind == "camvid" and config.data.crop % 16 == 0 and config.data.root == str(tmp_path)
+        assert len(config.data.open("test")) == 2
+    cpu = load_config(Path(__file__).parent.parent / "configs" / "camvid-cpu.yaml")
+    assert (cpu.model.backbone, cpu.model.pretrained, cpu.data.crop, cpu.optim.batch_size, cpu.optim.lr) == (
+        "demo8", False, 256, 8, 1e-3)
+    assert (cpu.test.mode, cpu.test.scale, cpu.data.root, cpu.data.workers) == ("whole", None, "data/CamVid", 1)
+    s16 = load_config(Path(__file__).parent.parent / "configs" / "camvid-s16.yaml")
+    assert (s16.model.backbone, s16.model.pretrained, s16.test.scale) == ("s16", True, [480, 360])
+    config = tmp_path / "camvid.yaml"
+    config.write_text(yaml.safe_dump({"data": {"kind": "camvid", "root": str(tmp_path)}}))
+    assert len(open_eval_dataset(str(config), "test")) == 2 and len(open_eval_dataset(str(config))) == 2
+    assert len(open_eval_dataset(str(tmp_path), "test")) == 2 and len(open_eval_dataset(str(tmp_path))) == 2
+    assert open_eval_dataset(str(tmp_path), "train").samples[0][2] == "0001TP_train000"

@@ -6,9 +6,9 @@ passed through it first, e.g. :func:`regproxy_cli.data.transforms.train_pipeline
 
 Label conventions follow mmseg: ADE20K and Pascal Context 59 use ``reduce_zero_label`` (raw 0 -> 255, every
 other id minus one); Cityscapes reads ``*_gtFine_labelTrainIds.png``, or maps ``*_gtFine_labelIds.png`` to the
-19 train ids on the fly. Layout problems are found when the dataset is built and name the path that was
-expected; problems inside a file (image/mask size mismatch, out-of-range ids, unreadable files) are found when
-the sample is loaded and name the file.
+19 train ids on the fly; CamVid (the SegNet tutorial's copy) maps its void, 11, to 255. Layout problems are
+found when the dataset is built and name the path that was expected; problems inside a file (image/mask size
+mismatch, out-of-range ids, unreadable files) are found when the sample is loaded and name the file.
 """
 
 from __future__ import annotations
@@ -44,6 +44,17 @@ CITYSCAPES_ID_TO_TRAIN_ID: dict[int, int] = {
     7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13, 27: 14,
     28: 15, 31: 16, 32: 17, 33: 18,
 }
+
+# CamVid as the SegNet tutorial publishes it: 11 classes in its label order (mask value 11 is void), with the
+# colours of the SegNet tutorial's CamVid palette.
+CAMVID_CLASSES: tuple[str, ...] = (
+    "Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian", "Bicyclist",
+)
+CAMVID_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0), (192, 128, 128),
+    (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192),
+)
+CAMVID_VOID = 11
 
 
 Palette = Sequence[tuple[int, int, int]]
@@ -305,6 +316,41 @@ class PascalContext(SegmentationDataset):
         return reduce_zero_label(raw) if self.reduce_zero else raw
 
 
+class CamVid(SegmentationDataset):
+    """CamVid in the SegNet tutorial's layout: ``CamVid/{split}/*.png`` with ``CamVid/{split}annot/*.png``
+    (360x480 images; 367 train, 101 val, 233 test); 11 classes, mask value 11 (void) ignored.
+
+    Args:
+        root: the ``CamVid`` directory or its parent.
+        split: ``train``, ``val`` or ``test``.
+        transform: optional callable applied to ``(image, label)``.
+    """
+
+    SPLITS = ("train", "val", "test")
+    label_note = f" (CamVid's void, {CAMVID_VOID}, becomes 255 on load)"
+
+    def __init__(self, root: str | Path, split: str = "train", transform: Callable | None = None) -> None:
+        if split not in self.SPLITS:
+            raise RegproxyError(f"unknown CamVid split {split!r}; use {', '.join(self.SPLITS)}")
+        base = camvid_base(Path(root))
+        image_dir = _require_dir(base / split, "CamVid images")
+        mask_dir = _require_dir(base / f"{split}annot", "CamVid annotations")
+        images = sorted(image_dir.glob("*.png"))
+        if not images:
+            raise RegproxyError(f"CamVid images not found: no *.png files in {image_dir}")
+        super().__init__(_pair_by_stem(images, mask_dir, ".png", "CamVid"), CAMVID_CLASSES, CAMVID_PALETTE, transform)
+
+    def map_label(self, raw: np.ndarray, mask_path: Path) -> np.ndarray:
+        label = raw.astype(np.int64)
+        label[raw == CAMVID_VOID] = IGNORE_INDEX
+        return label
+
+
+def camvid_base(root: Path) -> Path:
+    """The folder holding CamVid's ``train``/``trainannot``: ``root`` itself or ``root/CamVid``."""
+    return root if (root / "trainannot").is_dir() or root.name == "CamVid" else root / "CamVid"
+
+
 class FolderDataset(SegmentationDataset):
     """A user dataset: ``classes.yaml``, ``images/{split}/*.{jpg,png,...}`` and ``masks/{split}/{stem}.png``.
 
@@ -408,6 +454,7 @@ DATASETS: dict[str, Callable[..., SegmentationDataset]] = {
     "cityscapes": Cityscapes,
     "pascal-context": partial(PascalContext, num_classes=60),
     "pascal-context-59": partial(PascalContext, num_classes=59),
+    "camvid": CamVid,
     "folder": FolderDataset,
 }
 
@@ -417,10 +464,10 @@ def build_dataset(kind: str, root: str | Path, split: str = "train",
     """Build a dataset by kind name.
 
     Args:
-        kind: one of ``ade20k``, ``cityscapes``, ``pascal-context``, ``pascal-context-59``, ``folder``
-            (case and ``_``/``-`` do not matter).
+        kind: one of ``ade20k``, ``cityscapes``, ``pascal-context``, ``pascal-context-59``, ``camvid``,
+            ``folder`` (case and ``_``/``-`` do not matter).
         root: the dataset's root directory (see each class).
-        split: which split to read, e.g. ``train`` or ``val``.
+        split: which split to read, e.g. ``train``, ``val`` (or CamVid's ``test``).
         transform: optional callable applied to ``(image, label)``.
 
     Raises:
