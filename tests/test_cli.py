@@ -18,7 +18,8 @@ from regproxy_cli.engine.config import TrainConfig
 from regproxy_cli.model.flops import FlopCount
 
 runner = CliRunner()
-COMMANDS = ("train", "eval", "predict", "models", "convert", "export", "flops", "backbones", "benchmark", "push")
+COMMANDS = ("train", "eval", "predict", "models", "convert", "export", "flops", "backbones", "benchmark", "push",
+            "demo", "data")
 
 
 def test_top_level_help_lists_every_command_with_a_whole_summary():
@@ -100,14 +101,15 @@ def test_eval_passes_every_option(monkeypatch, tmp_path):
     (segmenter, data), options = evaluated.only
     assert segmenter is model and data is dataset
     assert options == {"mode": "whole", "tta": True, "batch_size": 3, "precision": "bf16",
-                       "save_dir": tmp_path / "p", "progress": False}
+                       "save_dir": tmp_path / "p", "progress": False, "report": None}
     report = json.loads(result.output)
     assert report["mIoU"] == 50.0 and report["per_class"] == {"sky": {"IoU": 40.0, "Acc": 50.0},
                                                               "road": {"IoU": None, "Acc": None}}
     # the defaults: the model's own mode, fp32, 8 windows
     invoke("eval", "-m", "m", "--data", "d")
     assert evaluated.calls[1][1] | {"save_dir": None} == {"mode": None, "tta": False, "batch_size": 8,
-                                                          "precision": "fp32", "save_dir": None, "progress": True}
+                                                          "precision": "fp32", "save_dir": None, "progress": True,
+                                                          "report": None}
 
 
 def test_predict_passes_every_option(monkeypatch, tmp_path):
@@ -123,14 +125,16 @@ def test_predict_passes_every_option(monkeypatch, tmp_path):
     monkeypatch.setattr(predict_cli, "load_model", loaded)
     invoke("predict", str(image), "-m", "s16-ade", "-o", str(tmp_path / "out"), "--mode", "slide", "--scale", "0.5",
            "--tta", "--regions", "--device", "cpu", "--window-batch", "2", "--precision", "bf16", "--batch", "3",
-           "--format", "png", "--format", "cvat", "--polygon-tolerance", "0.5")
+           "--format", "png", "--format", "cvat", "--polygon-tolerance", "0.5", "--regions-by", "token",
+           "--confidence", "--save-probs", "--opacity", "0.3")
     assert loaded.only == (("s16-ade",), {"provider": "cpu"})
     (segmenter, paths, out), options = files.only
     assert segmenter is model and paths == [image] and out == tmp_path / "out"
     del options["progress"]
     assert options.pop("formats") == ["png", "cvat"]
     assert options == {"regions": True, "mode": "slide", "tta": True, "scale": 0.5, "batch_size": 2,
-                       "precision": "bf16", "batch": 3, "polygon_tolerance": 0.5}
+                       "precision": "bf16", "batch": 3, "polygon_tolerance": 0.5, "regions_by": "token",
+                       "confidence": True, "save_probs": True, "opacity": 0.3}
 
 
 def test_models_json_is_the_zoo():
@@ -212,6 +216,7 @@ def test_backbones_json_is_every_installed_spec():
 
 def test_every_command_is_registered_and_tested_here():
     registered = [command.name for command in app_module.app.registered_commands]
+    registered += [group.name for group in app_module.app.registered_groups]  # command groups: `data`
     assert sorted(registered) == sorted(COMMANDS)
 
 

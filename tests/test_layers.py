@@ -20,8 +20,8 @@ LAYERS = {
     "model": 1,
     "data": 2,
     "inference": 3,
-    "io": 4, "viz": 4,
-    "engine": 5,
+    "io": 4, "viz": 4, "plots": 4,
+    "engine": 5, "web": 5,
     "cli": 6,
 }
 FACADE = {"regproxy_cli", "regproxy_cli.__main__"}  # the public API gathers from every layer

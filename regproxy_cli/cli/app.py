@@ -9,7 +9,9 @@ from typing import Annotated
 
 import typer
 
-from regproxy_cli.cli import backbones, benchmark, convert, export, flops, models, predict, push, train
+from regproxy_cli.cli import analyze as analyze_cli
+from regproxy_cli.cli import backbones, benchmark, convert, demo, export, flops, models, predict, push, train
+from regproxy_cli.cli import data as data_cli
 from regproxy_cli.cli import eval as eval_cli
 from regproxy_cli.cli.output import console, err_console, print_error
 from regproxy_cli.constants import VERSION
@@ -60,6 +62,9 @@ _register("flops", flops, flops.flops)
 _register("backbones", backbones, backbones.backbones)
 _register("push", push, push.push)
 _register("benchmark", benchmark, benchmark.benchmark)
+app.add_typer(data_cli.app, name="data", help=_unwrap(data_cli.HELP), short_help=data_cli.SUMMARY)
+_register("demo", demo, demo.demo)
+app.add_typer(analyze_cli.app, name="analyze", help=analyze_cli.HELP, short_help=analyze_cli.SUMMARY)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from enum import Enum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -10,6 +12,7 @@ from rich.table import Table
 
 from regproxy_cli.cli.options import parse_size
 from regproxy_cli.cli.output import console, print_json
+from regproxy_cli.engine.report import flops_points, plot_flops
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.model.flops import count_flops, paper_figure
 from regproxy_cli.model.plugins import get_backbone, list_backbones
@@ -20,7 +23,11 @@ HELP = """Count parameters and FLOPs (multiply-adds, as the paper) of RegProxy m
 
 Two counts: [bold]paper[/] follows the convention of the paper's tables (mmcv's counter, which skips
 everything inside attention); [bold]true[/] counts every matrix product, attention and painting included.
-Counting runs on meta tensors: no weights are allocated."""
+Counting runs on meta tensors: no weights are allocated.
+
+--plot FILE draws the paper's Fig. 2: mIoU against GFLOPs for the zoo models of --zoo (the paper's single-scale
+mIoU) and for each --run DIR (an eval --report folder, or a training run / model directory with eval.json or
+its own validation mIoU), GFLOPs counted at each model's crop size. Needs matplotlib: pip install 'regproxy[report]'."""
 
 EXAMPLES = """[bold]Examples[/]
 
@@ -30,7 +37,16 @@ EXAMPLES = """[bold]Examples[/]
 
   regproxy flops --baseline                        # the linear baselines of Table 3
 
-  regproxy flops --size 768 --classes 19 --slide-image 1024x2048 --slide-stride 512   # Table 5"""
+  regproxy flops --size 768 --classes 19 --slide-image 1024x2048 --slide-stride 512   # Table 5
+
+  regproxy flops --plot fig2.png --run runs/demo --log-x         # the paper's Fig. 2, and your run on it"""
+
+
+class ZooDataset(str, Enum):
+    ade20k = "ade20k"
+    cityscapes = "cityscapes"
+    none = "none"
+
 
 
 def flops(
@@ -48,7 +64,24 @@ def flops(
     ] = None,
     slide_stride: Annotated[int | None, typer.Option(help="Sliding-window stride; default: --size.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    plot: Annotated[
+        Path | None, typer.Option(help="Draw mIoU against GFLOPs (the paper's Fig. 2) into this PNG instead.")
+    ] = None,
+    run: Annotated[
+        list[Path] | None, typer.Option("--run", help="With --plot: an evaluated run or report folder (repeatable).")
+    ] = None,
+    zoo: Annotated[ZooDataset, typer.Option(help="With --plot: the zoo models of this dataset.")] = ZooDataset.ade20k,
+    log_x: Annotated[bool, typer.Option("--log-x", help="With --plot: logarithmic GFLOPs axis.")] = False,
 ) -> None:
+    if plot is not None:
+        _plot(plot, run or [], zoo, log_x, as_json, conflicts={
+            "--backbone": bool(backbone), "--size": size is not None, "--classes": classes != 150,
+            "--region-res": region_res != "4", "--baseline": baseline, "--slide-image": slide_image is not None,
+            "--slide-stride": slide_stride is not None})
+        return
+    for option, given in (("--run", bool(run)), ("--zoo", zoo != ZooDataset.ade20k), ("--log-x", log_x)):
+        if given:
+            raise RegproxyError(f"{option} needs --plot FILE")
     names = backbone or list_backbones()
     region = parse_region_res(region_res)
     image = parse_size("--slide-image", slide_image) if slide_image else None
@@ -79,6 +112,27 @@ def flops(
         print_json(rows)
         return
     _print_table(rows, image)
+
+
+def _plot(path: Path, runs: list[Path], zoo: ZooDataset, log_x: bool, as_json: bool,
+          conflicts: dict[str, bool]) -> None:
+    given = [option for option, used in conflicts.items() if used]
+    if given:  # the figure counts each model at its own crop, classes and region resolution
+        raise RegproxyError(f"--plot counts every model as it is configured; drop {', '.join(given)}")
+    points = flops_points(runs, None if zoo == ZooDataset.none else zoo.value)
+    if not points:
+        raise RegproxyError("--plot: nothing to draw (--zoo none and no --run)")
+    plot_flops(points, path, log_x=log_x)
+    if as_json:
+        print_json(points)
+        return
+    table = Table(title="mIoU against GFLOPs", box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1), pad_edge=False)
+    for column in ("model", "GFLOPs", "mIoU", "mIoU from"):
+        table.add_column(column, justify="right" if column in ("GFLOPs", "mIoU") else "left")
+    for p in points:
+        table.add_row(p["label"], f"{p['gflops']:.1f}", f"{p['miou']:.2f}", p["source"])
+    console.print(table)
+    console.print(f"wrote {path}")
 
 
 def _delta(ours: float, theirs: float) -> str:

@@ -35,17 +35,28 @@ from regproxy_cli.cli.options import (
     parse_device,
 )
 from regproxy_cli.cli.output import console, print_error
+from regproxy_cli.cli.video import EVERY_HELP, FRAMES_HELP, predict_videos
 from regproxy_cli.constants import IMAGE_SUFFIXES
 from regproxy_cli.errors import RegproxyError
+from regproxy_cli.files import write_atomic
 from regproxy_cli.images import load_image, save_label_png, save_png_atomic
+from regproxy_cli.inference.confidence import ConfidenceMaps, predict_confidence
 from regproxy_cli.inference.pipeline import forward_batch, predict_label_batch, run_pipeline
 from regproxy_cli.io.annotations import AnnotationWriter, check_formats
+from regproxy_cli.io.video import is_video
 from regproxy_cli.io.zoo import load_model
-from regproxy_cli.viz import overlay, predict_regions
+from regproxy_cli.viz import confidence_pictures, overlay, predict_regions
 
 SUMMARY = "Segment images into label PNGs, colour overlays and region pictures."
 HELP = """Segment images: files, directories and glob patterns. For each image writes OUT/<name>.png (class ids,
-palette-coloured), OUT/<name>_overlay.png and, with --regions, OUT/<name>_regions.png (the learned regions).
+palette-coloured), OUT/<name>_overlay.png and, with --regions, OUT/<name>_regions.png (the learned regions: their
+boundaries as lines over the image at its size, each region tinted by its token's class or, --regions-by token, in a
+colour of its own). --confidence adds heat maps (dark violet low, yellow high, fixed scales): OUT/<name>_maxprob.png
+(the top class probability, 0 to 1), OUT/<name>_entropy.png (the entropy of the class probabilities, 0 to ln K) and,
+with --tta, OUT/<name>_disagreement.png (the fraction of the 12 augmented views whose own label differs from the
+final one). --save-probs writes OUT/<name>_probs.npz (float16): `probs`, the K class probabilities at the model's
+output resolution (the working size divided by the output stride, 4 for /16 models), and `max_prob`, `entropy`
+(nats) and, with --tta, `disagreement` at the image's size, plus `classes`.
 --format coco|labelme|cvat (repeatable) writes annotation-tool files instead or as well: OUT/predictions.json
 (COCO RLE, category_id = class id), OUT/<name>.json (labelme polygons), OUT/cvat.zip (CVAT Segmentation mask 1.1).
 
@@ -56,7 +67,9 @@ EXAMPLES = """[bold]Examples[/]
 
   regproxy predict photo.jpg --model s16-ade
 
-  regproxy predict photos/ 'more/*.png' --model s16-ade --out seg --regions --tta"""
+  regproxy predict photos/ 'more/*.png' --model s16-ade --out seg --regions --tta
+
+  regproxy predict photo.jpg --model s16-ade --confidence --tta --save-probs --opacity 0.35"""
 
 BATCH_HELP = ("Images per forward pass on CUDA: consecutive images of one size are batched (not with --tta). On a CPU "
               "the network runs image by image anyway, so this only applies on CUDA.")
@@ -74,16 +87,35 @@ class OutputFormat(str, Enum):
 FORMAT_HELP = ("Output format, repeatable (default: png): png (label PNG + overlay), coco (OUT/predictions.json), "
                "labelme (OUT/<name>.json), cvat (OUT/cvat.zip). coco and labelme need the 'annotations' extra.")
 TOLERANCE_HELP = "labelme polygons: simplification tolerance in pixels (0: exact region boundaries)."
+CONFIDENCE_HELP = ("Also write heat maps of the top class probability and the entropy (and with --tta the views' "
+                   "disagreement).")
+SAVE_PROBS_HELP = "Also write OUT/<name>_probs.npz: class probabilities (float16) and the confidence maps."
+OPACITY_HELP = "Weight of the class colours in the overlay, 0 (photo only) to 1 (colours only)."
+
+
+class RegionsBy(str, Enum):
+    """How --regions tints each learned region: its token's predicted class, or a colour per token."""
+
+    cls = "class"
+    token = "token"
+
+
+REGIONS_BY_HELP = ("Tint each region with its token's predicted class colour (class) or a colour per token (token); "
+                   "implies --regions.")
 
 
 def predict(
-    inputs: Annotated[list[str], typer.Argument(help="Image files, directories or glob patterns.")],
+    inputs: Annotated[list[str], typer.Argument(help="Image or video files, directories or glob patterns.")],
     model: ModelOption,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("predictions"),
     mode: ModeOption = None,
     scale: Annotated[float, typer.Option(help="Multiply the model's test scale.")] = 1.0,
     tta: TtaOption = False,
     regions: Annotated[bool, typer.Option("--regions", help="Also draw the learned regions.")] = False,
+    regions_by: Annotated[RegionsBy | None, typer.Option("--regions-by", help=REGIONS_BY_HELP)] = None,
+    confidence: Annotated[bool, typer.Option("--confidence", help=CONFIDENCE_HELP)] = False,
+    save_probs: Annotated[bool, typer.Option("--save-probs", help=SAVE_PROBS_HELP)] = False,
+    opacity: Annotated[float, typer.Option("--opacity", help=OPACITY_HELP)] = 0.5,
     device: DeviceOption = "auto",
     window_batch: WindowBatchOption = 8,
     precision: PrecisionOption = Precision.fp32,
@@ -92,8 +124,18 @@ def predict(
     formats: Annotated[list[OutputFormat] | None, typer.Option("--format", help=FORMAT_HELP)] = None,
     polygon_tolerance: Annotated[float, typer.Option("--polygon-tolerance", min=0.0, help=TOLERANCE_HELP)] = 1.0,
     batch: Annotated[int, typer.Option("--batch", help=BATCH_HELP)] = 1,
+    frames: Annotated[bool, typer.Option("--frames", help=FRAMES_HELP)] = False,
+    every: Annotated[int, typer.Option("--every", min=1, help=EVERY_HELP)] = 1,
 ) -> None:
+    if any(is_video(item) for item in inputs):  # .mp4/.mov/.avi/.mkv/.webm: regproxy_cli.cli.video
+        return predict_videos(inputs, model=model, out=out, mode=mode.value if mode else None, scale=scale, tta=tta,
+                              device=device, precision=precision, window_batch=window_batch, batch=batch,
+                              compile_network=compile_network, provider=provider, frames=frames, every=every,
+                              opacity=opacity)
     check_window_batch(window_batch)
+    if not 0 <= opacity <= 1:
+        raise RegproxyError(f"--opacity must be between 0 and 1, got {opacity}")
+    regions = regions or regions_by is not None
     output_formats = check_formats(formats or [OutputFormat.png])  # a missing extra stops here, before loading
     if batch < 1:
         raise RegproxyError(f"--batch must be at least 1, got {batch}")
@@ -106,6 +148,8 @@ def predict(
     with tqdm(total=len(paths), unit="image", desc="segmenting", disable=not paths) as bar:
         report = predict_files(segmenter, paths, out, regions=regions, progress=bar.update,
                                formats=output_formats, polygon_tolerance=polygon_tolerance,
+                               regions_by=(regions_by or RegionsBy.cls).value, confidence=confidence,
+                               save_probs=save_probs, opacity=opacity,
                                mode=mode.value if mode else None, tta=tta, scale=scale, batch_size=window_batch,
                                precision=run_precision, batch=batch)
     for problem in problems + report.failed:
@@ -167,12 +211,20 @@ def predict_files(
     polygon_tolerance: float = 1.0,
     batch: int = 1,
     workers: int = 2,
+    regions_by: str = "class",
+    confidence: bool = False,
+    save_probs: bool = False,
+    opacity: float = 0.5,
     **options,
 ) -> PredictReport:
-    """Segment each image, writing ``<stem>.png`` (class ids, palette), ``<stem>_overlay.png`` and, with
-    ``regions``, ``<stem>_regions.png``; the first two only when ``formats`` has "png", and "coco", "labelme",
-    "cvat" add those files (:class:`regproxy_cli.io.annotations.AnnotationWriter`, ``polygon_tolerance`` for
-    labelme). A bad input is recorded and the rest still run.
+    """Segment each image, writing ``<stem>.png`` (class ids, palette), ``<stem>_overlay.png`` (colours at weight
+    ``opacity``) and, with ``regions``, ``<stem>_regions.png`` (tinted ``regions_by`` class or token); the first
+    two only when ``formats`` has "png", and "coco", "labelme", "cvat" add those files
+    (:class:`regproxy_cli.io.annotations.AnnotationWriter`, ``polygon_tolerance`` for labelme). ``confidence``
+    adds ``<stem>_maxprob.png``, ``<stem>_entropy.png`` and with TTA ``<stem>_disagreement.png``, ``save_probs``
+    ``<stem>_probs.npz`` (labels then come from the same pass,
+    :func:`~regproxy_cli.inference.confidence.predict_confidence`, one image at a time). A bad input is recorded
+    and the rest still run.
 
     Decoding and writing run on ``workers`` threads (0: all on this one) while this thread runs the network; on
     CUDA, up to ``batch`` consecutive same-size images share a forward pass
@@ -185,16 +237,22 @@ def predict_files(
     annotations = AnnotationWriter(out_dir, formats, model.config.classes, model.config.palette,
                                    polygon_tolerance=polygon_tolerance)
 
-    def infer(images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray | None]]:  # on this thread: the network
-        labels = predict_label_batch(model, images, **options)
-        pictures = [predict_regions(model, image, scale=options.get("scale", 1.0)) if regions else None
+    def infer(images: list[np.ndarray]) -> list[tuple]:  # on this thread: the network
+        if confidence or save_probs:
+            maps = [predict_confidence(model, image, grid_probs=save_probs, **options) for image in images]
+            labels = [one.labels for one in maps]
+        else:
+            maps, labels = [None] * len(images), predict_label_batch(model, images, **options)
+        pictures = [predict_regions(model, image, scale=options.get("scale", 1.0), by=regions_by) if regions else None
                     for image in images]
-        return list(zip(labels, pictures))
+        return list(zip(labels, pictures, maps))
 
-    def write(path: Path, image: np.ndarray, result: tuple[np.ndarray, np.ndarray | None]):  # on the pool
-        labels, picture = result
+    def write(path: Path, image: np.ndarray, result: tuple):  # on the pool
+        labels, picture, maps = result
         stem = path.stem if stems[path.stem] == 1 else f"{path.parent.name}_{path.stem}"
-        written = _write_outputs(out_dir, stem, image, labels, palette, picture, png=png)
+        written = _write_outputs(out_dir, stem, image, labels, palette, picture, png=png, opacity=opacity)
+        if maps is not None:
+            _write_confidence(out_dir, stem, maps, model.config.classes, pictures=confidence, probs=save_probs)
         annotations.add(stem, labels, path)
         return written, np.unique(labels, return_counts=True)
 
@@ -214,11 +272,34 @@ def predict_files(
 
 
 def _write_outputs(out_dir: Path, stem: str, image: np.ndarray, labels: np.ndarray, palette: np.ndarray,
-                   regions_picture: np.ndarray | None, png: bool = True) -> Path:
+                   regions_picture: np.ndarray | None, png: bool = True, opacity: float = 0.5) -> Path:
     """One image's output files (called on the writer threads); returns the label map's path."""
     if png:
         save_label_png(out_dir / f"{stem}.png", labels, palette)
-        save_png_atomic(out_dir / f"{stem}_overlay.png", overlay(image, labels, palette))
+        save_png_atomic(out_dir / f"{stem}_overlay.png", overlay(image, labels, palette, alpha=opacity))
     if regions_picture is not None:
         save_png_atomic(out_dir / f"{stem}_regions.png", regions_picture)
     return out_dir / f"{stem}.png"
+
+
+def _write_confidence(out_dir: Path, stem: str, maps: ConfidenceMaps, classes: list[str], *, pictures: bool,
+                      probs: bool) -> None:
+    """The confidence heat maps (``pictures``) and the ``<stem>_probs.npz`` arrays (``probs``) of one image."""
+    if pictures:
+        for name, picture in confidence_pictures(maps, len(classes)).items():
+            save_png_atomic(out_dir / f"{stem}_{name}.png", picture)
+    if probs:
+        arrays = {"probs": maps.probs, "max_prob": maps.max_prob, "entropy": maps.entropy}
+        if maps.disagreement is not None:
+            arrays["disagreement"] = maps.disagreement
+        arrays = {name: value.astype(np.float16) for name, value in arrays.items()}
+        path = out_dir / f"{stem}_probs.npz"
+
+        def save(temporary: str) -> None:
+            with open(temporary, "wb") as file:  # a file object: np.savez would add .npz to the temporary name
+                np.savez_compressed(file, **arrays, classes=np.array(classes))
+
+        try:
+            write_atomic(path, save)
+        except OSError as error:
+            raise RegproxyError(f"{path}: cannot write ({error})") from None

@@ -14,6 +14,7 @@ from regproxy_cli.data.open import open_dataset
 from regproxy_cli.engine.config import load_config
 from regproxy_cli.engine.distributed import barrier, rank_world
 from regproxy_cli.engine.metrics import ConfusionMatrix
+from regproxy_cli.engine.report import ReportCollector
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.images import save_label_png
 from regproxy_cli.inference.predictor import predict_labels
@@ -30,12 +31,15 @@ def evaluate(
     precision: str = "fp32",
     save_dir: Path | None = None,
     progress: bool = True,
+    report: ReportCollector | None = None,
 ) -> dict:
     """mIoU, mAcc, aAcc (percent) and per-class IoU/Acc of ``model`` on ``dataset``, DDP-aware.
 
     Each process segments every world_size-th image with the model's own protocol (test scale, whole or
     sliding window, optional multi-scale + flip); intersections and unions are summed over the whole dataset
     per class and across processes, and classes absent from both prediction and ground truth are left out.
+    ``report`` (for ``eval --report``) also gets every image's prediction, for boundary F-scores, per-image scores
+    and the worst images; it is gathered across processes at the end.
     """
     config = model.config
     if dataset.num_classes != config.num_classes:
@@ -50,10 +54,14 @@ def evaluate(
         image, label, name = dataset[index]
         prediction = predict_labels(model, image, mode=mode, tta=tta, batch_size=batch_size, precision=precision)
         matrix.update(torch.from_numpy(prediction), torch.from_numpy(np.asarray(label, dtype=np.int64)))
+        if report is not None:
+            report.add(index, name, prediction, label)
         if save_dir is not None:
             save_dir.mkdir(parents=True, exist_ok=True)
             save_label_png(save_dir / f"{Path(name).stem}.png", prediction, palette)
     matrix.all_reduce()
+    if report is not None:
+        report.gather(matrix)
     model.train(was_training)
     result = matrix.compute()
     return {

@@ -54,7 +54,27 @@ def working_size(height: int, width: int, config: ModelConfig, scale: float = 1.
     return rescale_size(height, width, (long_side * scale, short_side * scale))
 
 
-def _logits_at(model: nn.Module, x: torch.Tensor, config: ModelConfig, mode: str, batch_size: int) -> torch.Tensor:
+def check_mode_and_scale(config: ModelConfig, mode: str | None, scale: float) -> str:
+    """The inference mode to run (``mode``, or the config's own), after checking it and ``scale``."""
+    mode = mode or config.inference_mode
+    if mode not in ("whole", "slide"):
+        raise RegproxyError(f"mode must be 'whole' or 'slide', not {mode!r}")
+    if scale <= 0:
+        raise RegproxyError(f"scale must be positive, got {scale}")
+    return mode
+
+
+def tta_scales(config: ModelConfig, scale: float = 1.0) -> tuple[tuple[float, float] | None, tuple[float, ...]]:
+    """(test scale, ratios) of the multi-scale test: the config's test scale times ``scale`` with the paper's ratios,
+    or, for a config without a test scale, no test scale and the ratios times ``scale`` (as without TTA, ``scale``
+    then scales the image itself)."""
+    if config.test_scale is None:
+        return None, tuple(ratio * scale for ratio in TTA_RATIOS)
+    return (config.test_scale[0] * scale, config.test_scale[1] * scale), TTA_RATIOS
+
+
+def logits_at(model: nn.Module, x: torch.Tensor, config: ModelConfig, mode: str, batch_size: int) -> torch.Tensor:
+    """(B, K, h, w) logits of a normalised batch at its own size, whole or with the config's sliding windows."""
     if mode == "whole":
         return model(x)
     window = (config.crop_size, config.crop_size)
@@ -84,11 +104,7 @@ def predict_labels(
         precision: fp32, or bf16 / fp16 autocast for the network (resizing and argmax stay float32).
     """
     config = model.config
-    mode = mode or config.inference_mode
-    if mode not in ("whole", "slide"):
-        raise RegproxyError(f"mode must be 'whole' or 'slide', not {mode!r}")
-    if scale <= 0:
-        raise RegproxyError(f"scale must be positive, got {scale}")
+    mode = check_mode_and_scale(config, mode, scale)
     rgb = to_rgb_array(image)
     height, width = rgb.shape[:2]
     device = device_of(model)
@@ -96,10 +112,7 @@ def predict_labels(
     size = working_size(height, width, config, scale)
     with autocast(device, precision):
         if tta:  # mmseg's aug_test: each augmentation's logits resized to the original size, then softmax
-            if config.test_scale is None:  # `scale` then scales the image itself, as without TTA
-                test_scale, ratios = None, tuple(ratio * scale for ratio in TTA_RATIOS)
-            else:
-                test_scale, ratios = (config.test_scale[0] * scale, config.test_scale[1] * scale), TTA_RATIOS
+            test_scale, ratios = tta_scales(config, scale)
             return segment_labels(
                 model, x, num_classes=config.num_classes, mode=mode, window=(config.crop_size,) * 2,
                 stride=(config.stride,) * 2, test_scale=test_scale, ratios=ratios, flip=True,
@@ -109,6 +122,6 @@ def predict_labels(
             return model.labels(x)[0].cpu().numpy()  # one resize: straight from the grid logits to labels
         if size != (height, width):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        logits = _logits_at(model, x, config, mode, batch_size)[0]
+        logits = logits_at(model, x, config, mode, batch_size)[0]
     # resize to the original in row chunks: a huge photo never needs a K x H x W tensor
     return resize_argmax(logits.float(), (height, width)).cpu().numpy()

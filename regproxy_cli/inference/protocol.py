@@ -124,7 +124,7 @@ def scale_sizes(
     return sizes
 
 
-def _augmented_logits(
+def augmented_logits(
     model: nn.Module,
     image: torch.Tensor,
     *,
@@ -136,7 +136,10 @@ def _augmented_logits(
     flip: bool,
     batch_size: int,
 ) -> Iterator[torch.Tensor]:
-    """(1, K, h, w) logits of each scale (and mirrored view, mirrored back) at its own size, in aug_test's order."""
+    """(1, K, h, w) logits of each scale (and mirrored view, mirrored back) at its own size, in aug_test's order.
+
+    A generator: each view is computed when it is asked for, so a caller can use and drop one before the next.
+    """
     if mode not in MODES:
         raise RegproxyError(f"inference mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "slide" and (window is None or stride is None):
@@ -204,7 +207,7 @@ def segment_probs(
     out_size = check_pair("output size", out_size)
     sizes = scale_sizes(*image.shape[-2:], test_scale=test_scale, ratios=ratios)
     probs = image.new_zeros((num_classes, *out_size), dtype=torch.promote_types(image.dtype, torch.float32))
-    for logits in _augmented_logits(model, image, num_classes=num_classes, mode=mode, window=window, stride=stride,
+    for logits in augmented_logits(model, image, num_classes=num_classes, mode=mode, window=window, stride=stride,
                                     sizes=sizes, flip=flip, batch_size=batch_size):
         logits = F.interpolate(logits.to(probs.dtype), size=out_size, mode="bilinear", align_corners=False)
         probs += logits[0].softmax(dim=0)
@@ -260,7 +263,7 @@ def segment_labels(
                              test_scale=test_scale, ratios=ratios, flip=flip, out_size=(out_h, out_w),
                              batch_size=batch_size).argmax(0)
     dtype = torch.promote_types(image.dtype, torch.float32)
-    augmented = _augmented_logits(model, image, num_classes=num_classes, mode=mode, window=window, stride=stride,
+    augmented = augmented_logits(model, image, num_classes=num_classes, mode=mode, window=window, stride=stride,
                                   sizes=sizes, flip=flip, batch_size=batch_size)
     logits = [view[0].to(dtype) for view in augmented]  # each at its own size: what stays in memory
     labels = torch.empty(out_h, out_w, dtype=torch.int64, device=image.device)
