@@ -88,7 +88,7 @@ def test_region_entropy_over_a_dataset(dataset_and_model):
     result = region_entropy(model, open_dataset("folder", root, "val"), progress=False)
     summary = result.summary()
     assert summary["images"] == 3 and summary["max_entropy"] == pytest.approx(math.log(3))
-    for source in ("learned", "cells"):
+    for source in ("learned", "soft", "cells"):
         values = result.values[source]
         assert values.size == summary[source]["regions"] > 0
         assert np.all(values >= 0) and np.all(values <= math.log(3) + 1e-5)

@@ -19,7 +19,7 @@ from regproxy_cli.model.flops import FlopCount
 
 runner = CliRunner()
 COMMANDS = ("train", "eval", "predict", "models", "convert", "export", "flops", "backbones", "benchmark", "push",
-            "demo", "data")
+            "demo", "data", "analyze")
 
 
 def test_top_level_help_lists_every_command_with_a_whole_summary():

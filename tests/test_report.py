@@ -13,6 +13,7 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 import torch
+from browser import Browser, chromium
 from PIL import Image
 
 from regproxy_cli import RegproxyError, build_model
@@ -178,6 +179,25 @@ def test_the_html_links_resolve_inside_the_folder(evaluated):
     assert (report / REPORT_MARKER).is_file()
 
 
+ALL_IMAGES_LOADED = ("(() => { const images = [...document.images];"
+                     " return images.length > 0 && images.every(i => i.complete && i.naturalWidth > 0); })()")
+
+
+@pytest.mark.skipif(chromium() is None and not os.environ.get("CI"),
+                    reason="Debian's chromium is not installed here (.ci/run installs it)")
+def test_the_html_renders_in_chromium_with_every_image(evaluated, tmp_path):
+    report = evaluated["report"]
+    with Browser() as browser:
+        browser.open((report / "report.html").resolve().as_uri())
+        assert browser.wait_for(ALL_IMAGES_LOADED, timeout=60), "an image of report.html did not load"
+        shown = browser.evaluate("document.images.length")
+        text = browser.evaluate("document.body.innerText")
+        shot = browser.screenshot(tmp_path / "report.png")
+    assert shown == 3 + len(evaluated["metrics"]["worst"])  # confusion matrix, IoU bars, per-image mIoU, strips
+    assert f"{evaluated['metrics']['mIoU']:.2f}" in text
+    assert Image.open(shot).size == (1400, 1000)
+
+
 def test_an_existing_report_is_replaced_and_anything_else_refused(evaluated, tmp_path, monkeypatch):
     e = evaluated
     collector = ReportCollector(K, worst=1)
@@ -312,3 +332,29 @@ def test_histogram_counts_as_numpy(tmp_path):
     weighted, _ = histogram([1, 1, 3], tmp_path / "w.png", bins=[0, 2, 4], weights=[2, 3, 5])
     assert weighted.tolist() == [5, 5]
     assert Image.open(tmp_path / "h.png").format == "PNG"
+
+
+def test_flops_plot_draws_the_zoo_and_evaluated_runs(tmp_path, evaluated, cli):
+    from regproxy_cli.io.zoo import ZOO
+
+    run = tmp_path / "mine"
+    save_pretrained(evaluated["model"], run / "best")
+    (run / "eval.json").write_text(json.dumps({"mIoU": 42.5}))
+    picture = tmp_path / "fig2.png"
+    result = cli("flops", "--plot", str(picture), "--run", str(run), "--run", str(evaluated["report"]), "--json")
+    assert result.returncode == 0, result.stderr
+    points = {p["label"]: p for p in json.loads(result.stdout)}
+    ade = {name: entry for name, entry in ZOO.items() if entry.dataset == "ade20k"}
+    assert set(ade) <= set(points) and all(points[name]["miou"] == entry.miou for name, entry in ade.items())
+    # the counted GFLOPs grow with the backbone, as the paper's Fig. 2 x axis does
+    vits = sorted((n for n in ade if not ade[n].backbone.startswith("r")), key=lambda n: points[n]["gflops"])
+    assert [ade[n].miou for n in vits] == sorted(ade[n].miou for n in vits)
+    assert points["mine"]["miou"] == 42.5 and points["mine"]["gflops"] > 0
+    assert points["report"]["miou"] == pytest.approx(evaluated["metrics"]["mIoU"])
+    assert Image.open(picture).size[0] > 400
+    for args, message in [(("--run", str(run)), "--run needs --plot FILE"),
+                          (("--plot", str(tmp_path / "x.png"), "--size", "512"), "drop --size"),
+                          (("--plot", str(tmp_path / "x.png"), "--run", str(tmp_path / "none")), "no such folder")]:
+        bad = cli("flops", *args)
+        assert bad.returncode == 1 and message in bad.stderr, bad.stderr
+        assert "Traceback" not in bad.stderr

@@ -7,7 +7,18 @@ import torch
 from conftest import TINY_VIT
 from regproxy_cli import build_model
 from regproxy_cli.images import load_image, save_png_atomic
-from regproxy_cli.viz import colorize, overlay, region_boundaries, region_map, region_owners, token_colours
+from regproxy_cli.viz import (
+    REGION_ALPHA,
+    colorize,
+    line_colours,
+    line_width,
+    overlay,
+    region_boundaries,
+    region_map,
+    region_owners,
+    thicken,
+    token_colours,
+)
 
 RNG = np.random.default_rng(0)
 
@@ -45,7 +56,28 @@ def test_centre_ownership_has_boundaries_only_on_the_token_grid():
     assert len(edges) and np.all((edges[:, 0] % stride == stride - 1) | (edges[:, 1] % stride == stride - 1))
     picture = region_map(image, torch.from_numpy(affinity), stride)
     assert picture.shape == (40, 60, 3) and picture.dtype == np.uint8
-    assert np.all(picture[15, 5] == 255) and not np.all(picture[5, 5] == 255)  # boundary white, interior tinted
+    _assert_drawn(picture, image, owners, grid_w=4, lines=region_boundaries(owners))
+
+
+def _assert_drawn(picture, image, owners, grid_w, lines):
+    """Interior: the photo tinted with each owner's token colour at REGION_ALPHA; lines: white on dark, black on
+    light, judged on the tinted picture."""
+    tinted = (1 - REGION_ALPHA) * image.astype(np.float64) + REGION_ALPHA * token_colours(owners, grid_w)
+    tinted = np.rint(tinted).clip(0, 255).astype(np.uint8)
+    assert np.abs(picture[~lines].astype(int) - tinted[~lines]).max() <= 1
+    np.testing.assert_array_equal(picture[lines], line_colours(tinted)[lines])
+    assert set(map(tuple, picture[lines])) <= {(0, 0, 0), (255, 255, 255)}
+
+
+def test_lines_stay_visible_on_large_pictures():
+    assert line_width((128, 128)) == line_width((1000, 1499)) == 1
+    assert line_width((3000, 4000)) == 4
+    mask = np.zeros((9, 9), dtype=bool)
+    mask[4, 4] = True
+    assert thicken(mask, 3).sum() == 9 and thicken(mask, 4).sum() == 16 and thicken(mask, 1).sum() == 1
+    edge = np.zeros((5, 5), dtype=bool)
+    edge[0, 0] = True
+    assert thicken(edge, 3)[:2, :2].all() and not thicken(edge, 3)[4].any()  # no wrap-around
 
 
 def test_checkerboard_ownership_draws_boundaries_inside_tokens():
@@ -69,10 +101,6 @@ def test_region_map_of_a_model(tmp_path):
     owners = region_owners(affinity[0], 16, (40, 50))
     edges = region_boundaries(owners)
     assert edges.any() and (~edges).any()
-    white = np.all(picture == 255, axis=-1)
-    np.testing.assert_array_equal(white, edges)  # boundaries white, and no interior pixel is
-    # interior: the photo blended with each owner's token colour at weight 0.45, rounded to the nearest integer
-    blend = (55 * image[~edges].astype(np.int64) + 45 * token_colours(owners)[~edges].astype(np.int64)) / 100
-    assert np.abs(picture[~edges] - blend).max() <= 0.5
+    _assert_drawn(picture, image, owners, grid_w=affinity.shape[-1], lines=edges)
     save_png_atomic(tmp_path / "regions.png", picture)
     np.testing.assert_array_equal(load_image(tmp_path / "regions.png"), picture)

@@ -22,9 +22,9 @@ HELP = "Analyses of a trained model. `regproxy analyze regions` redraws the pape
 
 REGIONS_SUMMARY = "How pure the learned regions are: region entropy against regular cells (the paper's Fig. 6)."
 REGIONS_HELP = """The paper's region-entropy analysis (Sec. 5.4, Fig. 6 left) over a dataset: every token's learned
-region is its pixels weighted by their affinity to it; its class histogram (ground-truth labels) has an entropy, 0
-for a region inside one object. The same is computed for the regular cells a conventional model classifies (each
-token's own stride x stride square). Writes OUT/region_entropy.json (regions, share of pure ones, mean and median of
+region is the pixels whose highest affinity is to it (soft: every pixel weighted by its affinity); its class
+histogram (ground-truth labels, the paper's Eq. 1) has an entropy, 0 for a region inside one object. The same is
+computed for the regular cells a conventional model classifies (each token's own stride x stride square). Writes OUT/region_entropy.json (regions, share of pure ones, mean and median of
 the non-zero entropies) and OUT/region_entropy.png (their distributions, KDE, zeros left out as in the paper).
 Needs a RegProxy model and matplotlib (pip install 'regproxy[report]')."""
 REGIONS_EXAMPLES = """[bold]Examples[/]
@@ -62,7 +62,7 @@ def regions(
                   box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1), pad_edge=False)
     for column in ("source", "regions", "pure %", "mean", "mean (non-zero)", "median (non-zero)"):
         table.add_column(column, justify="left" if column == "source" else "right")
-    names = {"learned": "learned regions", "cells": "regular cells"}
+    names = {"learned": "learned regions", "soft": "learned, soft", "cells": "regular cells"}
     for source in SOURCES:
         s = summary[source]
         table.add_row(names[source], f"{s['regions']:,}", "-" if s["pure_share"] is None else f"{100 * s['pure_share']:.1f}",

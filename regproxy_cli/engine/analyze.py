@@ -1,11 +1,16 @@
 """Region entropy (the paper's Sec. 5.4 and Fig. 6, left): how semantically pure the learned regions are.
 
-Each token's region is soft: pixel p belongs to token t with the affinity A(p, t) of Eq. 4 (zero unless t is one of
-p's 3x3 neighbouring tokens). The region's class histogram is ``sum_p A(p, t) * onehot(label(p))`` and its entropy
-(natural log) says how mixed the region is: 0 for a region inside one object. The paper compares learned regions
-with the regular cells a conventional model classifies (each token's own ``stride x stride`` square, hard), over a
-whole validation split, and plots the distribution of the non-zero entropies. Superpixels, the paper's third
-source, are left out: they would need a superpixel library.
+A region's class histogram is Eq. 1 of the paper: the count of its pixels of each class; its entropy (natural log)
+says how mixed the region is, 0 for a region inside one object. Three kinds of region are measured:
+
+* ``learned``: each pixel in the region of the token it has the highest affinity with (Eq. 4; the regions
+  ``predict --regions`` draws);
+* ``soft``: the probabilistic regions themselves, pixel p counting A(p, t) towards token t, so a region always
+  holds a little of its neighbours' classes and is rarely exactly pure;
+* ``cells``: the regular cells a conventional model classifies, each token's own ``stride x stride`` square.
+
+The paper compares learned regions with regular cells (and SLIC superpixels, left out here: they would need a
+superpixel library) over a whole validation split, and plots the distribution of the non-zero entropies.
 
 Labels are taken at the model's output grid (``stride / h`` pixels per cell): each grid cell carries the class
 fractions of the ground-truth pixels under it, so thin objects count with their area, not by a nearest sample.
@@ -34,7 +39,7 @@ from regproxy_cli.files import write_atomic
 from regproxy_cli.inference.predictor import device_of, normalise, working_size
 
 MIN_MASS = 1e-3  # of a region's labelled weight, in grid cells: below it the region has no labelled pixels
-SOURCES = ("learned", "cells")
+SOURCES = ("learned", "soft", "cells")
 
 
 def cell_class_fractions(labels: np.ndarray, frame: tuple[int, int], grid: tuple[int, int], num_classes: int
@@ -89,7 +94,7 @@ def entropies(histograms: torch.Tensor) -> np.ndarray:
 
 @dataclass
 class RegionEntropy:
-    """Entropies of every region over a dataset, per source (``learned``, ``cells``)."""
+    """Entropies of every region over a dataset, per source (``learned``, ``soft``, ``cells``)."""
 
     values: dict[str, np.ndarray]
     classes: int
@@ -138,7 +143,9 @@ def region_entropy(model: nn.Module, dataset: SegmentationDataset, *, limit: int
         stride = model.backbone.stride
         fractions = cell_class_fractions(np.asarray(labels), (grid_h * stride, grid_w * stride),
                                          (grid_h * sub_h, grid_w * sub_w), config.num_classes)
-        found["learned"].append(entropies(region_histograms(affinity, fractions)))
+        owner = F.one_hot(affinity.argmax(0), 9).permute(4, 0, 1, 2, 3).float()  # hard: the arg-max token
+        found["learned"].append(entropies(region_histograms(owner, fractions)))
+        found["soft"].append(entropies(region_histograms(affinity, fractions)))
         found["cells"].append(entropies(cell_histograms(fractions, (sub_h, sub_w))))
     return RegionEntropy({s: np.concatenate(v) for s, v in found.items()}, config.num_classes, count)
 
@@ -152,7 +159,8 @@ def write_region_entropy(result: RegionEntropy, out_dir: str | os.PathLike, titl
     json_path = out / "region_entropy.json"
     write_atomic(json_path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
     nonzero = {s: v[v > 1e-6] for s, v in result.values.items()}
-    labels = {"learned": "learned regions (RegProxy)", "cells": "regular cells (one token's square)"}
+    labels = {"learned": "learned regions (arg-max token)", "soft": "learned regions, soft (affinity-weighted)",
+              "cells": "regular cells (one token's square)"}
     png = plots.distributions({labels[s]: nonzero[s] for s in SOURCES}, out / "region_entropy.png",
                               value_range=(0.0, summary["max_entropy"]), xlabel="region entropy (nats), zeros left out",
                               title=title or f"Region entropy over {result.images} images")
