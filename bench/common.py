@@ -132,6 +132,32 @@ def current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def score_dataset(model: torch.nn.Module, dataset, num_classes: int, tolerance_px: int = 2) -> dict:
+    """mIoU, aAcc, per-class IoU and the boundary F-score over ``dataset`` (percent), one prediction per image."""
+    import numpy as np
+
+    from regproxy_cli.engine.metrics import BoundaryFScore, ConfusionMatrix
+    from regproxy_cli.inference.predictor import predict_labels
+
+    matrix = ConfusionMatrix(num_classes)
+    boundary = BoundaryFScore(num_classes, tolerance_px=tolerance_px)
+    for index in range(len(dataset)):
+        image, label, _ = dataset[index]
+        prediction = torch.from_numpy(predict_labels(model, image))
+        target = torch.from_numpy(np.asarray(label, dtype=np.int64))
+        matrix.update(prediction, target)
+        boundary.update(prediction, target)
+    iou, bf = matrix.compute(), boundary.compute()
+
+    def percent(values) -> list[float | None]:
+        return [None if np.isnan(v) else round(100 * float(v), 2) for v in values]
+
+    return {"mIoU": round(100 * iou["mIoU"], 2), "aAcc": round(100 * iou["aAcc"], 2), "IoU": percent(iou["IoU"]),
+            "BF": round(100 * bf["BF"], 2), "mBF": round(100 * bf["mBF"], 2),
+            "boundary_precision": round(100 * bf["precision"], 2), "boundary_recall": round(100 * bf["recall"], 2),
+            "BF_per_class": percent(bf["F"])}
+
+
 def run_json(args: list[str], timeout: float = 1800) -> dict:
     """Run a bench script in a fresh Python process (for clean peak-memory readings) and parse its JSON line."""
     result = subprocess.run([sys.executable, *args], check=False, capture_output=True, text=True, timeout=timeout, cwd=REPO)

@@ -1,18 +1,28 @@
-"""Quality per cost on the synthetic demo data: RegProxy against its linear baseline, and the output-stride sweep.
+"""Quality per cost on generated data: RegProxy against its linear baseline and the output-stride sweep, over seeds
+and on two independently written scene generators.
 
-Trains five models with the public :func:`regproxy_cli.engine.train.train` from ``configs/demo.yaml`` (ViT-Demo/8 from
-scratch, same seed, data, iterations and batch size, i.e. an equal training budget): the paper's linear
-baseline and RegProxy with region resolution h = w = 1, 2, 4, 8 (output stride 8, 4, 2, 1; Table 8 of the paper).
-Each is scored on the validation split with mIoU (mmseg semantics), the class-aware boundary F-score
-(:class:`regproxy_cli.engine.metrics.BoundaryFScore`, 2 px tolerance) and the IoU of the thin-line class, next to its
-true GMACs per 128^2 image, parameters and training wall time.
+Trains every variant with the public :func:`regproxy_cli.engine.train.train` from ``configs/demo.yaml`` (ViT-Demo/8
+from scratch; same data, iterations and batch size within a seed, i.e. an equal training budget): the paper's
+linear baseline and RegProxy with region resolution h = w = 1, 2, 4, 8 (output stride 8, 4, 2, 1; Table 8 of the
+paper). Each (generator, seed, variant) is one training run; the seed (``run.seed``) sets the initial weights and
+the data order, the scenes themselves are the same for every seed.
 
-    python bench/quality.py [--out docs/quality.json] [--iters N] [--threads N] [--quick]
+Generators (``--generators``):
 
-``docs/quality.json`` was made with ``--iters 600 --threads 1`` (about 12 minutes on 2 shared CPU cores; with
-torch's default threads, other jobs on the same cores made each iteration some 20x slower).
+* ``scenes``: :mod:`regproxy_cli.data.synthetic` (ellipses, blobs, 2-4 px lines, rings; 5 classes), the demo's;
+* ``streets``: :mod:`regproxy_cli.data.streets` (sky, buildings, curved road, ground, vegetation, poles 1-6 px
+  wide, signs 3-7 px; 7 classes), written separately to check that a result is not one generator's artefact.
 
-Run outputs (checkpoints, logs) go to ``runs/quality/`` (git-ignored) and are replaced on every run.
+Every run is scored on the validation split with mIoU (mmseg semantics), per-class IoU, the class-aware boundary
+F-score (:class:`regproxy_cli.engine.metrics.BoundaryFScore`, 2 px tolerance) and, on streets, the per-object
+recall of poles and signs binned by width (:func:`regproxy_cli.data.streets.recall_by_width`). The summary gives
+each figure as mean, sample standard deviation and the individual seeds' values, and each RegProxy variant's
+paired difference from the baseline of the same seed.
+
+    python bench/quality.py [--seeds 3] [--generators scenes,streets] [--iters 600] [--threads 1] [--out F]
+
+Run outputs go to ``runs/quality/`` (git-ignored; replaced run by run), generated data to ``data/quality-*``. The
+JSON is rewritten after every run, so an interrupted study keeps what it finished.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import argparse
 import json
 import platform
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,14 +39,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from regproxy_cli.engine.config import load_config
+from regproxy_cli.data.streets import object_recall, read_sidecar, recall_by_width
+from regproxy_cli.engine.config import TrainConfig, load_config
 from regproxy_cli.engine.metrics import BoundaryFScore, ConfusionMatrix
 from regproxy_cli.engine.train import train
+from regproxy_cli.files import write_atomic
 from regproxy_cli.inference.predictor import predict_labels
 from regproxy_cli.io.checkpoint import load_pretrained
 from regproxy_cli.model.flops import count_flops
 
 ROOT = Path(__file__).resolve().parent.parent
+BASE_CONFIG = ROOT / "configs" / "demo.yaml"
 VARIANTS = [  # (name, baseline, region_res)
     ("linear baseline", True, 4),
     ("RegProxy h=w=1", False, 1),
@@ -43,124 +57,274 @@ VARIANTS = [  # (name, baseline, region_res)
     ("RegProxy h=w=4", False, 4),
     ("RegProxy h=w=8", False, 8),
 ]
+BASELINE = "linear baseline"
+GENERATORS = ("scenes", "streets")
+THIN_CLASSES = {"scenes": ("line",), "streets": ("pole", "sign")}  # the sub-token structures of each generator
+OBJECT_KINDS = ("pole", "sign")  # streets objects whose recall by width is reported
 TOLERANCE_PX = 2
 
 
-def score(model: torch.nn.Module, dataset, num_classes: int) -> dict:
-    """mIoU, per-class IoU and boundary F over the dataset (percent), one prediction per image."""
-    matrix = ConfusionMatrix(num_classes)
-    boundary = BoundaryFScore(num_classes, tolerance_px=TOLERANCE_PX)
-    for index in range(len(dataset)):
-        image, label, _ = dataset[index]
-        prediction = torch.from_numpy(predict_labels(model, image))
-        target = torch.from_numpy(np.asarray(label, dtype=np.int64))
-        matrix.update(prediction, target)
-        boundary.update(prediction, target)
-    iou, bf = matrix.compute(), boundary.compute()
-
-    def percent(values) -> list[float | None]:
-        return [None if np.isnan(v) else round(100 * float(v), 2) for v in values]
-
-    return {"mIoU": round(100 * iou["mIoU"], 2), "aAcc": round(100 * iou["aAcc"], 2), "IoU": percent(iou["IoU"]),
-            "BF": round(100 * bf["BF"], 2), "mBF": round(100 * bf["mBF"], 2),
-            "boundary_precision": round(100 * bf["precision"], 2), "boundary_recall": round(100 * bf["recall"], 2),
-            "BF_per_class": percent(bf["F"])}
+# ---------------------------------------------------------------------------------------------------------------
+# One run
+# ---------------------------------------------------------------------------------------------------------------
 
 
-def demo_config(run_dir: Path, iters: int, overrides: list[str]):
-    """configs/demo.yaml for a run of ``iters`` iterations into ``run_dir``, evaluated and saved once at the end."""
-    return load_config(ROOT / "configs" / "demo.yaml", [
+def data_root(generator: str, train_images: int, val_images: int, size: int) -> Path:
+    """Where a generator's scenes live: one folder per generator and size, so runs of any setting can share it."""
+    return ROOT / "data" / f"quality-{generator}-{train_images}-{val_images}-{size}"
+
+
+def data_overrides(generator: str, train_images: int, val_images: int, size: int) -> list[str]:
+    """``--set`` overrides that point configs/demo.yaml at a generator's scenes."""
+    return [f"data.synthetic_generator={generator}", f"data.synthetic_train={train_images}",
+            f"data.synthetic_val={val_images}", f"data.synthetic_size={size}", f"data.crop={size}",
+            f"data.scale=[{2 * size}, {size}]", f"data.root={data_root(generator, train_images, val_images, size)}"]
+
+
+def run_config(run_dir: Path, iters: int, overrides: list[str], base: Path = BASE_CONFIG) -> TrainConfig:
+    """``base`` for a run of ``iters`` iterations into ``run_dir``, evaluated and saved once at the end;
+    ``overrides`` (``section.key=value``) come last and win."""
+    return load_config(base, [
         f"optim.iters={iters}", f"optim.warmup_iters={min(50, max(iters // 10, 1))}", f"run.out_dir={run_dir}",
-        f"run.eval_every={iters}", f"run.save_every={iters}", f"data.root={ROOT / 'data' / 'synthetic'}", *overrides,
+        f"run.eval_every={iters}", f"run.save_every={iters}", *overrides,
     ])
 
 
-def run_variant(name: str, baseline: bool, region_res: int, iters: int, out_dir: Path, dataset, progress: bool,
-                threads: int | None = None) -> dict:
-    run_dir = out_dir / name.replace(" ", "_").replace("=", "")
+def train_fresh(config: TrainConfig, progress: bool) -> tuple[torch.nn.Module, float]:
+    """Train ``config`` into an emptied ``run.out_dir``; returns the best model (eval mode) and the wall seconds."""
+    run_dir = Path(config.run.out_dir)
     if run_dir.exists():  # a fresh run every time: train() refuses to overwrite without --resume
         shutil.rmtree(run_dir)
-    config = demo_config(run_dir, iters, [f"model.baseline={str(baseline).lower()}", f"model.region_res={region_res}",
-                                          *([f"run.threads={threads}"] if threads else [])])
     started = time.perf_counter()
     best_dir = train(config, progress=progress)
-    train_s = time.perf_counter() - started
-    model = load_pretrained(best_dir).eval()
+    return load_pretrained(best_dir).eval(), time.perf_counter() - started
+
+
+def percent(values) -> list[float | None]:
+    return [None if np.isnan(v) else round(100 * float(v), 2) for v in values]
+
+
+def score(model: torch.nn.Module, dataset, num_classes: int, sidecars: Path | None = None) -> dict:
+    """mIoU, per-class IoU and boundary F over the dataset (percent), one prediction per image; with ``sidecars``
+    (a streets ``instances/{split}`` folder) also the per-object recall of poles and signs by width."""
+    matrix = ConfusionMatrix(num_classes)
+    boundary = BoundaryFScore(num_classes, tolerance_px=TOLERANCE_PX)
+    objects: list[dict] = []
+    for index in range(len(dataset)):
+        image, label, name = dataset[index]
+        prediction = predict_labels(model, image)
+        target = torch.from_numpy(np.asarray(label, dtype=np.int64))
+        matrix.update(torch.from_numpy(prediction), target)
+        boundary.update(torch.from_numpy(prediction), target)
+        if sidecars is not None:
+            objects += object_recall(prediction, read_sidecar(sidecars / f"{name}.json"))
+    iou, bf = matrix.compute(), boundary.compute()
+    result = {"mIoU": round(100 * iou["mIoU"], 2), "aAcc": round(100 * iou["aAcc"], 2), "IoU": percent(iou["IoU"]),
+              "BF": round(100 * bf["BF"], 2), "mBF": round(100 * bf["mBF"], 2),
+              "boundary_precision": round(100 * bf["precision"], 2),
+              "boundary_recall": round(100 * bf["recall"], 2), "BF_per_class": percent(bf["F"])}
+    if sidecars is not None:
+        result["object_recall"] = {kind: recall_by_width([o for o in objects if o["kind"] == kind])
+                                   for kind in OBJECT_KINDS}
+        result["object_recall"]["pole+sign"] = recall_by_width([o for o in objects if o["kind"] in OBJECT_KINDS])
+    return result
+
+
+def run_variant(generator: str, seed: int, name: str, baseline: bool, region_res: int, args, dataset) -> dict:
+    run_dir = args.runs / generator / f"seed{seed}" / name.replace(" ", "_").replace("=", "")
+    config = run_config(run_dir, args.iters, [
+        *data_overrides(generator, args.train_images, args.val_images, args.size),
+        f"model.baseline={str(baseline).lower()}", f"model.region_res={region_res}", f"run.seed={seed}",
+        *([f"run.threads={args.threads}"] if args.threads else []),
+    ])
+    model, train_s = train_fresh(config, not args.no_progress)
     classes = list(model.config.classes)
-    scores = score(model, dataset, len(classes))
+    sidecars = Path(config.data.root) / "instances" / config.data.val_split if generator == "streets" else None
+    scores = score(model, dataset, len(classes), sidecars)
     flops = count_flops(config.model.backbone, size=config.data.crop, classes=len(classes), region_res=region_res,
                         baseline=baseline)
-    stride = 8 if baseline else 8 // region_res
-    line = classes.index("line")
-    return {"model": name, "baseline": baseline, "region_res": None if baseline else region_res,
-            "output_stride": stride, **scores, "line_IoU": scores["IoU"][line], "line_BF": scores["BF_per_class"][line],
-            "train_mIoU": model.config.metrics.get("mIoU") if model.config.metrics else None,
-            "true_GMACs": round(flops.true_macs / 1e9, 4), "params": flops.params, "train_s": round(train_s, 1)}
+    return {"generator": generator, "seed": seed, "model": name, "baseline": baseline,
+            "region_res": None if baseline else region_res, "output_stride": 8 if baseline else 8 // region_res,
+            **scores, "true_GMACs": round(flops.true_macs / 1e9, 4), "params": flops.params,
+            "train_s": round(train_s, 1), "s_per_iter": round(train_s / args.iters, 4)}
 
 
-def markdown(rows: list[dict]) -> str:
-    head = ("| model | output stride | mIoU | boundary F | thin-line IoU | thin-line BF | GMACs | params | "
-            "train time |\n|---|---|---|---|---|---|---|---|---|\n")
-    return head + "".join(
-        f"| {r['model']} | {r['output_stride']} | {r['mIoU']:.1f} | {r['BF']:.1f} | {r['line_IoU']:.1f} | "
-        f"{r['line_BF']:.1f} | {r['true_GMACs']:.3f} | {r['params'] / 1e6:.3f} M | {r['train_s']:.0f} s |\n"
-        for r in rows)
+# ---------------------------------------------------------------------------------------------------------------
+# Summary over seeds
+# ---------------------------------------------------------------------------------------------------------------
 
 
-def show(rows: list[dict]) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # rich is optional: the markdown table below says the same
-        return
-    table = Table(title="quality per cost, synthetic scenes (val)")
-    for column in ("model", "out stride", "mIoU", "BF", "line IoU", "line BF", "GMACs", "M params", "train"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for r in rows:
-        table.add_row(r["model"], str(r["output_stride"]), f"{r['mIoU']:.1f}", f"{r['BF']:.1f}",
-                      f"{r['line_IoU']:.1f}", f"{r['line_BF']:.1f}", f"{r['true_GMACs']:.3f}",
-                      f"{r['params'] / 1e6:.3f}", f"{r['train_s']:.0f} s")
-    console = Console()
-    Console(width=max(console.width, 110)).print(table)  # a piped run would wrap the table at 80 columns
+def spread(values: list[float | None]) -> dict:
+    """Mean, sample standard deviation (None below two values) and the values themselves; None values dropped."""
+    kept = [v for v in values if v is not None]
+    return {"mean": round(statistics.fmean(kept), 2) if kept else None,
+            "sd": round(statistics.stdev(kept), 2) if len(kept) > 1 else None, "n": len(kept), "values": values}
 
 
-def main(argv: list[str] | None = None) -> int:
+def summarise(runs: list[dict], classes: dict[str, list[str]]) -> dict[str, list[dict]]:
+    """Per generator, one entry per variant: every figure over the seeds, and paired differences from the baseline."""
+    summary: dict[str, list[dict]] = {}
+    for generator in dict.fromkeys(r["generator"] for r in runs):
+        names = classes[generator]
+        thin = [names.index(c) for c in THIN_CLASSES[generator]]
+        baselines = {r["seed"]: r for r in runs if r["generator"] == generator and r["model"] == BASELINE}
+        entries = []
+        for name, _, _ in VARIANTS:
+            mine = [r for r in runs if r["generator"] == generator and r["model"] == name]
+            if not mine:
+                continue
+            first = mine[0]
+            entry = {"model": name, "output_stride": first["output_stride"], "seeds": [r["seed"] for r in mine],
+                     "true_GMACs": first["true_GMACs"], "params": first["params"]}
+            for key in ("mIoU", "BF", "mBF", "aAcc", "train_s"):
+                entry[key] = spread([r[key] for r in mine])
+            entry["thin_IoU"] = {names[c]: spread([r["IoU"][c] for r in mine]) for c in thin}
+            entry["IoU_per_class"] = {names[c]: spread([r["IoU"][c] for r in mine]) for c in range(len(names))}
+            entry["BF_per_class"] = {names[c]: spread([r["BF_per_class"][c] for r in mine]) for c in range(len(names))}
+            paired = [(r, baselines[r["seed"]]) for r in mine if r["seed"] in baselines]
+            if name != BASELINE and paired:
+
+                def delta(get, paired=paired) -> dict:
+                    both = [(get(r), get(b)) for r, b in paired]
+                    return spread([None if a is None or b is None else round(a - b, 2) for a, b in both])
+
+                entry["delta_vs_baseline"] = {
+                    "seeds": [r["seed"] for r, _ in paired], "mIoU": delta(lambda r: r["mIoU"]),
+                    "BF": delta(lambda r: r["BF"]),
+                    **{f"{names[c]}_IoU": delta(lambda r, c=c: r["IoU"][c]) for c in thin},
+                }
+            if "object_recall" in first:
+                entry["object_recall"] = {}
+                for kind, bins in first["object_recall"].items():
+                    entry["object_recall"][kind] = {
+                        label: {"objects": bins[label]["objects"],
+                                "mean_recall": spread([_pct(r["object_recall"][kind].get(label)) for r in mine])}
+                        for label in bins}
+            entries.append(entry)
+        summary[generator] = entries
+    return summary
+
+
+def _pct(cell: dict | None) -> float | None:
+    return None if cell is None else round(100 * cell["mean_recall"], 2)
+
+
+def _cell(s: dict) -> str:
+    if s["mean"] is None:
+        return "-"
+    return f"{s['mean']:.1f}" + (f" ± {s['sd']:.1f}" if s["sd"] is not None else "")
+
+
+def markdown(summary: dict[str, list[dict]]) -> str:
+    """One table per generator (mean ± sd over seeds), and for streets one of pole and sign recall by width."""
+    out = []
+    for generator, entries in summary.items():
+        thin = list(THIN_CLASSES[generator])
+        seeds = len(entries[0]["seeds"]) if entries else 0
+        out.append(f"\n**{generator}** ({seeds} seeds; mean ± sd; Δ = paired difference from the baseline)\n")
+        out.append("| model | output stride | mIoU | Δ mIoU | boundary F | "
+                   + " | ".join(f"{c} IoU" for c in thin) + " | GMACs | train time |")
+        out.append("|" + "---|" * (7 + len(thin)))
+        for e in entries:
+            d = e.get("delta_vs_baseline")
+            out.append(f"| {e['model']} | {e['output_stride']} | {_cell(e['mIoU'])} | "
+                       f"{_cell(d['mIoU']) if d else '-'} | {_cell(e['BF'])} | "
+                       + " | ".join(_cell(e["thin_IoU"][c]) for c in thin)
+                       + f" | {e['true_GMACs']:.3f} | {_cell(e['train_s'])} s |")
+        if entries and "object_recall" in entries[0]:
+            bins = list(entries[0]["object_recall"]["pole+sign"])
+            counts = ", ".join(f"{b}: {entries[0]['object_recall']['pole+sign'][b]['objects']}" for b in bins)
+            out.append(f"\nrecall of poles and signs by width in px (mean per-object %, objects per bin {counts})\n")
+            out.append("| model | " + " | ".join(bins) + " |")
+            out.append("|" + "---|" * (1 + len(bins)))
+            for e in entries:
+                cells = e["object_recall"]["pole+sign"]
+                out.append(f"| {e['model']} | " + " | ".join(_cell(cells[b]["mean_recall"]) for b in bins) + " |")
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "quality.json", help="JSON result file")
-    parser.add_argument("--iters", type=int, default=600, help="training iterations per model (batch 8)")
-    parser.add_argument("--quick", action="store_true", help="a few iterations per model: a smoke test of the script")
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds per variant (run.seed 0..N-1)")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first run.seed")
+    parser.add_argument("--generators", default="scenes,streets", help="comma-separated: scenes, streets")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated subset of the model names, e.g. 'linear baseline,RegProxy h=w=4'")
+    parser.add_argument("--iters", type=int, default=600, help="training iterations per run (batch 8)")
+    parser.add_argument("--train-images", type=int, default=400, help="generated training scenes per generator")
+    parser.add_argument("--val-images", type=int, default=50, help="generated validation scenes per generator")
+    parser.add_argument("--size", type=int, default=128, help="scene side in px (also the training crop)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke test: 5 iterations, 1 seed, 16 training and 4 validation scenes of 64 px")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "quality", help="where the runs are written")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 is much faster on a machine shared with other jobs")
     args = parser.parse_args(argv)
-    iters = 5 if args.quick else args.iters
+    if args.quick:
+        args.iters, args.seeds, args.train_images, args.val_images, args.size = 5, 1, 16, 4, 64
+    args.generators = [g.strip() for g in args.generators.split(",") if g.strip()]
+    unknown = [g for g in args.generators if g not in GENERATORS]
+    if unknown or not args.generators:
+        parser.error(f"--generators: {', '.join(unknown) or 'none given'}; choose from {', '.join(GENERATORS)}")
+    names = [v[0] for v in VARIANTS]
+    args.variants = names if args.variants is None else [v.strip() for v in args.variants.split(",")]
+    if [v for v in args.variants if v not in names]:
+        parser.error(f"--variants: choose from {', '.join(names)}")
+    if args.seeds < 1 or args.iters < 1 or min(args.train_images, args.val_images) < 1 or args.size < 32:
+        parser.error("--seeds, --iters, --train-images and --val-images must be positive, --size at least 32")
+    return args
 
-    base = load_config(ROOT / "configs" / "demo.yaml", [f"data.root={ROOT / 'data' / 'synthetic'}"])
-    dataset = base.data.open(base.data.val_split)
+
+def write_json(path: Path, result: dict) -> None:
+    """``result`` as indented JSON, atomically (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=2) + "\n"
+    write_atomic(path, lambda temporary: Path(temporary).write_text(text))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    base = load_config(BASE_CONFIG)
+    datasets, classes, setups = {}, {}, {}
+    for generator in args.generators:
+        config = load_config(BASE_CONFIG, data_overrides(generator, args.train_images, args.val_images, args.size))
+        datasets[generator] = config.data.open(config.data.val_split)  # generates the scenes once
+        classes[generator] = list(datasets[generator].classes)
+        setups[generator] = {"classes": classes[generator], "thin_classes": list(THIN_CLASSES[generator]),
+                             "data_root": str(Path(config.data.root).relative_to(ROOT))}
+    setup = {"config": "configs/demo.yaml", "backbone": base.model.backbone, "pretrained": False,
+             "iters": args.iters, "batch_size": base.optim.batch_size, "seeds": seeds,
+             "seed_sets": "run.seed: initial weights and data order; the scenes are the same for every seed",
+             "train_images": args.train_images, "val_images": args.val_images, "image_size": args.size,
+             "boundary_tolerance_px": TOLERANCE_PX, "gmacs_input": f"{args.size}x{args.size}",
+             "generators": setups, "variants": args.variants, "torch": torch.__version__,
+             "threads": args.threads or torch.get_num_threads(), "machine": platform.machine(),
+             "quick": args.quick}
     started = time.perf_counter()
-    rows = []
-    for name, baseline, region_res in VARIANTS:
-        rows.append(run_variant(name, baseline, region_res, iters, args.runs, dataset, not args.no_progress,
-                                args.threads))
-        print(f"{name}: mIoU {rows[-1]['mIoU']:.2f}  BF {rows[-1]['BF']:.2f}  ({rows[-1]['train_s']:.0f} s)",
-              file=sys.stderr)
+    runs: list[dict] = []
+    # Seeds outermost: an interrupted study still has every variant of the seeds it finished.
+    for seed in seeds:
+        for generator in args.generators:
+            for name, baseline, region_res in VARIANTS:
+                if name not in args.variants:
+                    continue
+                runs.append(run_variant(generator, seed, name, baseline, region_res, args, datasets[generator]))
+                r = runs[-1]
+                print(f"{generator} seed {seed} {name}: mIoU {r['mIoU']:.2f}  BF {r['BF']:.2f}  "
+                      f"({r['train_s']:.0f} s, {r['s_per_iter']:.3f} s/iter)", file=sys.stderr)
+                result = {"setup": setup, "total_s": round(time.perf_counter() - started, 1),
+                          "summary": summarise(runs, classes), "runs": runs}
+                write_json(args.out, result)
     total_s = time.perf_counter() - started
-    result = {
-        "setup": {"config": "configs/demo.yaml", "backbone": base.model.backbone, "pretrained": False,
-                  "iters": iters, "batch_size": base.optim.batch_size, "seed": base.run.seed,
-                  "train_images": base.data.synthetic_train, "val_images": len(dataset),
-                  "image_size": base.data.synthetic_size, "classes": list(dataset.classes),
-                  "boundary_tolerance_px": TOLERANCE_PX, "gmacs_input": f"{base.data.crop}x{base.data.crop}",
-                  "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-                  "quick": args.quick},
-        "total_s": round(total_s, 1),
-        "runs": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    show(rows)
-    print(markdown(rows))
+    print(markdown(summarise(runs, classes)))
     print(f"total wall time {total_s / 60:.1f} min; results in {args.out}")
     return 0
 

@@ -1,0 +1,148 @@
+"""CamVid at equal budget: RegProxy against its linear baseline, and a fine-tune against training from scratch.
+
+Every variant trains from ``configs/camvid-cpu.yaml`` (ViT-Demo/8, crop 256, batch 8, lr 1e-3) for the same
+iterations with each seed, then is scored on CamVid val and test: mIoU (mmseg semantics), per-class IoU and the
+class-aware boundary F-score (2 px tolerance). Variants:
+
+- ``regproxy``: RegProxy h = w = 4 from scratch;
+- ``baseline``: the paper's linear baseline (a linear classifier on the final tokens, bilinear upsampling);
+- ``finetune``: RegProxy initialised from ``--init-from`` (by default the offline demo's model, trained on the
+  generated scenes): its backbone and head load, its 5-class classifier does not match CamVid's names.
+
+    python bench/camvid.py [--seeds 3] [--iters 1000] [--variants regproxy,baseline,finetune]
+
+Runs go to ``runs/camvid/VARIANT-sSEED`` (git-ignored). A finished run is scored again, not retrained; an
+interrupted one resumes; delete the folder to retrain. CamVid itself (SegNet tutorial layout) is read from
+``data/CamVid``; see the README's *CamVid* section for where to get it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from common import REPO, machine, score_dataset
+
+from regproxy_cli.engine.config import load_config
+from regproxy_cli.engine.train import read_checkpoint, train
+from regproxy_cli.io.checkpoint import load_pretrained
+
+VARIANTS = ("regproxy", "baseline", "finetune")
+SPLITS = ("val", "test")
+
+
+def overrides(variant: str, seed: int, iters: int, run_dir: Path, init_from: str) -> list[str]:
+    common = [f"run.seed={seed}", f"run.out_dir={run_dir}", f"optim.iters={iters}", f"run.eval_every={iters}"]
+    if variant == "baseline":
+        return [*common, "model.baseline=true"]
+    if variant == "finetune":
+        return [*common, f"model.init_from={init_from}"]
+    return common
+
+
+def finished(run_dir: Path, iters: int) -> bool:
+    last = run_dir / "last.pt"
+    return (run_dir / "final").is_dir() and last.is_file() and read_checkpoint(last)["iteration"] >= iters
+
+
+def train_variant(config_path: Path, variant: str, seed: int, iters: int, runs: Path, init_from: str) -> Path:
+    run_dir = runs / f"{variant}-s{seed}"
+    if not finished(run_dir, iters):
+        config = load_config(config_path, overrides(variant, seed, iters, run_dir, init_from))
+        started = time.perf_counter()
+        train(config, resume=(run_dir / "last.pt").is_file(), allow_config_change=True)
+        (run_dir / "train_seconds.txt").write_text(f"{time.perf_counter() - started:.0f}\n")
+    return run_dir
+
+
+def mean_spread(values: list[float]) -> dict:
+    return {"mean": round(statistics.fmean(values), 2),
+            "sd": round(statistics.stdev(values), 2) if len(values) > 1 else None,
+            "values": [round(v, 2) for v in values]}
+
+
+def summarise(rows: list[dict], classes: list[str]) -> dict:
+    """Mean ± sd over seeds, per variant and split, of mIoU, boundary F and each class's IoU."""
+    summary: dict = {}
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        summary[variant] = {}
+        for split in SPLITS:
+            scored = [r[split] for r in rows if r["variant"] == variant]
+            per_class = {}
+            for index, name in enumerate(classes):
+                values = [s["IoU"][index] for s in scored if s["IoU"][index] is not None]
+                per_class[name] = round(statistics.fmean(values), 2) if values else None
+            summary[variant][split] = {"mIoU": mean_spread([s["mIoU"] for s in scored]),
+                                       "BF": mean_spread([s["BF"] for s in scored]), "IoU": per_class}
+    return summary
+
+
+def markdown(summary: dict, classes: list[str], split: str) -> str:
+    def cell(stat: dict) -> str:
+        return f"{stat['mean']:.2f} ± {stat['sd']:.2f}" if stat["sd"] is not None else f"{stat['mean']:.2f}"
+
+    head = "| variant | mIoU | boundary F | " + " | ".join(classes) + " |\n"
+    head += "|---" * (3 + len(classes)) + "|\n"
+    lines = []
+    for variant, by_split in summary.items():
+        s = by_split[split]
+        ious = " | ".join("–" if s["IoU"][c] is None else f"{s['IoU'][c]:.1f}" for c in classes)
+        lines.append(f"| {variant} | {cell(s['mIoU'])} | {cell(s['BF'])} | {ious} |\n")
+    return head + "".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "camvid-cpu.yaml")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per variant")
+    parser.add_argument("--iters", type=int, default=1000, help="training iterations per run (batch 8)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--init-from", default="runs/demo/best", help="the finetune variant's starting model")
+    parser.add_argument("--runs", type=Path, default=REPO / "runs" / "camvid")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "camvid.json")
+    args = parser.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]}; known: {', '.join(VARIANTS)}")
+    if "finetune" in variants and not Path(args.init_from).exists():
+        parser.error(f"--init-from {args.init_from} does not exist: run `regproxy train configs/demo.yaml` first")
+
+    base = load_config(args.config)
+    datasets = {split: base.data.open(split) for split in SPLITS}
+    classes = list(datasets["val"].classes)
+    rows = []
+    # seed-major: an interrupted study has every variant of the first seeds, not all seeds of the first variants
+    for seed, variant in ((s, v) for s in range(args.seeds) for v in variants):
+        run_dir = train_variant(args.config, variant, seed, args.iters, args.runs, args.init_from)
+        model = load_pretrained(run_dir / "final").eval()
+        row = {"variant": variant, "seed": seed, "run": str(run_dir)}
+        for split, dataset in datasets.items():
+            row[split] = score_dataset(model, dataset, len(classes))
+        seconds = run_dir / "train_seconds.txt"
+        row["train_s"] = float(seconds.read_text()) if seconds.is_file() else None
+        rows.append(row)
+        print(f"{variant} seed {seed}: val mIoU {row['val']['mIoU']:.2f}, test mIoU {row['test']['mIoU']:.2f}",
+              file=sys.stderr)
+    summary = summarise(rows, classes)
+    result = {"setup": {"config": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO)
+                                      else args.config), "iters": args.iters, "seeds": args.seeds,
+                        "batch_size": base.optim.batch_size, "crop": base.data.crop, "init_from": args.init_from,
+                        "classes": classes, "images": {s: len(d) for s, d in datasets.items()},
+                        "boundary_tolerance_px": 2, "machine": machine()},
+              "summary": summary, "runs": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for split in SPLITS:
+        print(f"\nCamVid {split} ({len(datasets[split])} images), mean ± sd over {args.seeds} seeds:\n")
+        print(markdown(summary, classes, split))
+    print(f"results in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

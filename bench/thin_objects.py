@@ -1,0 +1,348 @@
+"""Thin and small objects on the street scenes: how much of each pole and sign a model finds, by width, how sure its
+affinities are there, and a sweep of the settings that should matter.
+
+Two subcommands:
+
+* ``analyse --model DIR``: one trained model on the streets validation set (:mod:`regproxy_cli.data.streets`):
+  mIoU, boundary F, per-object recall binned by object width (1, 2, 3, 4-5, 6-7, 8+ px; poles, signs, both) and
+  the entropy of the pixel-to-token affinities (``affinity`` of :class:`regproxy_cli.model.regproxy.ProxyOutput`,
+  9 neighbours, so at most ln 9) on pole and sign pixels, on other pixels at a class boundary and on the interior.
+* ``sweep``: trains variants of one base config (``--config``, default ``configs/demo.yaml`` on the streets
+  scenes) and analyses each. Every variant is a list of ``--set``-style overrides; ``--axis KEY=V1,V2,..``
+  varies one key, one axis at a time around the base (``--grid`` crosses them all). Default axes: tap depth M
+  (``model.m``), region resolution h = w (``model.region_res``), token stride 8 against 16 (``model.backbone``
+  demo8 / demo16) and training length (``optim.iters``); the linear baseline is one more row.
+
+``demo16`` is ViT-Demo/8's twin with 16 px patches (same width, depth, heads and M). Unless a plugin of that name is
+installed, this script registers it for its own process only (models trained with it reload only here).
+
+    python bench/thin_objects.py sweep [--seeds 1] [--iters 600] [--threads 1] [--out docs/thin_objects.json]
+    python bench/thin_objects.py analyse --model runs/thin_objects/seed0/base/best
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from quality import BASE_CONFIG, ROOT, data_overrides, run_config, score, spread, train_fresh, write_json
+
+from regproxy_cli.data.open import open_dataset
+from regproxy_cli.data.streets import STREET_CLASSES, WIDTH_BINS, decode_runs, read_sidecar, width_bin
+from regproxy_cli.engine.config import load_config
+from regproxy_cli.errors import RegproxyError
+from regproxy_cli.inference.predictor import normalise
+from regproxy_cli.io.checkpoint import load_pretrained
+from regproxy_cli.model import plugins
+from regproxy_cli.model.plugins import BackboneSpec
+from regproxy_cli.model.timm_vit import create_timm_vit
+
+VIT_DEMO16 = BackboneSpec(
+    name="demo16", title="ViT-Demo/16", stride=16, m=2, width=96, depth=4, heads=3, num_prefix_tokens=1,
+    pretrained=None, crop_size=128,
+    factory=partial(create_timm_vit, "vit_tiny_patch16_384", stride=16, patch_size=16, embed_dim=96, depth=4,
+                    num_heads=3),
+)
+DEFAULT_AXES = ["model.m=0,1,2,3,4", "model.region_res=1,2,4,8", "model.backbone=demo8,demo16",
+                "optim.iters=300,600,1200,2400"]
+THIN_KINDS = ("pole", "sign")
+LN9 = float(np.log(9))
+
+
+class _InProcessEntryPoint:
+    """Stands in for an installed entry point: what the plugin registry calls ``load()`` on."""
+
+    def __init__(self, spec: BackboneSpec) -> None:
+        self.spec = spec
+
+    def load(self) -> BackboneSpec:
+        return self.spec
+
+
+def register_demo16() -> None:
+    """Make ``demo16`` known to this process unless an installed plugin already declares it.
+
+    The registry's discovery result is cached for the process, so one added entry serves train() and
+    load_pretrained() alike; nothing is installed and nothing outlives the process.
+    """
+    if "demo16" not in plugins.list_backbones():
+        plugins._discover()["demo16"] = ("bench/thin_objects.py", _InProcessEntryPoint(VIT_DEMO16))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Analysis of one model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def affinity_entropy(model: torch.nn.Module, image: np.ndarray) -> np.ndarray:
+    """(H, W) entropy in nats of each pixel's affinities over its 9 neighbouring tokens, at the image's size.
+
+    The affinities live on the painted grid (each token split into h x w sub-pixels, stride / h input pixels
+    each); every input pixel takes the value of the sub-pixel it lies in.
+    """
+    x = normalise(image, model.config)
+    affinity = model.forward_all(x).affinity[0].float()  # (9, h, w, Hg, Wg)
+    entropy = -(affinity * affinity.clamp_min(1e-12).log()).sum(0)  # (h, w, Hg, Wg)
+    sub_h, sub_w, grid_h, grid_w = entropy.shape
+    painted = entropy.permute(2, 0, 3, 1).reshape(grid_h * sub_h, grid_w * sub_w)  # row = token row * h + i
+    stride = model.backbone.stride
+    full = F.interpolate(painted[None, None], size=(grid_h * stride, grid_w * stride), mode="nearest")[0, 0]
+    return full[: image.shape[0], : image.shape[1]].numpy()
+
+
+def class_edges(label: np.ndarray) -> np.ndarray:
+    """Pixels with a 4-neighbour of another class (both sides of every edge)."""
+    edge = np.zeros(label.shape, dtype=bool)
+    vertical, horizontal = label[1:] != label[:-1], label[:, 1:] != label[:, :-1]
+    edge[1:] |= vertical
+    edge[:-1] |= vertical
+    edge[:, 1:] |= horizontal
+    edge[:, :-1] |= horizontal
+    return edge
+
+
+def entropy_report(model: torch.nn.Module, dataset, sidecars: Path) -> dict | None:
+    """Mean affinity entropy on pole and sign pixels (also by object width), on other class-edge pixels and on the
+    interior, in nats and as a fraction of ln 9; None for a model without affinities (the baseline)."""
+    if not hasattr(model, "head"):
+        return None
+    sums = {"thin": [0.0, 0], "boundary": [0.0, 0], "interior": [0.0, 0]}
+    by_width: dict[str, list] = {}
+    for index in range(len(dataset)):
+        image, label, name = dataset[index]
+        entropy = affinity_entropy(model, image)
+        sidecar = read_sidecar(sidecars / f"{name}.json")
+        thin = np.zeros(entropy.shape, dtype=bool)
+        for obj in sidecar["objects"]:
+            if obj["kind"] in THIN_KINDS:
+                mask = decode_runs(obj["runs"], entropy.shape)
+                thin |= mask
+                cell = by_width.setdefault(width_bin(obj["width_px"]), [0.0, 0])
+                cell[0] += float(entropy[mask].sum())
+                cell[1] += int(mask.sum())
+        edge = class_edges(np.asarray(label)) & ~thin
+        for key, mask in (("thin", thin), ("boundary", edge), ("interior", ~thin & ~edge)):
+            sums[key][0] += float(entropy[mask].sum())
+            sums[key][1] += int(mask.sum())
+
+    def mean(cell: list) -> dict:
+        value = cell[0] / cell[1] if cell[1] else float("nan")
+        return {"nats": round(value, 4), "of_ln9": round(value / LN9, 4), "pixels": cell[1]}
+
+    order = [width_bin(e) for e in WIDTH_BINS]
+    return {**{key: mean(cell) for key, cell in sums.items()},
+            "thin_by_width": {b: mean(by_width[b]) for b in order if b in by_width}}
+
+
+def analyse(model: torch.nn.Module, dataset, sidecars: Path) -> dict:
+    """Everything ``analyse`` reports for one model: :func:`quality.score` (mIoU, BF, per-object recall by width)
+    and :func:`entropy_report`."""
+    if tuple(model.config.classes) != STREET_CLASSES:
+        raise RegproxyError(f"the model's classes {list(model.config.classes)} are not the street scenes' "
+                            f"{list(STREET_CLASSES)}: train it on data.synthetic_generator=streets")
+    result = score(model, dataset, len(STREET_CLASSES), sidecars)
+    result["affinity_entropy"] = entropy_report(model, dataset, sidecars)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sweep
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_axis(text: str) -> tuple[str, list[str]]:
+    key, sep, values = text.partition("=")
+    if not sep or "." not in key or not values:
+        raise RegproxyError(f"--axis {text!r}: expected section.key=value1,value2,...")
+    return key.strip(), [v.strip() for v in values.split(",") if v.strip()]
+
+
+def variants(axes: list[tuple[str, list[str]]], base_values: dict[str, str], grid: bool,
+             baseline: bool) -> list[tuple[str, list[str]]]:
+    """(name, overrides) of every variant: the base, then one axis at a time (or the full grid), then the baseline.
+
+    A value equal to the base's is the base itself and is not trained twice.
+    """
+    found: list[tuple[str, list[str]]] = [("base", [])]
+    if grid:
+        for combination in itertools.product(*[[(key, v) for v in values] for key, values in axes]):
+            changed = [(k, v) for k, v in combination if base_values.get(k) != v]
+            if changed:
+                found.append((", ".join(f"{k}={v}" for k, v in changed), [f"{k}={v}" for k, v in changed]))
+    else:
+        for key, values in axes:
+            found += [(f"{key}={v}", [f"{key}={v}"]) for v in values if base_values.get(key) != v]
+    if baseline:
+        found.append(("linear baseline", ["model.baseline=true"]))
+    return found
+
+
+def iterations(overrides: list[str], default: int) -> int:
+    """The run's length: the last ``optim.iters`` override, else ``default``."""
+    values = [o.split("=", 1)[1] for o in overrides if o.startswith("optim.iters=")]
+    return int(values[-1]) if values else default
+
+
+def row_cells(entry: dict) -> list[str]:
+    def cell(s: dict) -> str:
+        if s["mean"] is None:
+            return "-"
+        return f"{s['mean']:.1f}" + (f" ± {s['sd']:.1f}" if s["sd"] is not None else "")
+
+    return [cell(entry["mIoU"]), cell(entry["BF"]), cell(entry["pole_IoU"]), cell(entry["sign_IoU"]),
+            *[cell(entry["recall_by_width"][b]) for b in entry["recall_by_width"]],
+            *[cell(entry["entropy"][k]) for k in ("thin", "boundary", "interior")], cell(entry["train_s"])]
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """One entry per variant, each figure over its seeds (:func:`quality.spread`)."""
+    bins = [width_bin(e) for e in WIDTH_BINS]
+    bins = [b for b in bins if any(b in r["object_recall"]["pole+sign"] for r in runs)]  # poles and signs: < 8 px
+    pole, sign = STREET_CLASSES.index("pole"), STREET_CLASSES.index("sign")
+    entries = []
+    for name in dict.fromkeys(r["variant"] for r in runs):
+        mine = [r for r in runs if r["variant"] == name]
+
+        def recall(r: dict, b: str) -> float | None:
+            cell = r["object_recall"]["pole+sign"].get(b)
+            return None if cell is None else round(100 * cell["mean_recall"], 2)
+
+        def entropy(r: dict, key: str) -> float | None:
+            return None if r["affinity_entropy"] is None else round(100 * r["affinity_entropy"][key]["of_ln9"], 2)
+
+        entries.append({
+            "variant": name, "overrides": mine[0]["overrides"], "seeds": [r["seed"] for r in mine],
+            "mIoU": spread([r["mIoU"] for r in mine]), "BF": spread([r["BF"] for r in mine]),
+            "pole_IoU": spread([r["IoU"][pole] for r in mine]), "sign_IoU": spread([r["IoU"][sign] for r in mine]),
+            "recall_by_width": {b: spread([recall(r, b) for r in mine]) for b in bins},
+            "entropy": {k: spread([entropy(r, k) for r in mine]) for k in ("thin", "boundary", "interior")},
+            "train_s": spread([r["train_s"] for r in mine]),
+        })
+    return entries
+
+
+def markdown(entries: list[dict]) -> str:
+    bins = list(entries[0]["recall_by_width"]) if entries else []
+    head = (["variant", "mIoU", "BF", "pole IoU", "sign IoU"] + [f"recall {b} px" for b in bins]
+            + ["H thin", "H edge", "H interior", "train s"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += [f"| {e['variant']} | " + " | ".join(row_cells(e)) + " |" for e in entries]
+    return ("\nmean ± sd over seeds; recall: mean per-object recall of poles and signs (%) by width; H: affinity "
+            "entropy as % of ln 9 on pole/sign pixels, other class-edge pixels and the rest\n\n" + "\n".join(lines) + "\n")
+
+
+def sweep(args: argparse.Namespace) -> int:
+    register_demo16()
+    data = data_overrides("streets", args.train_images, args.val_images, args.size)
+    base_config = run_config(args.runs / "_base", args.iters, [*data, *args.set], base=args.config)
+    dataset = base_config.data.open(base_config.data.val_split)
+    sidecars = Path(base_config.data.root) / "instances" / base_config.data.val_split
+    axes = [parse_axis(a) for a in (args.axis or DEFAULT_AXES)]
+    flat = base_config.to_dict()
+    if flat["model"]["m"] is None:  # the backbone's own M: an axis value equal to it is the base
+        flat["model"]["m"] = plugins.get_backbone(flat["model"]["backbone"]).m
+    base_values = {key: str(flat[key.split(".")[0]].get(key.split(".")[1])) for key, _ in axes}
+    todo = variants(axes, base_values, args.grid, not args.no_baseline)
+    print(f"{len(todo)} variants x {args.seeds} seeds: {', '.join(name for name, _ in todo)}", file=sys.stderr)
+    started = time.perf_counter()
+    runs: list[dict] = []
+    setup = {"config": str(args.config), "set": args.set, "data": data, "iters": args.iters,
+             "axes": [f"{k}={','.join(v)}" for k, v in axes], "grid": args.grid, "base_values": base_values,
+             "train_images": args.train_images, "val_images": args.val_images, "image_size": args.size,
+             "torch": torch.__version__, "threads": args.threads or torch.get_num_threads()}
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        for name, overrides in todo:
+            iters = iterations(overrides, args.iters)
+            run_dir = args.runs / f"seed{seed}" / name.replace(", ", "+").replace("=", "-").replace(" ", "_")
+            config = run_config(run_dir, iters, [*data, *args.set, *overrides, f"run.seed={seed}",
+                                                 *([f"run.threads={args.threads}"] if args.threads else [])],
+                                base=args.config)
+            model, train_s = train_fresh(config, not args.no_progress)
+            result = analyse(model, dataset, sidecars)
+            runs.append({"variant": name, "overrides": overrides, "seed": seed, "iters": iters,
+                         "backbone": config.model.backbone, "m": model.config.m,
+                         "region_res": None if config.model.baseline else config.model.region_res,
+                         **result, "train_s": round(train_s, 1), "s_per_iter": round(train_s / iters, 4)})
+            print(f"seed {seed} {name}: mIoU {result['mIoU']:.2f} ({train_s:.0f} s, {train_s / iters:.3f} s/iter)",
+                  file=sys.stderr)
+            write_json(args.out, {"setup": setup, "total_s": round(time.perf_counter() - started, 1),
+                                  "summary": summarise(runs), "runs": runs})
+    print(markdown(summarise(runs)))
+    print(f"total wall time {(time.perf_counter() - started) / 60:.1f} min; results in {args.out}")
+    return 0
+
+
+def analyse_command(args: argparse.Namespace) -> int:
+    register_demo16()
+    model = load_pretrained(args.model).eval()
+    if args.data_root is not None:
+        root = args.data_root
+        dataset = open_dataset("folder", root, "val")
+    else:
+        config = load_config(BASE_CONFIG, data_overrides("streets", args.train_images, args.val_images, args.size))
+        root = Path(config.data.root)
+        dataset = config.data.open(config.data.val_split)
+    result = analyse(model, dataset, Path(root) / "instances" / "val")
+    text = {"model": str(args.model), "data_root": str(root), **result}
+    if args.out is not None:
+        write_json(args.out, text)
+    recall = result["object_recall"]["pole+sign"]
+    print(f"mIoU {result['mIoU']:.2f}  BF {result['BF']:.2f}")
+    print("pole+sign recall by width: " + ", ".join(
+        f"{b} px {100 * c['mean_recall']:.1f}% ({c['objects']})" for b, c in recall.items()))
+    entropy = result["affinity_entropy"]
+    if entropy is not None:
+        print("affinity entropy (% of ln 9): " + ", ".join(
+            f"{k} {100 * entropy[k]['of_ln9']:.1f}" for k in ("thin", "boundary", "interior")))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--train-images", type=int, default=400, help="generated training street scenes")
+    common.add_argument("--val-images", type=int, default=50, help="generated validation street scenes")
+    common.add_argument("--size", type=int, default=128, help="scene side in px (also the training crop)")
+    common.add_argument("--runs", type=Path, default=ROOT / "runs" / "thin_objects", help="where runs are written")
+
+    one = commands.add_parser("analyse", parents=[common], help="analyse one trained model")
+    one.add_argument("--model", type=Path, required=True, help="a model directory (a run's best/)")
+    one.add_argument("--data-root", type=Path, default=None,
+                     help="a dataset written by write_streets_dataset (default: the one the sizes above name)")
+    one.add_argument("--out", type=Path, default=None, help="also write the result as JSON")
+
+    many = commands.add_parser("sweep", parents=[common], help="train and analyse variants of one base config")
+    many.add_argument("--config", type=Path, default=BASE_CONFIG, help="the base config (default configs/demo.yaml)")
+    many.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="an override of the base config for every variant (repeatable)")
+    many.add_argument("--axis", action="append", default=None, metavar="KEY=V1,V2",
+                      help=f"a key to vary (repeatable; default: {' '.join(DEFAULT_AXES)})")
+    many.add_argument("--grid", action="store_true", help="cross all axes instead of one axis at a time")
+    many.add_argument("--no-baseline", action="store_true", help="leave out the linear-baseline row")
+    many.add_argument("--iters", type=int, default=600, help="training iterations unless an axis sets optim.iters")
+    many.add_argument("--seeds", type=int, default=1, help="training seeds per variant (run.seed)")
+    many.add_argument("--first-seed", type=int, default=0, help="the first run.seed")
+    many.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
+    many.add_argument("--no-progress", action="store_true", help="no progress bars")
+    many.add_argument("--out", type=Path, default=ROOT / "docs" / "thin_objects.json", help="JSON result file")
+    args = parser.parse_args(argv)
+    if args.size < 32 or min(args.train_images, args.val_images) < 1:
+        parser.error("--size must be at least 32, --train-images and --val-images positive")
+    try:
+        return sweep(args) if args.command == "sweep" else analyse_command(args)
+    except RegproxyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
