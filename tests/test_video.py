@@ -256,6 +256,11 @@ def test_predict_cli_bad_videos_fail_with_one_line(tmp_path, model_dir, clip, cl
     # images and videos in one run: one line, before the model is loaded
     result = cli("predict", str(clip), str(tmp_path / "photo.png"), "--model", str(model_dir), "--out", str(out))
     assert result.returncode == 1 and "photo.png: not a video" in result.stderr and "Traceback" not in result.stderr
+    # options that only images have: one line naming them, nothing written
+    for extra in (["--regions"], ["--confidence", "--save-probs"], ["--format", "coco"]):
+        result = cli("predict", str(clip), "--model", str(model_dir), "--out", str(out), *extra)
+        assert result.returncode == 1 and f"{extra[0]}" in result.stderr and "apply to images" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and not list(out.glob("*.mp4"))
     # PyAV missing in the process: one line naming the extra
     blocker = tmp_path / "blocker" / "av"
     blocker.mkdir(parents=True)

@@ -128,6 +128,12 @@ def predict(
     every: Annotated[int, typer.Option("--every", min=1, help=EVERY_HELP)] = 1,
 ) -> None:
     if any(is_video(item) for item in inputs):  # .mp4/.mov/.avi/.mkv/.webm: regproxy_cli.cli.video
+        image_only = {"--regions": regions or regions_by is not None, "--confidence": confidence,
+                      "--save-probs": save_probs, "--format": bool(formats) and formats != [OutputFormat.png]}
+        given = [option for option, used in image_only.items() if used]
+        if given:
+            raise RegproxyError(f"{', '.join(given)} apply to images; a video gets OUT/<name>_overlay.mp4 and, with "
+                                "--frames, label PNGs (segment videos and images in separate calls)")
         return predict_videos(inputs, model=model, out=out, mode=mode.value if mode else None, scale=scale, tta=tta,
                               device=device, precision=precision, window_batch=window_batch, batch=batch,
                               compile_network=compile_network, provider=provider, frames=frames, every=every,
