@@ -71,7 +71,7 @@ def summarise(rows: list[dict], classes: list[str]) -> dict:
     for variant in dict.fromkeys(r["variant"] for r in rows):
         summary[variant] = {}
         for split in SPLITS:
-            scored = [r[split] for r in rows if r["variant"] == variant]
+            scored = [r[split] for r in rows if r["variant"] == variant]  # one per seed that ran
             per_class = {}
             for index, name in enumerate(classes):
                 values = [s["IoU"][index] for s in scored if s["IoU"][index] is not None]
@@ -85,13 +85,13 @@ def markdown(summary: dict, classes: list[str], split: str) -> str:
     def cell(stat: dict) -> str:
         return f"{stat['mean']:.2f} ± {stat['sd']:.2f}" if stat["sd"] is not None else f"{stat['mean']:.2f}"
 
-    head = "| variant | mIoU | boundary F | " + " | ".join(classes) + " |\n"
-    head += "|---" * (3 + len(classes)) + "|\n"
+    head = "| variant | seeds | mIoU | boundary F | " + " | ".join(classes) + " |\n"
+    head += "|---" * (4 + len(classes)) + "|\n"
     lines = []
     for variant, by_split in summary.items():
         s = by_split[split]
         ious = " | ".join("–" if s["IoU"][c] is None else f"{s['IoU'][c]:.1f}" for c in classes)
-        lines.append(f"| {variant} | {cell(s['mIoU'])} | {cell(s['BF'])} | {ious} |\n")
+        lines.append(f"| {variant} | {len(s['mIoU']['values'])} | {cell(s['mIoU'])} | {cell(s['BF'])} | {ious} |\n")
     return head + "".join(lines)
 
 
@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init-from", default="runs/demo/best", help="the finetune variant's starting model")
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "camvid")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "camvid.json")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="score the runs that have finished, train nothing (a study cut short by its budget)")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -118,7 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     # seed-major: an interrupted study has every variant of the first seeds, not all seeds of the first variants
     for seed, variant in ((s, v) for s in range(args.seeds) for v in variants):
-        run_dir = train_variant(args.config, variant, seed, args.iters, args.runs, args.init_from)
+        if args.finished_only:
+            run_dir = args.runs / f"{variant}-s{seed}"
+            if not finished(run_dir, args.iters):
+                continue
+        else:
+            run_dir = train_variant(args.config, variant, seed, args.iters, args.runs, args.init_from)
         model = load_pretrained(run_dir / "final").eval()
         row = {"variant": variant, "seed": seed, "run": str(run_dir)}
         for split, dataset in datasets.items():
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     for split in SPLITS:
-        print(f"\nCamVid {split} ({len(datasets[split])} images), mean ± sd over {args.seeds} seeds:\n")
+        print(f"\nCamVid {split} ({len(datasets[split])} images), mean ± sd over seeds:\n")
         print(markdown(summary, classes, split))
     print(f"results in {args.out}")
     return 0

@@ -167,8 +167,13 @@ def test_every_frame_is_labelled_as_image_predict_labels_it(tmp_path, model, cli
     stream, pictures = _decode(tmp_path / "clip_overlay.mp4")
     assert (stream.width, stream.height, stream.average_rate, len(pictures)) == (WIDTH, HEIGHT, 12, 6)
     palette = np.array(model.config.palette, dtype=np.uint8)
-    for picture, frame, labels in zip(pictures, frames, expected):
-        assert np.abs(picture.astype(int) - overlay(frame, labels, palette)).mean() < 5  # H.264 at CRF 18, 4:2:0
+    wanted = [overlay(frame, labels, palette).astype(int) for frame, labels in zip(frames, expected)]
+    for index, picture in enumerate(pictures):
+        error = np.abs(picture.astype(int) - wanted[index]).mean()
+        assert error < 8  # H.264 at CRF 18 with 4:2:0 chroma on a 64x48 textured clip: about 5 grey levels
+        # and each frame is its own overlay, not a neighbour's (the shapes move between frames)
+        neighbour = wanted[index - 1 if index else 1]
+        assert error < np.abs(picture.astype(int) - neighbour).mean()
 
 
 def test_every_nth_frame_holds_its_labels_over_the_frames_between(tmp_path, model, clip):

@@ -30,6 +30,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
+import torch
 import torch.distributed as dist
 
 from regproxy_cli import plots
@@ -111,7 +112,9 @@ class ReportCollector:
         candidates = [(-m, -a, -i, p) for m, a, i, p in self._heap]
         if dist.is_available() and dist.is_initialized():
             gathered: list = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, (self.images, candidates))
+            # outside inference mode: torch 2.4's all_gather_object updates its size tensors in place
+            with torch.inference_mode(False):
+                dist.all_gather_object(gathered, (self.images, candidates))
             self.images = [image for images, _ in gathered for image in images]
             candidates = [c for _, cands in gathered for c in cands]
         self.images.sort(key=lambda image: image["index"])
