@@ -126,10 +126,15 @@ def main(argv: list[str] | None = None) -> int:
                 continue
         else:
             run_dir = train_variant(args.config, variant, seed, args.iters, args.runs, args.init_from)
-        model = load_pretrained(run_dir / "final").eval()
         row = {"variant": variant, "seed": seed, "run": str(run_dir)}
-        for split, dataset in datasets.items():
-            row[split] = score_dataset(model, dataset, len(classes))
+        cached = run_dir / "scores.json"  # scoring a run takes minutes: done once per finished run
+        if cached.is_file() and cached.stat().st_mtime >= (run_dir / "last.pt").stat().st_mtime:
+            row.update({split: score for split, score in json.loads(cached.read_text()).items() if split in SPLITS})
+        else:
+            model = load_pretrained(run_dir / "final").eval()
+            for split, dataset in datasets.items():
+                row[split] = score_dataset(model, dataset, len(classes))
+            cached.write_text(json.dumps({split: row[split] for split in SPLITS}) + "\n")
         seconds = run_dir / "train_seconds.txt"
         row["train_s"] = float(seconds.read_text()) if seconds.is_file() else None
         rows.append(row)
