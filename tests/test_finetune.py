@@ -133,9 +133,9 @@ def test_init_from_then_frozen_backbone_trains_only_the_head(source_run, tmp_pat
         captured["start"] = {k: v.clone() for k, v in model.state_dict().items()}
         return trainer
 
-    def capture_modes(self, batches):
+    def capture_modes(self, batches, iteration=0):
         captured.setdefault("modes", []).append((self.model.backbone.training, self.model.head.training))
-        return step(self, batches)
+        return step(self, batches, iteration)
 
     monkeypatch.setattr(train_module, "build_trainer", capture_trainer)
     monkeypatch.setattr(train_module.Trainer, "step", capture_modes)

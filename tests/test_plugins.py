@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from regproxy_cli import RegproxyError, build_model, get_backbone, list_backbones, refresh_backbones
-from regproxy_cli.model.plugins import ENTRY_POINT_GROUP, _discover
+from regproxy_cli.model.plugins import ENTRY_POINT_GROUP, discover
 
 PLUGIN_MODULE = textwrap.dedent(
     """
@@ -52,7 +52,7 @@ def site(tmp_path, monkeypatch):
 
 
 def test_built_ins_come_from_their_own_distribution():
-    names = {name: dist for name, (dist, _) in _discover().items()}
+    names = {name: dist for name, (dist, _) in discover(ENTRY_POINT_GROUP, "backbone").items()}
     for name in ("t16", "s16", "b16", "l16", "r26-s32", "r50-l32"):
         assert names[name] == "regproxy-backbones"
 

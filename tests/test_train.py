@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from regproxy_cli import RegproxyError, build_model
+from regproxy_cli.engine import losses as losses_module
 from regproxy_cli.engine import train as train_module
 from regproxy_cli.engine.config import OptimSection, load_config
 from regproxy_cli.engine.train import lr_factor, param_groups, train
@@ -130,7 +131,7 @@ def test_training_run_end_to_end(tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_module, "segmentation_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(losses_module, "segmentation_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(RegproxyError, match="the loss became nan at iteration 0 .* lower optim.lr"):
         train(load_config(tiny_config(tmp_path)), progress=False)
 

@@ -17,8 +17,9 @@ import yaml
 
 from regproxy_cli.data.datasets import SegmentationDataset
 from regproxy_cli.data.open import SyntheticSpec, open_dataset
-from regproxy_cli.engine.losses import LOSS_KINDS, MEAN_OVER
+from regproxy_cli.engine.losses import MEAN_OVER, get_loss, list_losses
 from regproxy_cli.errors import RegproxyError
+from regproxy_cli.model.classifiers import list_classifiers
 
 
 @dataclass
@@ -33,6 +34,9 @@ class ModelSection:
     # classifier rows kept by class name (regproxy_cli.engine.finetune); model.pretrained is then not used
     init_from: str | None = None
     freeze: str = "none"  # none | backbone | blocks:N (patch embedding, prefix tokens, position embedding, N blocks)
+    # the token classifier: linear (the paper's), hssn, protoseg, or an installed plugin (regproxy classifiers)
+    classifier: str = "linear"
+    classifier_options: dict = field(default_factory=dict)  # e.g. hssn: {hierarchy: FILE}, protoseg: {prototypes: M}
 
 
 @dataclass
@@ -90,10 +94,11 @@ class LossSection:
     # what the summed cross-entropy is divided by: "all" = every pixel of the batch, ignored ones included
     # (mmseg 0.17's CrossEntropyLoss, so the paper's); "labelled" = only the pixels that carry a label
     mean_over: str = "all"
-    kind: str = "ce"  # ce | focal | dice | ce+dice | lovasz (regproxy_cli.engine.losses)
+    kind: str = "ce"  # ce | focal | dice | ce+dice | lovasz | hssn | protoseg, or an installed plugin
     # none | auto (median-frequency balancing from the training masks' pixel counts) | [w0, w1, ...]
     class_weight: str | list[float] | None = "none"
     focal_gamma: float = 2.0
+    options: dict = field(default_factory=dict)  # the kind's own settings, e.g. hssn: {triplet_weight: 0.5}
 
 
 @dataclass
@@ -127,7 +132,6 @@ _CHOICES = {
     "test.mode": ("slide", "whole"),
     "optim.schedule": ("poly", "cosine_restart"),
     "loss.mean_over": MEAN_OVER,
-    "loss.kind": LOSS_KINDS,
     "run.precision": ("fp32", "bf16", "fp16"),
 }
 
@@ -147,6 +151,10 @@ def _check_value(key: str, value: object, annotation: object) -> object:
             except RegproxyError:
                 pass
         return _check_value(key, value, options[-1])
+    if annotation is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise RegproxyError(f"config key {key}: expected a mapping of names to values, got {value!r}")
+        return value
     if origin is list:
         if not isinstance(value, list):
             raise RegproxyError(f"config key {key}: expected a list, got {value!r}")
@@ -234,7 +242,16 @@ def _validate(config: TrainConfig) -> None:
                             "(N >= 1)")
     if config.model.init_from is not None and not config.model.init_from.strip():
         raise RegproxyError("config key model.init_from: empty; give a model (zoo name, Hub id, directory, .pth) or null")
+    if config.model.classifier not in list_classifiers():
+        raise RegproxyError(f"config key model.classifier: {config.model.classifier!r} is not one of "
+                            f"{', '.join(list_classifiers())}")
     loss = config.loss
+    if loss.kind not in list_losses():
+        raise RegproxyError(f"config key loss.kind: {loss.kind!r} is not one of {', '.join(list_losses())}")
+    try:
+        get_loss(loss.kind).resolve_options(dict(loss.options))
+    except RegproxyError as exc:
+        raise RegproxyError(f"config key loss.options: {exc}") from None
     if loss.class_weight is None:
         loss.class_weight = "none"
     if isinstance(loss.class_weight, str) and loss.class_weight not in ("none", "auto"):

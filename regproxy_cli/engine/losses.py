@@ -1,6 +1,12 @@
 """Training losses: cross-entropy (the paper's), focal, Dice, CE + Dice and Lovasz-softmax, with an ignore label,
 optional class weights, and the mmseg 0.17 normalisation (``loss.mean_over``) on top of each.
 
+Losses are plugins, like backbones and classifiers: any installed distribution may expose a :class:`LossSpec`
+under the ``regproxy.losses`` entry-point group, and ``loss.kind`` names it. The built-ins here register through
+this package's ``pyproject.toml``; HSSN's hierarchy loss and ProtoSeg's prototype losses live with their
+classifiers (:mod:`regproxy_cli.model.hssn`, :mod:`regproxy_cli.model.protoseg`). A loss reads the model's
+:class:`~regproxy_cli.model.regproxy.TrainingOutput` and the labels.
+
 ``mean_over`` is the same idea for every kind: ``"labelled"`` is the loss over the labelled pixels, and ``"all"``
 scales it by the labelled share of the batch, so a batch with many ignored pixels pulls less (that is what
 mmseg 0.17's CrossEntropyLoss did: a per-pixel mean over every pixel, ignored ones counting 0).
@@ -8,14 +14,118 @@ mmseg 0.17's CrossEntropyLoss did: a per-pixel mean over every pixel, ignored on
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from regproxy_cli.constants import IGNORE_INDEX
 from regproxy_cli.errors import RegproxyError
+from regproxy_cli.model.plugins import discover, load_plugin
+
+LOSS_GROUP = "regproxy.losses"
 
 MEAN_OVER = ("all", "labelled")
-LOSS_KINDS = ("ce", "focal", "dice", "ce+dice", "lovasz")
+LOSS_KINDS = ("ce", "focal", "dice", "ce+dice", "lovasz")  # the built-in pixel losses
+
+
+@dataclass
+class LossContext:
+    """What a loss is built from: the model it trains (unwrapped) and the config's ``loss`` section.
+
+    Attributes:
+        model: the model (its ``config`` says the classifier and classes; a loss may read the classifier).
+        mean_over, class_weight, focal_gamma: the ``loss`` section (class weights resolved, on the device).
+        options: ``loss.options`` as the spec's ``resolve_options`` returned them.
+        iters: the run's total iterations (for terms whose weight follows the schedule).
+    """
+
+    model: nn.Module
+    mean_over: str = "all"
+    class_weight: torch.Tensor | None = None
+    focal_gamma: float = 2.0
+    options: dict = field(default_factory=dict)
+    iters: int = 1
+    ignore_index: int = IGNORE_INDEX
+
+
+class Loss(Protocol):
+    def __call__(self, output, labels: torch.Tensor, iteration: int) -> torch.Tensor:
+        """The scalar loss of a :class:`~regproxy_cli.model.regproxy.TrainingOutput` against (B, H, W) labels."""
+
+
+def _no_options(options: dict) -> dict:
+    if options:
+        raise RegproxyError(f"this loss takes no loss.options, got {', '.join(sorted(options))}")
+    return {}
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A loss's declaration.
+
+    Attributes:
+        name: what ``loss.kind`` says.
+        title: a line for listings.
+        factory: ``factory(context)`` returns the :class:`Loss`.
+        resolve_options: validates ``loss.options`` (a one-line :class:`RegproxyError` otherwise) and fills defaults.
+        classifier: the classifier the loss needs (``model.classifier``), or None for any.
+    """
+
+    name: str
+    title: str
+    factory: Callable[[LossContext], Loss] = field(repr=False, compare=False)
+    resolve_options: Callable[[dict], dict] = field(default=_no_options, repr=False, compare=False)
+    classifier: str | None = None
+
+
+class PixelLoss:
+    """A built-in kind on the model's class scores at the input size (``output.logits``)."""
+
+    def __init__(self, kind: str, context: LossContext) -> None:
+        self.kind, self.context = kind, context
+
+    def __call__(self, output, labels: torch.Tensor, iteration: int) -> torch.Tensor:
+        c = self.context
+        return segmentation_loss(output.logits, labels, kind=self.kind, mean_over=c.mean_over,
+                                 class_weight=c.class_weight, focal_gamma=c.focal_gamma, ignore_index=c.ignore_index)
+
+
+def _pixel_loss(kind: str, title: str) -> LossSpec:
+    return LossSpec(name=kind, title=title, factory=lambda context: PixelLoss(kind, context))
+
+
+CE = _pixel_loss("ce", "cross-entropy (the paper's)")
+FOCAL = _pixel_loss("focal", "focal loss, -(1 - p)^gamma log p (loss.focal_gamma)")
+DICE = _pixel_loss("dice", "soft Dice over the batch, averaged over classes")
+CE_DICE = _pixel_loss("ce+dice", "cross-entropy + soft Dice")
+LOVASZ = _pixel_loss("lovasz", "Lovasz-softmax (the Jaccard index's convex surrogate)")
+
+
+def list_losses() -> list[str]:
+    """Names of all installed losses, sorted."""
+    return sorted(discover(LOSS_GROUP, "loss"))
+
+
+def get_loss(name: str | LossSpec) -> LossSpec:
+    """Look up an installed loss by name (a spec passes through unchanged)."""
+    if isinstance(name, LossSpec):
+        return name
+    return load_plugin(LOSS_GROUP, "loss", name, LossSpec, "none (reinstall regproxy)")
+
+
+def build_loss(name: str, context: LossContext) -> Loss:
+    """The ``loss.kind`` loss for ``context.model``; refuses a loss made for another classifier."""
+    spec = get_loss(name)
+    classifier = getattr(context.model.config, "classifier", "linear")
+    if spec.classifier is not None and spec.classifier != classifier:
+        raise RegproxyError(f"loss.kind {spec.name} needs model.classifier: {spec.classifier} (this model has "
+                            f"{classifier})")
+    context.options = spec.resolve_options(dict(context.options))
+    return spec.factory(context)
 DICE_SMOOTH = 1.0  # added to numerator and denominator: a class absent from labels and predictions scores 0
 
 

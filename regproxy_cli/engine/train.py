@@ -35,10 +35,11 @@ from regproxy_cli.engine.config import OptimSection, TrainConfig, dump_config
 from regproxy_cli.engine.distributed import Runtime, barrier, setup_runtime, shutdown
 from regproxy_cli.engine.evaluate import evaluate
 from regproxy_cli.engine.finetune import apply_freeze, frozen_modules, init_from, load_init_source, train_mode
-from regproxy_cli.engine.losses import segmentation_loss
+from regproxy_cli.engine.losses import Loss, LossContext, build_loss
 from regproxy_cli.errors import RegproxyError, listed, one_line
 from regproxy_cli.files import write_atomic
 from regproxy_cli.io.checkpoint import save_pretrained
+from regproxy_cli.model.classifiers import get_classifier
 from regproxy_cli.model.config import ModelConfig
 from regproxy_cli.model.plugins import get_backbone
 from regproxy_cli.model.regproxy import build_from_config
@@ -175,9 +176,14 @@ class _Log:
 def build_training_model(config: TrainConfig, classes, palette) -> nn.Module:
     m, d, t = config.model, config.data, config.test
     spec = get_backbone(m.backbone)
+    try:
+        classifier_options = get_classifier(m.classifier).resolve_options(dict(m.classifier_options), list(classes))
+    except RegproxyError as exc:
+        raise RegproxyError(f"config key model.classifier_options: {exc}") from None
     model_config = ModelConfig(
         backbone=m.backbone, num_classes=len(classes), m=spec.m if m.m is None else m.m,
-        region_res=(m.region_res, m.region_res), baseline=m.baseline, crop_size=d.crop,
+        region_res=(m.region_res, m.region_res), baseline=m.baseline, classifier=m.classifier,
+        classifier_options=classifier_options, crop_size=d.crop,
         classes=list(classes), palette=[list(c) for c in palette], inference_mode=t.mode, window_stride=t.stride,
         test_scale=None if t.scale is None else tuple(t.scale), dataset=d.kind,
     )
@@ -252,14 +258,14 @@ class Trainer:
     scaler: torch.amp.GradScaler
     config: TrainConfig
     device: torch.device
-    class_weight: torch.Tensor | None = None  # loss.class_weight, on the device
+    loss: Loss  # loss.kind, built for this model (class weights on the device)
     frozen: list[nn.Module] = field(default_factory=list)  # kept in eval mode (model.freeze)
 
     def train_mode(self) -> None:
         """Training mode for the network, except the frozen modules: their BN statistics and drop path stay put."""
         train_mode(self.net, self.frozen)
 
-    def step(self, batches) -> tuple[float, int]:
+    def step(self, batches, iteration: int = 0) -> tuple[float, int]:
         """One iteration: accumulate gradients over ``optim.accum_steps`` batches, then update; (loss, images)."""
         o = self.config.optim
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.run.precision)
@@ -272,10 +278,8 @@ class Trainer:
             last = micro == o.accum_steps - 1 or not isinstance(self.net, nn.parallel.DistributedDataParallel)
             with (nullcontext() if last else self.net.no_sync()), torch.autocast(
                     self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits = self.net(images)
-                loss = segmentation_loss(
-                    logits.float(), labels, kind=self.config.loss.kind, mean_over=self.config.loss.mean_over,
-                    class_weight=self.class_weight, focal_gamma=self.config.loss.focal_gamma) / o.accum_steps
+                output = self.net(images, training_output=True)
+                loss = self.loss(output, labels, iteration) / o.accum_steps
                 self.scaler.scale(loss).backward()
             total_loss += loss.item()
             images_seen += images.shape[0]
@@ -315,8 +319,11 @@ def build_trainer(config: TrainConfig, model: nn.Module, runtime: Runtime,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, o))
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.run.precision == "fp16")
     weight = None if class_weight is None else torch.tensor(class_weight, dtype=torch.float32, device=runtime.device)
+    loss = build_loss(config.loss.kind, LossContext(
+        model, mean_over=config.loss.mean_over, class_weight=weight, focal_gamma=config.loss.focal_gamma,
+        options=config.loss.options, iters=o.iters))
     # after the SyncBN conversion, which replaces modules
-    return Trainer(model, net, optimizer, scheduler, scaler, config, runtime.device, weight, frozen_modules(model))
+    return Trainer(model, net, optimizer, scheduler, scaler, config, runtime.device, loss, frozen_modules(model))
 
 
 def train(config: TrainConfig, *, resume: bool = False, allow_config_change: bool = False,
@@ -397,7 +404,7 @@ def train(config: TrainConfig, *, resume: bool = False, allow_config_change: boo
     trainer.train_mode()
     images_seen, started = 0, time.perf_counter()
     for iteration in range(start, o.iters):
-        loss, images = trainer.step(batches)
+        loss, images = trainer.step(batches, iteration)
         if not math.isfinite(loss):
             raise RegproxyError(
                 f"the loss became {loss} at iteration {iteration} (lr {trainer.scheduler.get_last_lr()[0]:.3g}): "

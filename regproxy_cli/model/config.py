@@ -20,6 +20,9 @@ class ModelConfig:
     m: int
     region_res: tuple[int, int] = (4, 4)
     baseline: bool = False
+    # the token classifier plugin (regproxy_cli.model.classifiers) and its resolved options (e.g. a hierarchy)
+    classifier: str = "linear"
+    classifier_options: dict = field(default_factory=dict)
     crop_size: int = 512
     classes: list[str] = field(default_factory=list)
     palette: list[list[int]] = field(default_factory=list)

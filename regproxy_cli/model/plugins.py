@@ -106,44 +106,53 @@ class BackboneSpec:
 
 
 @functools.cache
-def _discover() -> dict[str, tuple[str, object]]:
-    """Map each backbone name to (distribution name, entry point), refusing duplicate names."""
+def discover(group: str, what: str = "plugin") -> dict[str, tuple[str, object]]:
+    """Map each name registered under the entry-point ``group`` to (distribution name, entry point).
+
+    Used for every plugin kind (backbones here, classifiers and losses in their modules); a name registered by two
+    distributions is refused rather than resolved by install order.
+    """
     found: dict[str, tuple[str, object]] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    for ep in entry_points(group=group):
         dist = ep.dist.name if ep.dist is not None else "?"
         if ep.name in found and found[ep.name][0] != dist:
             raise RegproxyError(
-                f"backbone name {ep.name!r} is registered twice, by {found[ep.name][0]} and {dist}: uninstall one"
+                f"{what} name {ep.name!r} is registered twice, by {found[ep.name][0]} and {dist}: uninstall one"
             )
         found[ep.name] = (dist, ep)
     return found
 
 
+def load_plugin(group: str, what: str, name: str, spec_type: type, missing_hint: str = "none") -> object:
+    """Load the spec registered as ``name`` under ``group`` and check it is a ``spec_type`` declaring that name."""
+    found = discover(group, what)
+    if name not in found:
+        available = ", ".join(sorted(found)) or missing_hint
+        raise RegproxyError(f"unknown {what} {name!r}; available: {available}")
+    dist, ep = found[name]
+    try:
+        spec = ep.load()
+    except Exception as exc:  # a broken plugin must not look like a regproxy bug
+        raise RegproxyError(f"{what} {name!r} from {dist} failed to load: {exc}") from exc
+    if not isinstance(spec, spec_type):
+        raise RegproxyError(f"{what} {name!r} from {dist} is not a {spec_type.__name__} but {type(spec).__name__}")
+    if spec.name != name:
+        raise RegproxyError(f"{what} entry point {name!r} from {dist} declares the name {spec.name!r}")
+    return spec
+
+
 def list_backbones() -> list[str]:
     """Names of all installed backbones, sorted."""
-    return sorted(_discover())
+    return sorted(discover(ENTRY_POINT_GROUP, "backbone"))
 
 
 def get_backbone(name: str | BackboneSpec) -> BackboneSpec:
     """Look up an installed backbone by name (a spec passes through unchanged)."""
     if isinstance(name, BackboneSpec):
         return name
-    found = _discover()
-    if name not in found:
-        available = ", ".join(sorted(found)) or "none (install regproxy-backbones)"
-        raise RegproxyError(f"unknown backbone {name!r}; available: {available}")
-    dist, ep = found[name]
-    try:
-        spec = ep.load()
-    except Exception as exc:  # a broken plugin must not look like a regproxy bug
-        raise RegproxyError(f"backbone {name!r} from {dist} failed to load: {exc}") from exc
-    if not isinstance(spec, BackboneSpec):
-        raise RegproxyError(f"backbone {name!r} from {dist} is not a BackboneSpec but {type(spec).__name__}")
-    if spec.name != name:
-        raise RegproxyError(f"backbone entry point {name!r} from {dist} declares the name {spec.name!r}")
-    return spec
+    return load_plugin(ENTRY_POINT_GROUP, "backbone", name, BackboneSpec, "none (install regproxy-backbones)")
 
 
 def refresh_backbones() -> None:
-    """Forget discovered plugins, e.g. after installing one into the running interpreter."""
-    _discover.cache_clear()
+    """Forget discovered plugins (all kinds), e.g. after installing one into the running interpreter."""
+    discover.cache_clear()

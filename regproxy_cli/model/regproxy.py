@@ -7,19 +7,22 @@ The proxy head (Sec. 4.2-4.3, Algorithm 1; authors' ``ProxyHead``):
   neighbour n = (dy+1)*3 + (dx+1));
 * a softmax over the 9 neighbours of every sub-pixel, with neighbours outside the token grid masked
   to -inf, so each pixel's affinities sum to 1 over in-image tokens (Eq. 4);
-* one linear classifier on the final (normalised) tokens;
+* one linear classifier on the final (normalised) tokens (or another classifier plugin,
+  :mod:`~regproxy_cli.model.classifiers`, whose C output channels are painted and then turned into K class scores);
 * painting (Eq. 6): pixel logits = sum over the 3x3 neighbours of affinity x token logits, laid out
   as (H h) x (W w), then resized bilinearly to the input.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from regproxy_cli.errors import RegproxyError
+from regproxy_cli.model.classifiers import LinearClassifier, get_classifier
 from regproxy_cli.model.config import ModelConfig
 from regproxy_cli.model.ops import NEIGHBOURS, affinity_from_logits, paint
 from regproxy_cli.model.plugins import BackboneSpec, get_backbone
@@ -52,30 +55,58 @@ class ProxyOutput:
         region_logits: (B, K, H*h, W*w) painted logits at output stride ``stride / h`` (padded frame).
         affinity: (B, 9, h, w, H, W) pixel-to-token affinities, summing to 1 over the 9 neighbours.
         token_logits: (B, K, H, W) class logits of each token.
+        token_outputs: (B, C, H, W) what the classifier gave each token (C = K for the linear classifier).
+        tokens: (B, D, H, W) the final tokens the classifier read.
     """
 
     logits: torch.Tensor
     region_logits: torch.Tensor
     affinity: torch.Tensor
     token_logits: torch.Tensor
+    token_outputs: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+
+
+@dataclass
+class TrainingOutput:
+    """What a training loss may read (:mod:`regproxy_cli.engine.losses`), from ``model(x, training_output=True)``.
+
+    Attributes:
+        logits: (B, K, H_in, W_in) class scores at the input size (what ``forward`` returns).
+        outputs: (B, C, H_in, W_in) the classifier's painted (or upsampled) output channels at the input size.
+        tokens: (B, D, H, W) final tokens.
+        token_outputs: (B, C, H, W) the classifier's output per token.
+        affinity: (B, 9, h, w, H, W) RegProxy's pixel-to-token affinities; None for the linear baseline.
+        stride: the token grid's stride; region_res: (h, w) sub-pixels per token ((1, 1) for the baseline).
+    """
+
+    logits: torch.Tensor
+    outputs: torch.Tensor
+    tokens: torch.Tensor
+    token_outputs: torch.Tensor
+    affinity: torch.Tensor | None
+    stride: int
+    region_res: tuple[int, int]
 
 
 class ProxyHead(nn.Module):
-    """The affinity head and the linear token classifier; :meth:`forward` paints token logits onto pixels."""
+    """The affinity head and the token classifier; :meth:`forward` paints token outputs onto pixels."""
 
-    def __init__(self, tap_dim: int, width: int, num_classes: int, region_res: tuple[int, int]) -> None:
+    def __init__(self, tap_dim: int, region_res: tuple[int, int], make_classifier: Callable[[], nn.Module]) -> None:
         super().__init__()
         self.region_res = region_res
         self.affinity = AffinityHead(tap_dim, region_res)
-        self.classifier = nn.Linear(width, num_classes)
-        nn.init.trunc_normal_(self.classifier.weight, std=0.02)
-        nn.init.zeros_(self.classifier.bias)
+        self.classifier = make_classifier()  # built after the affinity head: a seed gives the weights it always gave
 
     def forward(self, tap: torch.Tensor, final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (region_logits, affinity, token_logits) for tap and final grids of the same size."""
+        """Returns (painted outputs, affinity, token outputs) for tap and final grids of the same size.
+
+        With the linear classifier the outputs are the K class logits; another classifier's C channels are
+        painted as they are and turned into class scores by ``classifier.class_scores`` afterwards.
+        """
         affinity = affinity_from_logits(self.affinity(tap), self.region_res)
-        token_logits = self.classifier(final.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return paint(token_logits, affinity), affinity, token_logits
+        token_outputs = self.classifier(final.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return paint(token_outputs, affinity), affinity, token_outputs
 
 
 class Segmenter(nn.Module):
@@ -102,8 +133,14 @@ class Segmenter(nn.Module):
         """:meth:`grid_logits` of the whole batch in one call; what a model implements."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, training_output: bool = False) -> torch.Tensor | TrainingOutput:
+        """(B, K, H, W) class scores; with ``training_output`` what the losses read (a keyword, so DDP passes it)."""
+        if training_output:
+            return self.training_output(x)
         return resize_and_crop(self.grid_logits(x), self.backbone.stride, x.shape[-2:])
+
+    def training_output(self, x: torch.Tensor) -> TrainingOutput:
+        raise NotImplementedError
 
     @torch.inference_mode()
     def labels(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,37 +157,57 @@ class Segmenter(nn.Module):
 class RegProxy(Segmenter):
     """Backbone + proxy head. ``forward`` maps a normalised (B, 3, H, W) batch to (B, K, H, W) logits."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, region_res: tuple[int, int] = (4, 4)) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int, region_res: tuple[int, int] = (4, 4),
+                 make_classifier: Callable[[], nn.Module] | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
         self.region_res = region_res
-        self.head = ProxyHead(backbone.width, backbone.width, num_classes, region_res)
+        self.head = ProxyHead(backbone.width, region_res,
+                              make_classifier or (lambda: LinearClassifier(backbone.width, num_classes)))
 
     def forward_all(self, x: torch.Tensor) -> ProxyOutput:
         tap, final = self.backbone(x)
-        region_logits, affinity, token_logits = self.head(tap, final)
+        painted, affinity, token_outputs = self.head(tap, final)
+        scores = self.head.classifier.class_scores
+        region_logits = scores(painted)
         logits = resize_and_crop(region_logits, self.backbone.stride, x.shape[-2:])
-        return ProxyOutput(logits, region_logits, affinity, token_logits)
+        return ProxyOutput(logits, region_logits, affinity, scores(token_outputs), token_outputs, final)
+
+    def training_output(self, x: torch.Tensor) -> TrainingOutput:
+        tap, final = self.backbone(x)
+        painted, affinity, token_outputs = self.head(tap, final)
+        outputs = resize_and_crop(painted, self.backbone.stride, x.shape[-2:])
+        return TrainingOutput(self.head.classifier.class_scores(outputs), outputs, final, token_outputs, affinity,
+                              self.backbone.stride, self.region_res)
 
     def batch_grid_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(*self.backbone(x))[0]
+        return self.head.classifier.class_scores(self.head(*self.backbone(x))[0])
 
 
 class LinearBaseline(Segmenter):
     """The paper's baseline: a per-token linear classifier on the final grid, upsampled bilinearly."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int,
+                 make_classifier: Callable[[], nn.Module] | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
-        self.classifier = nn.Linear(backbone.width, num_classes)
-        nn.init.trunc_normal_(self.classifier.weight, std=0.02)
-        nn.init.zeros_(self.classifier.bias)
+        self.classifier = (make_classifier or (lambda: LinearClassifier(backbone.width, num_classes)))()
+
+    def token_outputs(self, final: torch.Tensor) -> torch.Tensor:
+        return self.classifier(final.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def batch_grid_logits(self, x: torch.Tensor) -> torch.Tensor:
         _, final = self.backbone(x)
-        return self.classifier(final.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.classifier.class_scores(self.token_outputs(final))
+
+    def training_output(self, x: torch.Tensor) -> TrainingOutput:
+        _, final = self.backbone(x)
+        token_outputs = self.token_outputs(final)
+        outputs = resize_and_crop(token_outputs, self.backbone.stride, x.shape[-2:])
+        return TrainingOutput(self.classifier.class_scores(outputs), outputs, final, token_outputs, None,
+                              self.backbone.stride, (1, 1))
 
 
 def parse_region_res(value: int | str | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -179,6 +236,8 @@ def build_model(
     m: int | None = None,
     region_res: int | str | tuple[int, int] = (4, 4),
     baseline: bool = False,
+    classifier: str = "linear",
+    classifier_options: dict | None = None,
     img_size: int | None = None,
     pretrained: bool = False,
     drop_path_rate: float = 0.0,
@@ -191,6 +250,8 @@ def build_model(
         m: token-head depth M; defaults to the backbone's declared one.
         region_res: (h, w) sub-pixels per token, 1..16 each; output stride is stride / h.
         baseline: build the paper's linear baseline instead.
+        classifier: an installed token classifier (``list_classifiers()``); the paper's is ``linear``.
+        classifier_options: its options, as its spec's ``resolve_options`` returned them.
         img_size: the crop the position embeddings are stored for; defaults to the backbone's paper crop.
         pretrained: start from the backbone's ImageNet weights (downloaded through timm from the Hub).
         drop_path_rate: stochastic depth for training (the paper uses 0.1).
@@ -199,11 +260,18 @@ def build_model(
         raise RegproxyError(f"num_classes must be at least 1, got {num_classes}")
     spec = get_backbone(backbone)
     region_res = parse_region_res(region_res)
+    classifier_spec = get_classifier(classifier)
+    classifier_options = dict(classifier_options or {})
     body = spec.build(m=m, img_size=img_size, pretrained=pretrained, drop_path_rate=drop_path_rate)
-    model = LinearBaseline(body, num_classes) if baseline else RegProxy(body, num_classes, region_res)
+    def make_classifier() -> nn.Module:
+        return classifier_spec.factory(body.width, num_classes, classifier_options)
+
+    model = (LinearBaseline(body, num_classes, make_classifier) if baseline
+             else RegProxy(body, num_classes, region_res, make_classifier))
     model.config = ModelConfig(
         backbone=spec.name, num_classes=num_classes, m=body.m, region_res=region_res, baseline=baseline,
-        crop_size=img_size or spec.crop_size, test_scale=None,
+        classifier=classifier_spec.name, classifier_options=classifier_options, crop_size=img_size or spec.crop_size,
+        test_scale=None,
     )
     return model
 
@@ -214,7 +282,8 @@ def build_from_config(
     """An untrained model for ``config``, with the config attached as ``model.config``."""
     model = build_model(
         config.backbone, config.num_classes, m=config.m, region_res=config.region_res, baseline=config.baseline,
-        img_size=config.crop_size, pretrained=pretrained_backbone, drop_path_rate=drop_path_rate,
+        classifier=config.classifier, classifier_options=config.classifier_options, img_size=config.crop_size,
+        pretrained=pretrained_backbone, drop_path_rate=drop_path_rate,
     )
     model.config = config
     return model
