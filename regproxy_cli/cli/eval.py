@@ -107,7 +107,8 @@ def eval_command(
     classes = segmenter.config.classes
     if as_json:
         print_json({**{k: result[k] for k in ("mIoU", "mAcc", "aAcc", "images")},
-                    "per_class": {c: {"IoU": i, "Acc": a} for c, i, a in zip(classes, result["IoU"], result["Acc"])}})
+                    "per_class": {c: {"IoU": i, "Acc": a} for c, i, a in zip(classes, result["IoU"], result["Acc"])},
+                    **({"levels": result["levels"]} if "levels" in result else {})})
     else:
         table = Table(title="Per-class IoU / Acc (%)", box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1), pad_edge=False)
         for column in ("class", "IoU", "Acc"):
@@ -117,5 +118,8 @@ def eval_command(
         console.print(table)
         console.print(f"[bold]mIoU {result['mIoU']:.2f}[/]  mAcc {result['mAcc']:.2f}  aAcc {result['aAcc']:.2f}  "
                       f"({result['images']} images{', multi-scale + flip' if tta else ''})")
+        for level, scores in result.get("levels", {}).items():  # a hierarchical classifier's coarser levels
+            ious = ", ".join(f"{c} {'-' if i is None else f'{i:.1f}'}" for c, i in zip(scores["classes"], scores["IoU"]))
+            console.print(f"[bold]{level} mIoU {scores['mIoU']:.2f}[/]  ({ious})")
     if report is not None:  # stderr under --json, so stdout stays one JSON document
         (err_console if as_json else console).print(f"report: {report / 'report.html'}")

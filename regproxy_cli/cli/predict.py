@@ -45,6 +45,7 @@ from regproxy_cli.inference.pipeline import forward_batch, predict_label_batch, 
 from regproxy_cli.io.annotations import AnnotationWriter, check_formats
 from regproxy_cli.io.video import is_video
 from regproxy_cli.io.zoo import load_model
+from regproxy_cli.model.classifiers import label_levels
 from regproxy_cli.viz import confidence_pictures, overlay, predict_regions
 
 SUMMARY = "Segment images into label PNGs, colour overlays and region pictures."
@@ -242,6 +243,7 @@ def predict_files(
     png = "png" in check_formats(formats)
     annotations = AnnotationWriter(out_dir, formats, model.config.classes, model.config.palette,
                                    polygon_tolerance=polygon_tolerance)
+    levels = level_maps(model)
 
     def infer(images: list[np.ndarray]) -> list[tuple]:  # on this thread: the network
         if confidence or save_probs:
@@ -257,6 +259,9 @@ def predict_files(
         labels, picture, maps = result
         stem = path.stem if stems[path.stem] == 1 else f"{path.parent.name}_{path.stem}"
         written = _write_outputs(out_dir, stem, image, labels, palette, picture, png=png, opacity=opacity)
+        for level, (lookup, level_palette) in levels.items():  # e.g. <stem>_category.png of an HSSN model
+            if png:
+                save_label_png(out_dir / f"{stem}_{level}.png", lookup[labels], level_palette)
         if maps is not None:
             _write_confidence(out_dir, stem, maps, model.config.classes, pictures=confidence, probs=save_probs)
         annotations.add(stem, labels, path)
@@ -275,6 +280,18 @@ def predict_files(
             progress()
     annotations.close()  # COCO's predictions.json and the CVAT zip, once
     return report
+
+
+def level_maps(model: nn.Module) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """For each coarser label level of the model (:func:`~regproxy_cli.model.classifiers.label_levels`): the class ->
+    level lookup and the level's palette, each level class in the colour of its first class."""
+    palette = np.array(model.config.palette, dtype=np.uint8)
+    maps = {}
+    for name, (classes, to_level) in label_levels(model).items():
+        lookup = to_level.cpu().numpy().astype(np.int64)
+        first = [int(np.flatnonzero(lookup == index)[0]) for index in range(len(classes))]
+        maps[name] = (lookup, palette[first])
+    return maps
 
 
 def _write_outputs(out_dir: Path, stem: str, image: np.ndarray, labels: np.ndarray, palette: np.ndarray,

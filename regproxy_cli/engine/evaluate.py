@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from regproxy_cli.constants import IGNORE_INDEX
 from regproxy_cli.data.datasets import SegmentationDataset
 from regproxy_cli.data.open import open_dataset
 from regproxy_cli.engine.config import load_config
@@ -18,6 +19,7 @@ from regproxy_cli.engine.report import ReportCollector
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.images import save_label_png
 from regproxy_cli.inference.predictor import predict_labels
+from regproxy_cli.model.classifiers import label_levels
 
 
 @torch.inference_mode()
@@ -48,18 +50,26 @@ def evaluate(
     was_training = model.training
     model.eval()
     matrix = ConfusionMatrix(config.num_classes)
+    # coarser levels (HSSN's categories): predictions and labels both mapped through the class tree
+    levels = {name: (classes, torch.cat([to_level.cpu(), torch.tensor([IGNORE_INDEX])]), ConfusionMatrix(len(classes)))
+              for name, (classes, to_level) in label_levels(model).items()}
     indices = range(rank, len(dataset), world)
     palette = np.array(config.palette, dtype=np.uint8)
     for index in tqdm(indices, desc="evaluating", unit="image", disable=not progress or rank != 0, leave=False):
         image, label, name = dataset[index]
         prediction = predict_labels(model, image, mode=mode, tta=tta, batch_size=batch_size, precision=precision)
-        matrix.update(torch.from_numpy(prediction), torch.from_numpy(np.asarray(label, dtype=np.int64)))
+        predicted, truth = torch.from_numpy(prediction), torch.from_numpy(np.asarray(label, dtype=np.int64))
+        matrix.update(predicted, truth)
+        for _, lookup, level_matrix in levels.values():  # the ignore label maps to itself (the lookup's last entry)
+            level_matrix.update(lookup[predicted.long()], lookup[torch.where(truth == IGNORE_INDEX, -1, truth)])
         if report is not None:
             report.add(index, name, prediction, label)
         if save_dir is not None:
             save_dir.mkdir(parents=True, exist_ok=True)
             save_label_png(save_dir / f"{Path(name).stem}.png", prediction, palette)
     matrix.all_reduce()
+    for _, _, level_matrix in levels.values():
+        level_matrix.all_reduce()
     if report is not None:
         report.gather(matrix)
     model.train(was_training)
@@ -71,7 +81,14 @@ def evaluate(
         "IoU": [None if np.isnan(v) else 100 * float(v) for v in result["IoU"]],
         "Acc": [None if np.isnan(v) else 100 * float(v) for v in result["Acc"]],
         "images": len(dataset),
+        **({"levels": {name: _level_result(classes, level_matrix.compute())
+                       for name, (classes, _, level_matrix) in levels.items()}} if levels else {}),
     }
+
+
+def _level_result(classes: list[str], result: dict) -> dict:
+    return {"classes": list(classes), "mIoU": 100 * result["mIoU"],
+            "IoU": [None if np.isnan(v) else 100 * float(v) for v in result["IoU"]]}
 
 
 def open_eval_dataset(data: str, split: str | None = None) -> SegmentationDataset:

@@ -260,3 +260,52 @@ def _lovasz_softmax(logits, labels, mean_over, class_weight, ignore_index) -> to
         weights = class_weight[present]
         loss = (losses * weights).sum() / weights.sum().clamp(min=torch.finfo(torch.float32).tiny)
     return loss * _labelled_share(labels, mean_over, ignore_index)
+
+
+def token_label_histogram(output, labels: torch.Tensor, num_classes: int,
+                          ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """(B, K, H, W): how many labelled pixels of each class each token's region holds.
+
+    RegProxy's region of a token is soft: a pixel counts towards each of its 3x3 neighbouring tokens by its
+    affinity (the transpose of painting). The linear baseline's region is the token's own stride x stride patch.
+    Labels are (B, H_in, W_in) at the input size; the padding to the token grid counts as unlabelled.
+    """
+    batch, _, grid_h, grid_w = output.token_outputs.shape
+    sub_h, sub_w = output.region_res
+    cell_h, cell_w = output.stride // sub_h, output.stride // sub_w
+    height, width = labels.shape[-2:]
+    padded = F.pad(labels, (0, grid_w * output.stride - width, 0, grid_h * output.stride - height),
+                   value=ignore_index)
+    rows, cols = grid_h * sub_h, grid_w * sub_w
+    cell = (torch.arange(padded.shape[1], device=labels.device) // cell_h)[:, None] * cols + (
+        torch.arange(padded.shape[2], device=labels.device) // cell_w)[None, :]
+    labelled = padded != ignore_index
+    key = ((torch.arange(batch, device=labels.device)[:, None, None] * num_classes + torch.where(labelled, padded, 0))
+           * (rows * cols) + cell)[labelled]
+    cells = torch.bincount(key, minlength=batch * num_classes * rows * cols).reshape(batch, num_classes, rows, cols)
+    cells = cells.float()
+    if output.affinity is None:
+        return cells
+    return unpaint(cells, output.affinity.detach().float())
+
+
+def unpaint(pixels: torch.Tensor, affinity: torch.Tensor) -> torch.Tensor:
+    """The transpose of :func:`~regproxy_cli.model.ops.paint`: (B, K, H*h, W*w) pixel values -> (B, K, H, W)
+    token sums, each pixel's value shared among its 3x3 neighbouring tokens by its affinities."""
+    batch, classes = pixels.shape[:2]
+    _, _, sub_h, sub_w, height, width = affinity.shape
+    cells = pixels.reshape(batch, classes, height, sub_h, width, sub_w)
+    out = pixels.new_zeros(batch, classes, height + 2, width + 2)
+    for n in range(9):
+        dy, dx = divmod(n, 3)  # neighbour (dy - 1, dx - 1) of the pixel's own token
+        share = torch.einsum("bijyx,bkyixj->bkyx", affinity[:, n], cells)
+        out[:, :, dy : dy + height, dx : dx + width] += share
+    return out[:, :, 1:-1, 1:-1]
+
+
+def token_labels(output, labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """(B, H, W) the majority class of each token's region (:func:`token_label_histogram`); ignore_index where the
+    region holds no labelled pixel."""
+    histogram = token_label_histogram(output, labels, num_classes, ignore_index)
+    counts, classes = histogram.max(1)
+    return torch.where(counts > 0, classes, torch.full_like(classes, ignore_index))

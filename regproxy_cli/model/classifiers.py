@@ -95,3 +95,11 @@ def get_classifier(name: str | ClassifierSpec) -> ClassifierSpec:
     if isinstance(name, ClassifierSpec):
         return name
     return load_plugin(CLASSIFIER_GROUP, "classifier", name, ClassifierSpec, "none (reinstall regproxy)")
+
+
+def label_levels(model: nn.Module) -> dict[str, tuple[list[str], torch.Tensor]]:
+    """The coarser label levels a model's classifier defines (HSSN: ``category``), as name -> (level class names,
+    class index -> level index); empty for a flat classifier or a model without one (an ONNX export)."""
+    classifier = getattr(model, "token_classifier", None)
+    levels = getattr(classifier, "levels", None)
+    return levels() if callable(levels) else {}

@@ -133,6 +133,11 @@ class Segmenter(nn.Module):
         """:meth:`grid_logits` of the whole batch in one call; what a model implements."""
         raise NotImplementedError
 
+    @property
+    def token_classifier(self) -> nn.Module:
+        """The classifier plugin's module (:mod:`~regproxy_cli.model.classifiers`)."""
+        return self.head.classifier if hasattr(self, "head") else self.classifier
+
     def forward(self, x: torch.Tensor, training_output: bool = False) -> torch.Tensor | TrainingOutput:
         """(B, K, H, W) class scores; with ``training_output`` what the losses read (a keyword, so DDP passes it)."""
         if training_output:
