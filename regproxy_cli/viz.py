@@ -23,7 +23,7 @@ from regproxy_cli.inference.predictor import device_of, normalise, working_size
 
 REGION_ALPHA = 0.4  # how strongly region colours tint the photo in region_map
 LINE_EVERY = 1000  # region lines are one pixel wide, plus one per this many pixels of the picture's longer side
-REGION_MODES = ("class", "token")
+REGION_MODES = ("class", "token", "prototype")
 
 
 def colorize(labels: np.ndarray, palette: Any) -> np.ndarray:
@@ -293,8 +293,8 @@ def region_map(
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must have shape (H, W, 3), got {image.shape}")
-    if by not in REGION_MODES:
-        raise ValueError(f"by must be one of {', '.join(REGION_MODES)}, got {by!r}")
+    if by not in ("class", "token"):
+        raise ValueError(f"by must be class or token, got {by!r}")
     out_size = image.shape[:2]
     owners = region_owners(affinity, stride, size or out_size, out_size)
     grid_w = np.shape(affinity)[-1]
@@ -320,6 +320,9 @@ def predict_regions(model: nn.Module, image: np.ndarray, *, scale: float = 1.0, 
         raise RegproxyError("--regions needs a RegProxy model; the linear baseline has no regions")
     if by not in REGION_MODES:
         raise RegproxyError(f"regions by must be one of {', '.join(REGION_MODES)}, got {by!r}")
+    if by == "prototype" and not hasattr(model.token_classifier, "nearest_prototype"):
+        raise RegproxyError(f"regions by prototype needs a model with prototypes (model.classifier: protoseg); this "
+                            f"one's classifier is {model.config.classifier}")
     config = model.config
     image = np.asarray(image)
     height, width_px = image.shape[:2]
@@ -329,5 +332,10 @@ def predict_regions(model: nn.Module, image: np.ndarray, *, scale: float = 1.0, 
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     output = model.forward_all(x)
     token_classes = output.token_logits[0].argmax(0).cpu().numpy()
+    palette = config.palette
+    if by == "prototype":  # regions in the shade of the prototype their token matched within its class
+        classifier = model.token_classifier
+        token_classes = classifier.nearest_prototype(output.tokens[0].permute(1, 2, 0)).cpu().numpy()
+        palette, by = classifier.prototype_palette(config.palette), "class"
     return region_map(image, output.affinity[0], model.backbone.stride, size=size, by=by, token_classes=token_classes,
-                      palette=config.palette, width=width)
+                      palette=palette, width=width)

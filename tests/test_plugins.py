@@ -133,3 +133,106 @@ def test_pip_installed_plugin_is_found_by_the_cli(tmp_path, monkeypatch):
     expected = sum(p.numel() for p in build_model(spec, 150, img_size=64).parameters())
     row = json.loads(counted.stdout)[0]
     assert row["backbone"] == "acme-pip" and row["params"] == expected
+
+
+HEAD_MODULE = textwrap.dedent(
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from regproxy_cli.engine.losses import LossSpec
+    from regproxy_cli.model.classifiers import ClassifierSpec
+
+
+    class CosineClassifier(nn.Module):
+        def __init__(self, width, num_classes, options):
+            super().__init__()
+            self.out_channels = num_classes
+            self.scale = options["scale"]
+            self.weight = nn.Parameter(torch.randn(num_classes, width) * 0.02)
+
+        def forward(self, tokens):
+            return self.scale * F.normalize(tokens, dim=-1) @ F.normalize(self.weight, dim=-1).t()
+
+        def class_scores(self, outputs):
+            return outputs
+
+
+    def options(given, classes):
+        return {"scale": float(given.get("scale", 10.0))}
+
+
+    class SmoothedCE:
+        def __init__(self, context):
+            self.context = context
+
+        def __call__(self, output, labels, iteration):
+            return F.cross_entropy(output.logits, labels, ignore_index=255, label_smoothing=0.1)
+
+
+    COSINE = ClassifierSpec(name="acme-cosine", title="cosine classifier", factory=CosineClassifier,
+                            resolve_options=options)
+    SMOOTH = LossSpec(name="acme-smooth", title="label-smoothed CE", factory=SmoothedCE)
+    """
+)
+
+
+def test_pip_installed_classifier_and_loss_train_save_and_reload_through_the_cli(tmp_path):
+    """A separate distribution registering a token classifier and a loss: listed, trained, saved, reloaded."""
+    project = tmp_path / "acme-head"
+    (project / "acme_head").mkdir(parents=True)
+    (project / "acme_head" / "__init__.py").write_text(HEAD_MODULE)
+    (project / "pyproject.toml").write_text(textwrap.dedent("""
+        [build-system]
+        requires = ["setuptools>=64"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "acme-head"
+        version = "0.1"
+        [project.entry-points."regproxy.classifiers"]
+        acme-cosine = "acme_head:COSINE"
+        [project.entry-points."regproxy.losses"]
+        acme-smooth = "acme_head:SMOOTH"
+    """))
+    target = tmp_path / "installed"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--no-build-isolation",
+         "--target", str(target), str(project)],
+        check=True, capture_output=True,
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]),
+           "COLUMNS": "200"}
+    listed = subprocess.run([sys.executable, "-m", "regproxy_cli", "plugins", "--json"], env=env,
+                            capture_output=True, text=True, check=True)
+    rows = {(r["kind"], r["name"]): r["distribution"] for r in json.loads(listed.stdout)}
+    assert rows[("classifier", "acme-cosine")] == rows[("loss", "acme-smooth")] == "acme-head"
+    assert rows[("classifier", "linear")] == rows[("loss", "hssn")] == "regproxy"
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({
+        "model": {"backbone": "tiny-vit", "pretrained": False, "classifier": "acme-cosine",
+                  "classifier_options": {"scale": 12}},
+        "data": {"kind": "synthetic", "root": str(tmp_path / "scenes"), "synthetic_train": 2, "synthetic_val": 1,
+                 "synthetic_size": 64, "crop": 64, "scale": [128, 64], "workers": 0},
+        "test": {"mode": "whole", "scale": None},
+        "optim": {"lr": 1e-3, "batch_size": 2, "iters": 2, "warmup_iters": 1},
+        "loss": {"kind": "acme-smooth"},
+        "run": {"out_dir": str(tmp_path / "run"), "eval_every": 2, "save_every": 2, "log_every": 1, "threads": 1},
+    }))
+    trained = subprocess.run([sys.executable, "-m", "regproxy_cli", "train", str(config)], env=env,
+                             capture_output=True, text=True, check=False)
+    assert trained.returncode == 0, trained.stderr
+    saved = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert saved["classifier"] == "acme-cosine" and saved["classifier_options"] == {"scale": 12.0}
+    evaluated = subprocess.run([sys.executable, "-m", "regproxy_cli", "eval", "--model", str(tmp_path / "run" / "final"),
+                                "--data", str(config), "--json"], env=env, capture_output=True, text=True,
+                               check=False)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert 0 <= json.loads(evaluated.stdout)["mIoU"] <= 100
+    # without the distribution the model names what is missing, in one line
+    env["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")
+    image = next((tmp_path / "scenes").rglob("*.png"))
+    missing = subprocess.run([sys.executable, "-m", "regproxy_cli", "predict", str(image), "--model",
+                              str(tmp_path / "run" / "final"), "--out", str(tmp_path / "out")],
+                             env=env, capture_output=True, text=True, check=False)
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert "unknown classifier 'acme-cosine'" in missing.stderr

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from regproxy_cli.cli import analyze as analyze_cli
-from regproxy_cli.cli import backbones, benchmark, convert, demo, export, flops, models, predict, push, train
+from regproxy_cli.cli import backbones, benchmark, convert, demo, export, flops, models, plugins, predict, push, train
 from regproxy_cli.cli import data as data_cli
 from regproxy_cli.cli import eval as eval_cli
 from regproxy_cli.cli.output import console, err_console, print_error
@@ -60,6 +60,7 @@ _register("convert", convert, convert.convert)
 _register("export", export, export.export)
 _register("flops", flops, flops.flops)
 _register("backbones", backbones, backbones.backbones)
+_register("plugins", plugins, plugins.plugins)
 _register("push", push, push.push)
 _register("benchmark", benchmark, benchmark.benchmark)
 app.add_typer(data_cli.app, name="data", help=_unwrap(data_cli.HELP), short_help=data_cli.SUMMARY)

@@ -99,10 +99,13 @@ class RegionsBy(str, Enum):
 
     cls = "class"
     token = "token"
+    prototype = "prototype"
 
 
-REGIONS_BY_HELP = ("Tint each region with its token's predicted class colour (class) or a colour per token (token); "
-                   "implies --regions.")
+REGIONS_BY_HELP = ("Tint each region with its token's predicted class colour (class), a colour per token (token) or "
+                   "the shade of the class prototype its token matched (prototype, a protoseg model); implies "
+                   "--regions.")
+PROTOTYPES_HELP = "Colour the learned regions by the prototype that painted them (a protoseg model); implies --regions."
 
 
 def predict(
@@ -114,6 +117,7 @@ def predict(
     tta: TtaOption = False,
     regions: Annotated[bool, typer.Option("--regions", help="Also draw the learned regions.")] = False,
     regions_by: Annotated[RegionsBy | None, typer.Option("--regions-by", help=REGIONS_BY_HELP)] = None,
+    prototypes: Annotated[bool, typer.Option("--prototypes", help=PROTOTYPES_HELP)] = False,
     confidence: Annotated[bool, typer.Option("--confidence", help=CONFIDENCE_HELP)] = False,
     save_probs: Annotated[bool, typer.Option("--save-probs", help=SAVE_PROBS_HELP)] = False,
     opacity: Annotated[float, typer.Option("--opacity", help=OPACITY_HELP)] = 0.5,
@@ -128,6 +132,11 @@ def predict(
     frames: Annotated[bool, typer.Option("--frames", help=FRAMES_HELP)] = False,
     every: Annotated[int, typer.Option("--every", min=1, help=EVERY_HELP)] = 1,
 ) -> None:
+    if prototypes:
+        if regions_by not in (None, RegionsBy.prototype):
+            raise RegproxyError(f"--prototypes colours regions by prototype; it cannot go with --regions-by "
+                                f"{regions_by.value}")
+        regions_by = RegionsBy.prototype
     if any(is_video(item) for item in inputs):  # .mp4/.mov/.avi/.mkv/.webm: regproxy_cli.cli.video
         image_only = {"--regions": regions or regions_by is not None, "--confidence": confidence,
                       "--save-probs": save_probs, "--format": bool(formats) and formats != [OutputFormat.png]}

@@ -114,9 +114,11 @@ def init_from(model: nn.Module, source: nn.Module, spec: str) -> InitReport:
     report = InitReport(source=spec)
     target_state, source_state = model.state_dict(), source.state_dict()
     classifier = classifier_prefix(model)
+    # linear classifiers keep rows by class name; other classifier plugins load like any tensor (if they fit)
+    by_rows = all(getattr(m.config, "classifier", "linear") == "linear" for m in (model, source))
     pos_names = {name for name in target_state if name.endswith("pos_embed")}
     for name, tensor in target_state.items():
-        if name.startswith(f"{classifier}."):
+        if by_rows and name.startswith(f"{classifier}."):
             continue  # row by row, below
         if name not in source_state:
             report.reinitialised.append((name, "not in the source"))
@@ -131,6 +133,8 @@ def init_from(model: nn.Module, source: nn.Module, spec: str) -> InitReport:
         else:
             report.reinitialised.append((name, f"shape {tuple(value.shape)} != {tuple(tensor.shape)}"))
 
+    if not by_rows:
+        return report
     source_index: dict[str, int] = {}
     for index, name in enumerate(source.config.classes):
         source_index.setdefault(class_key(name), index)
