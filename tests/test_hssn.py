@@ -278,3 +278,21 @@ def test_bad_hssn_loss_options_are_config_errors(tmp_path):
         load_config(_scenes_config(tmp_path), ["loss.options={margin: 1}"])
     with pytest.raises(RegproxyError, match="config key loss.options: hssn triplet_weight must be a number >= 0"):
         load_config(_scenes_config(tmp_path), ["loss.options={triplet_weight: -1}"])
+
+
+def test_init_from_a_linear_model_loads_the_backbone_and_starts_the_hierarchy_fresh():
+    from regproxy_cli.engine.finetune import init_from
+
+    source = build_model("tiny-vit", 5)
+    source.config.classes = list(CLASSES)
+    target = _hssn_model()
+    target.config.classes = list(CLASSES)
+    fresh = {k: v.clone() for k, v in target.state_dict().items()}
+    report = init_from(target, source, "source")
+    state, theirs = target.state_dict(), source.state_dict()
+    assert torch.equal(state["backbone.vit.pos_embed"], theirs["backbone.vit.pos_embed"])
+    assert torch.equal(state["head.affinity.out.weight"], theirs["head.affinity.out.weight"])
+    # 5 linear rows cannot fill 8 hierarchical ones: the classifier keeps its initialisation, and says so
+    assert torch.equal(state["head.classifier.weight"], fresh["head.classifier.weight"])
+    assert ("head.classifier.weight", "shape (5, 32) != (8, 32)") in report.reinitialised
+    assert report.kept_classes == []

@@ -22,7 +22,7 @@ LAYERS = {
     "inference": 3,
     "io": 4, "viz": 4, "plots": 4,
     "engine": 5, "web": 5,
-    "cli": 6,
+    "cli": 6, "plugins": 6,  # plugins: other papers' ideas, reached only through entry points (like a third party)
 }
 FACADE = {"regproxy_cli", "regproxy_cli.__main__"}  # the public API gathers from every layer
 

@@ -4,7 +4,7 @@ optional class weights, and the mmseg 0.17 normalisation (``loss.mean_over``) on
 Losses are plugins, like backbones and classifiers: any installed distribution may expose a :class:`LossSpec`
 under the ``regproxy.losses`` entry-point group, and ``loss.kind`` names it. The built-ins here register through
 this package's ``pyproject.toml``; HSSN's hierarchy loss and ProtoSeg's prototype losses live with their
-classifiers (:mod:`regproxy_cli.model.hssn`, :mod:`regproxy_cli.model.protoseg`). A loss reads the model's
+classifiers (:mod:`regproxy_cli.plugins.hssn`, :mod:`regproxy_cli.plugins.protoseg`). A loss reads the model's
 :class:`~regproxy_cli.model.regproxy.TrainingOutput` and the labels.
 
 ``mean_over`` is the same idea for every kind: ``"labelled"`` is the loss over the labelled pixels, and ``"all"``
