@@ -7,12 +7,20 @@ class-aware boundary F-score (2 px tolerance). Variants:
 - ``regproxy``: RegProxy h = w = 4 from scratch;
 - ``baseline``: the paper's linear baseline (a linear classifier on the final tokens, bilinear upsampling);
 - ``finetune``: RegProxy initialised from ``--init-from`` (by default the offline demo's model, trained on the
-  generated scenes): its backbone and head load, its 5-class classifier does not match CamVid's names.
+  generated scenes): its backbone and head load, its 5-class classifier does not match CamVid's names;
+- ``hssn`` and ``hssn-flat``: RegProxy with the HSSN classifier under ``configs/hierarchies/camvid.yaml``, trained
+  with the tree-min loss or with CE at each level only (``tree_min_weight: 0``); also scored per category;
+- ``protoseg``: RegProxy with ProtoSeg's classifier (10 prototypes per class, the authors' M) and loss.
+
+The default variants are the first three (issue 16's study); the plugin study is
+``--variants regproxy,hssn,hssn-flat,protoseg``.
 
     python bench/camvid.py [--seeds 3] [--iters 1000] [--variants regproxy,baseline,finetune]
 
 Runs go to ``runs/camvid/VARIANT-sSEED`` (git-ignored). A finished run is scored again, not retrained; an
-interrupted one resumes; delete the folder to retrain. CamVid itself (SegNet tutorial layout) is read from
+interrupted one resumes; delete the folder to retrain. A seed whose run folder is gone (a fresh machine) but which
+``--out`` already holds from an earlier study with the same config and iterations is kept from there, with the
+machine it ran on, so a study grows seed by seed across machines; ``--retrain`` ignores those rows. CamVid itself (SegNet tutorial layout) is read from
 ``data/CamVid``; see the README's *CamVid* section for where to get it.
 """
 
@@ -30,8 +38,17 @@ from common import REPO, machine, score_dataset
 from regproxy_cli.engine.config import load_config
 from regproxy_cli.engine.train import read_checkpoint, train
 from regproxy_cli.io.checkpoint import load_pretrained
+from regproxy_cli.model.classifiers import label_levels
 
-VARIANTS = ("regproxy", "baseline", "finetune")
+VARIANTS = ("regproxy", "baseline", "finetune", "hssn", "hssn-flat", "protoseg")
+DEFAULT_VARIANTS = VARIANTS[:3]
+HIERARCHY = REPO / "configs" / "hierarchies" / "camvid.yaml"
+PLUGIN_OVERRIDES = {
+    "hssn": ["model.classifier=hssn", f"model.classifier_options={{hierarchy: {HIERARCHY}}}", "loss.kind=hssn"],
+    "hssn-flat": ["model.classifier=hssn", f"model.classifier_options={{hierarchy: {HIERARCHY}}}", "loss.kind=hssn",
+                  "loss.options={tree_min_weight: 0}"],
+    "protoseg": ["model.classifier=protoseg", "model.classifier_options={prototypes: 10}", "loss.kind=protoseg"],
+}
 SPLITS = ("val", "test")
 
 
@@ -41,7 +58,7 @@ def overrides(variant: str, seed: int, iters: int, run_dir: Path, init_from: str
         return [*common, "model.baseline=true"]
     if variant == "finetune":
         return [*common, f"model.init_from={init_from}"]
-    return common
+    return [*common, *PLUGIN_OVERRIDES.get(variant, [])]
 
 
 def finished(run_dir: Path, iters: int) -> bool:
@@ -57,6 +74,31 @@ def train_variant(config_path: Path, variant: str, seed: int, iters: int, runs: 
         train(config, resume=(run_dir / "last.pt").is_file(), allow_config_change=True)
         (run_dir / "train_seconds.txt").write_text(f"{time.perf_counter() - started:.0f}\n")
     return run_dir
+
+
+def earlier_rows(out: Path, config_path: Path, iters: int) -> dict[tuple[str, int], dict]:
+    """Rows of an earlier study in ``out`` run with the same config file and iterations, by (variant, seed)."""
+    if not out.is_file():
+        return {}
+    earlier = json.loads(out.read_text())
+    config = str(config_path.relative_to(REPO) if config_path.is_relative_to(REPO) else config_path)
+    if earlier["setup"]["config"] != config or earlier["setup"]["iters"] != iters:
+        return {}
+    rows = {}
+    for row in earlier["runs"]:
+        row.setdefault("machine", earlier["setup"]["machine"])  # studies before per-row machines
+        rows[(row["variant"], row["seed"])] = row
+    return rows
+
+
+def category_scores(model, dataset) -> dict:
+    """A hierarchical model's category mIoU (its label levels, as ``regproxy eval`` reports them); {} otherwise."""
+    from regproxy_cli.engine.evaluate import evaluate
+
+    if not label_levels(model):
+        return {}
+    levels = evaluate(model, dataset, progress=False)["levels"]
+    return {f"{level}_mIoU": round(scores["mIoU"], 2) for level, scores in levels.items()}
 
 
 def mean_spread(values: list[float]) -> dict:
@@ -78,6 +120,8 @@ def summarise(rows: list[dict], classes: list[str]) -> dict:
                 per_class[name] = round(statistics.fmean(values), 2) if values else None
             summary[variant][split] = {"mIoU": mean_spread([s["mIoU"] for s in scored]),
                                        "BF": mean_spread([s["BF"] for s in scored]), "IoU": per_class}
+            if all("category_mIoU" in s for s in scored):  # hierarchical models: the coarser level too
+                summary[variant][split]["category_mIoU"] = mean_spread([s["category_mIoU"] for s in scored])
     return summary
 
 
@@ -100,10 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "camvid-cpu.yaml")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per variant")
     parser.add_argument("--iters", type=int, default=1000, help="training iterations per run (batch 8)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--init-from", default="runs/demo/best", help="the finetune variant's starting model")
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "camvid")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "camvid.json")
+    parser.add_argument("--retrain", action="store_true",
+                        help="do not keep rows of an earlier study in --out; train every seed here")
     parser.add_argument("--finished-only", action="store_true",
                         help="score the runs that have finished, train nothing (a study cut short by its budget)")
     args = parser.parse_args(argv)
@@ -117,16 +164,21 @@ def main(argv: list[str] | None = None) -> int:
     base = load_config(args.config)
     datasets = {split: base.data.open(split) for split in SPLITS}
     classes = list(datasets["val"].classes)
+    previous = {} if args.retrain else earlier_rows(args.out, args.config, args.iters)
     rows = []
     # seed-major: an interrupted study has every variant of the first seeds, not all seeds of the first variants
     for seed, variant in ((s, v) for s in range(args.seeds) for v in variants):
+        run_dir = args.runs / f"{variant}-s{seed}"
+        if not finished(run_dir, args.iters) and (variant, seed) in previous:
+            rows.append(previous[(variant, seed)])
+            print(f"{variant} seed {seed}: kept from {args.out.name} ({rows[-1]['machine']['cpu']})", file=sys.stderr)
+            continue
         if args.finished_only:
-            run_dir = args.runs / f"{variant}-s{seed}"
             if not finished(run_dir, args.iters):
                 continue
         else:
             run_dir = train_variant(args.config, variant, seed, args.iters, args.runs, args.init_from)
-        row = {"variant": variant, "seed": seed, "run": str(run_dir)}
+        row = {"variant": variant, "seed": seed, "run": str(run_dir), "machine": machine()}
         cached = run_dir / "scores.json"  # scoring a run takes minutes: done once per finished run
         if cached.is_file() and cached.stat().st_mtime >= (run_dir / "last.pt").stat().st_mtime:
             row.update({split: score for split, score in json.loads(cached.read_text()).items() if split in SPLITS})
@@ -134,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             model = load_pretrained(run_dir / "final").eval()
             for split, dataset in datasets.items():
                 row[split] = score_dataset(model, dataset, len(classes))
+                row[split].update(category_scores(model, dataset))
             cached.write_text(json.dumps({split: row[split] for split in SPLITS}) + "\n")
         seconds = run_dir / "train_seconds.txt"
         row["train_s"] = float(seconds.read_text()) if seconds.is_file() else None
