@@ -19,7 +19,7 @@ from regproxy_cli.model.flops import FlopCount
 
 runner = CliRunner()
 COMMANDS = ("train", "eval", "predict", "models", "convert", "export", "flops", "backbones", "benchmark", "push",
-            "demo", "data", "analyze")
+            "demo", "data", "analyze", "plugins")
 
 
 def test_top_level_help_lists_every_command_with_a_whole_summary():
@@ -212,6 +212,18 @@ def test_backbones_json_is_every_installed_spec():
     rows = json.loads(invoke("backbones", "--json").output)
     assert [r["name"] for r in rows] == list_backbones()
     assert all(r["stride"] == get_backbone(r["name"]).stride and r["m"] == get_backbone(r["name"]).m for r in rows)
+
+
+def test_plugins_lists_every_group_with_its_distribution():
+    rows = json.loads(invoke("plugins", "--json").output)
+    by_kind = {kind: {r["name"]: r for r in rows if r["kind"] == kind} for kind in ("backbone", "classifier", "loss")}
+    assert sorted(by_kind["backbone"]) == list_backbones()
+    assert {"linear", "hssn", "protoseg"} <= set(by_kind["classifier"])
+    assert {"ce", "focal", "dice", "ce+dice", "lovasz", "hssn", "protoseg"} <= set(by_kind["loss"])
+    assert by_kind["loss"]["hssn"]["needs_classifier"] == "hssn" and by_kind["loss"]["ce"]["needs_classifier"] is None
+    assert by_kind["classifier"]["linear"]["distribution"] == "regproxy"
+    table = runner.invoke(app, ["plugins"], env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "needs classifier protoseg" in table.output
 
 
 def test_every_command_is_registered_and_tested_here():
