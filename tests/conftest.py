@@ -1,9 +1,12 @@
 """Tiny backbone specs (2 blocks, width 32) so model tests run in seconds on 2 CPU cores."""
 
 import os
+import tempfile
 
 # Tests never touch the network. Set before huggingface_hub is imported: it reads this once.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# What regproxy measures about the machine (CPU kernel choices) goes to a folder of this run, not the user's cache.
+os.environ["REGPROXY_CACHE_DIR"] = tempfile.mkdtemp(prefix="regproxy-cache-")
 
 from functools import partial
 

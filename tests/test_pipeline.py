@@ -259,6 +259,7 @@ def test_benchmark_json_is_consistent(model_dir, monkeypatch, capsys, size, batc
         max(per_image))
     assert r["device"] == "cpu" and r["device_name"] and r["torch_version"] == torch.__version__
     assert r["max_memory_allocated"] is None and r["precision"] == "fp32" and r["backbone"] == "tiny-vit"
+    assert r["attention"] == "sdpa"  # fp32: timm's choice
 
 
 def test_benchmark_table(model_dir):

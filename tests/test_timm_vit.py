@@ -76,7 +76,9 @@ def test_padding_to_the_stride_is_zero_padding():
         torch.testing.assert_close(a, b)
 
 
-def test_cpu_bf16_autocast_uses_explicit_attention_and_fp32_restores_timms_choice():
+@pytest.mark.parametrize("kernel", ["explicit", "sdpa"])
+def test_cpu_bf16_autocast_runs_the_chosen_attention_and_fp32_restores_timms_choice(kernel, monkeypatch):
+    monkeypatch.setenv("REGPROXY_ATTENTION", kernel)  # what the measurement on this machine would pick
     torch.manual_seed(0)
     backbone = TINY_VIT.build().eval()
     attentions = [block.attn for block in backbone.vit.blocks]
@@ -91,6 +93,6 @@ def test_cpu_bf16_autocast_uses_explicit_attention_and_fp32_restores_timms_choic
             fast = backbone(x)[1]
         again = backbone(x)[1]
     n = len(attentions)
-    assert seen == timm_choice + [False] * n + timm_choice
+    assert seen == timm_choice + [kernel == "sdpa"] * n + timm_choice
     assert torch.equal(again, reference)
     assert (fast.float() - reference).abs().max() < 0.1 * reference.abs().max()  # bf16: ~3 significant digits

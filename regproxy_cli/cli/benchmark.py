@@ -72,3 +72,7 @@ def benchmark(
               if result.max_memory_allocated is not None else "")
     console.print(f"{result.device} ({result.device_name}), {result.threads} torch threads, torch "
                   f"{result.torch_version}; {result.warmup} warm-up + {result.iters} timed calls{memory}")
+    if result.attention is not None:
+        how = ("in CPU bf16 the faster of the two on this machine, measured once and cached, unless "
+               "REGPROXY_ATTENTION sets it" if result.precision == "bf16" and result.device == "cpu" else "timm's choice")
+        console.print(f"attention kernel: {result.attention} ({how})")

@@ -37,6 +37,7 @@ class BenchmarkResult:
     ms_per_image_max: float
     times_ms: list[float]
     max_memory_allocated: int | None  # bytes, CUDA only
+    attention: str | None  # the attention kernel the backbone ran: sdpa or explicit (measured on CPU bf16)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -97,6 +98,8 @@ def benchmark_labels(
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     with autocast(device, precision):
+        kernel = getattr(model.backbone, "attention_kernel", None)
+        attention = kernel(height, width) if kernel is not None else None
         for step in range(warmup + iters):
             _sync(device)
             start = time.perf_counter()
@@ -113,4 +116,5 @@ def benchmark_labels(
         ms_per_image_median=statistics.median(per_image), ms_per_image_min=min(per_image),
         ms_per_image_max=max(per_image), times_ms=[1000 * t for t in times],
         max_memory_allocated=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        attention=attention,
     )

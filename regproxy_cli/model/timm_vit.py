@@ -7,6 +7,9 @@ model's submodules), so a timm upgrade does not break it. Plugins for other timm
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import timm
 import torch
 import torch.nn.functional as F
@@ -16,6 +19,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from regproxy_cli.errors import RegproxyError
+from regproxy_cli.model.attention import cpu_bf16_attention
 
 
 class TimmViTBackbone(nn.Module):
@@ -45,6 +49,8 @@ class TimmViTBackbone(nn.Module):
         # timm's choice of fused (SDPA) attention per block, restored whenever CPU bf16 is not on
         self._attention = [(block.attn, block.attn.fused_attn) for block in vit.blocks
                            if hasattr(getattr(block, "attn", None), "fused_attn")]
+        self._linears = [module for module in vit.blocks.modules() if type(module) is nn.Linear]
+        self._bf16_copies: dict[tuple[int, str], tuple] = {}  # (linear, name) -> (weight, its state, bf16 copy)
 
     @property
     def cnn_stem(self) -> nn.Module | None:
@@ -60,19 +66,26 @@ class TimmViTBackbone(nn.Module):
             raise RegproxyError(f"position embedding has {n} patch rows, not {rows}x{cols}")
         return rows, cols
 
-    def _choose_attention(self, x: torch.Tensor) -> None:
-        """Under CPU bf16 autocast, use timm's explicit softmax(q k^T / sqrt(d)) v attention instead of SDPA.
+    def attention_kernel(self, height: int, width: int) -> str | None:
+        """The attention kernel a forward of a (height, width) input runs in the current autocast state.
 
-        PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32, while the explicit path's two products
-        run on the fast bf16 matmul: S/16 at 512^2 is then 1.6x faster than fp32 instead of 1.3x (bench/run.py,
-        fastpath). Elsewhere (fp32, GPUs) timm's own choice stands.
+        ``sdpa`` or ``explicit`` (None for a backbone without timm attention blocks). timm picks SDPA; under CPU bf16
+        autocast the kernel measured faster on this machine for this shape runs instead, since on some CPUs the
+        explicit softmax(q k^T / sqrt(d)) v is faster in bf16 and on others slower (:mod:`regproxy_cli.model.attention`).
+        Elsewhere (fp32, GPUs) timm's own choice stands.
         """
-        cpu_bf16 = x.device.type == "cpu" and _cpu_autocast_dtype() == torch.bfloat16
-        for attention, fused in self._attention:
-            attention.fused_attn = fused and not cpu_bf16
+        if not self._attention:
+            return None
+        attention, timm_fused = self._attention[0]
+        if self.vit.pos_embed.device.type == "cpu" and _cpu_autocast_dtype() == torch.bfloat16:
+            tokens = -(-height // self.stride) * -(-width // self.stride) + self.num_prefix_tokens
+            return cpu_bf16_attention(tokens, attention.num_heads, attention.head_dim)
+        return "sdpa" if timm_fused else "explicit"
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._choose_attention(x)
+        use_sdpa = self.attention_kernel(*x.shape[-2:]) == "sdpa"
+        for attention, timm_fused in self._attention:
+            attention.fused_attn = timm_fused and use_sdpa
         height, width = x.shape[-2:]
         pad_h, pad_w = -height % self.stride, -width % self.stride
         if pad_h or pad_w:
@@ -90,12 +103,43 @@ class TimmViTBackbone(nn.Module):
         x = self.vit.norm_pre(self.vit.patch_drop(self.vit.pos_drop(x)))
 
         tap = x
-        for index, block in enumerate(self.vit.blocks):
-            x = block(x)
-            if index + 1 == self.m:
-                tap = x
+        with self._linear_weights_in_bf16(x):
+            for index, block in enumerate(self.vit.blocks):
+                x = block(x)
+                if index + 1 == self.m:
+                    tap = x
         final = self.vit.norm(x)
         return self._to_grid(tap, gh, gw), self._to_grid(final, gh, gw)
+
+    @contextmanager
+    def _linear_weights_in_bf16(self, x: torch.Tensor) -> Iterator[None]:
+        """Under CPU bf16 autocast without gradients, the blocks' linear layers read bf16 copies of their weights.
+
+        Autocast would cast every weight to bf16 on every call (about 7% of S/16's bf16 time at 512^2); the copies
+        are the same values (a round-to-nearest cast either way), so outputs are bit-identical, and the residual
+        stream and LayerNorms stay float32 as under autocast. A copy is remade when its weight changed in place or
+        moved; each costs half the weight's memory. Training (gradients on) and other precisions read the weights.
+        """
+        if torch.is_grad_enabled() or x.device.type != "cpu" or _cpu_autocast_dtype() != torch.bfloat16:
+            yield
+            return
+        swapped = []
+        try:
+            for index, module in enumerate(self._linears):
+                for name, param in list(module._parameters.items()):
+                    if param is None or param.dtype != torch.float32:
+                        continue
+                    state = (param._version, param.data_ptr())
+                    cached = self._bf16_copies.get((index, name))
+                    if cached is None or cached[0] is not param or cached[1] != state:
+                        copy = nn.Parameter(param.detach().to(torch.bfloat16), requires_grad=False)
+                        cached = self._bf16_copies[(index, name)] = (param, state, copy)
+                    module._parameters[name] = cached[2]
+                    swapped.append((module, name, param))
+            yield
+        finally:
+            for module, name, param in swapped:
+                module._parameters[name] = param
 
     def _to_grid(self, tokens: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
         patches = tokens[:, self.num_prefix_tokens:]
