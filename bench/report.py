@@ -53,7 +53,8 @@ def headline(sections: dict) -> str:
             if r:
                 rows.append([_name(name), f"{r['ms']:.0f}", f"{r['images_per_s']:.2f}", f"{r['gmacs']:.1f}",
                              f"{r['gflops_per_s']:.0f}", f"{100 * r['of_matmul']:.0f}%"])
-        out.append(f"512², batch 1, fp32 CPU, image → label map (this machine's dense fp32 matmul: {rate:.0f} "
+        where = (sections["latency"].get("machine") or {}).get("cpu", "this machine")
+        out.append(f"512², batch 1, fp32 CPU, image → label map ({where}, dense fp32 matmul: {rate:.0f} "
                    "GFLOP/s):\n")
         out.append(_table(["model", "ms", "images/s", "true GMACs", "GFLOP/s", "of matmul"], rows))
         rp, sf, m2f = (lookup.get((n, 512, 1)) for n in ("regproxy-s16", "segformer-b1", "mask2former-swin-t"))
@@ -79,7 +80,10 @@ def headline(sections: dict) -> str:
     fast = sections.get("fastpath")
     if fast:
         best = max((n for n in fast["speedup"] if n in fast["agreement"]), key=lambda n: fast["speedup"][n])
-        out.append(f"\nFastest CPU path: **{best}**, {fast['speedup'][best]:.2f}× fp32 eager (S/16, 512², batch 1), "
+        latency_machine = (sections.get("latency") or {}).get("machine")
+        on = (f" on the {fast['machine']['cpu']} ({', '.join(fast['machine']['isa'])})"
+              if fast.get("machine") and fast["machine"] != latency_machine else "")
+        out.append(f"\nFastest CPU path{on}: **{best}**, {fast['speedup'][best]:.2f}× fp32 eager (S/16, 512², batch 1), "
                    f"label agreement {100 * fast['agreement'].get(best, float('nan')):.2f}% with fp32 on random "
                    "weights (a worst case: their top two logits are a few hundredths apart)")
         trained = sections.get("agreement")
@@ -148,11 +152,53 @@ def memory_md(s: dict) -> str:
 
 
 def fastpath_md(s: dict) -> str:
+    names = [n for n in s["ms"] if n in s["speedup"]]
     rows = [[n, f"{s['ms'][n]:.0f}", f"{s['speedup'][n]:.2f}×",
-             f"{100 * s['agreement'][n]:.2f}%" if n in s["agreement"] else "—"] for n in s["ms"]]
-    return (f"RegProxy-S/16, {s['size']}², batch 1, image → label map. Agreement: the fraction of pixels whose "
-            "label equals fp32 eager's on a generated scene.\n\n"
-            + _table(["path", "ms", "speed-up", "label agreement"], rows))
+             f"{100 * s['agreement'][n]:.2f}%" if n in s["agreement"] else "—"] for n in names]
+    out = (f"RegProxy-S/16, {s['size']}², batch 1, image → label map, on a generated scene. Agreement: the fraction "
+           "of pixels whose label equals fp32 eager's on another generated scene (random weights: a worst case).\n\n"
+           + _table(["path", "ms", "speed-up", "label agreement"], rows))
+    if "label_step_share" in s:
+        ms, share, rate = s["ms"], s["label_step_share"], s["matmul_gflops"]
+        achieved = 2 * s["gmacs"] / (ms["fp32 eager"] / 1e3)
+        out += (
+            f"\n\n- bf16 runs the **{s['attention_kernel']}** attention kernel here (measured the faster on this "
+            "machine; `REGPROXY_ATTENTION` forces one).\n"
+            f"- On noise (most output pixels on a label boundary): fp32 {ms['fp32 eager, noise']:.0f} ms, bf16 "
+            f"{ms['bf16 autocast, noise']:.0f} ms, **{s['speedup_noise']:.2f}×**.\n"
+            f"- The label step (150-class stride-4 scores → {s['size']}² labels): {ms['label step, scene']:.1f} ms on "
+            f"the scene ({100 * share['scene']:.0f}% of the bf16 call; resize then argmax: "
+            f"{ms['label step, scene, resize then argmax']:.1f} ms), {ms['label step, noise']:.1f} ms on noise "
+            f"({100 * share['noise']:.0f}%; resize then argmax: {ms['label step, noise, resize then argmax']:.1f} ms)."
+            f"\n- Dense 2048² matmul: fp32 {rate['fp32']:.0f} GFLOP/s, bf16 {rate['bf16']:.0f} GFLOP/s "
+            f"({rate['bf16'] / rate['fp32']:.1f}×). fp32 eager runs {s['gmacs']:.1f} true GMACs at {achieved:.0f} "
+            f"GFLOP/s, {100 * achieved / rate['fp32']:.0f}% of the fp32 matmul rate.")
+    return out
+
+
+def precision_md(s: dict) -> str:
+    rows = {(r["model"], r["precision"], r["batch"]): r for r in s["rows"]}
+    table = []
+    for batch in (1, 8):
+        for precision in ("fp32", "bf16"):
+            ours, peer = rows[("regproxy-s16", precision, batch)], rows[("segformer-b1", precision, batch)]
+            table.append([f"{ours['size']}², batch {batch}", precision, f"{ours['images_per_s']:.2f}",
+                          f"{peer['images_per_s']:.2f}", f"{ours['images_per_s'] / peer['images_per_s']:.2f}×"])
+    slide = {(r["model"], r["precision"]): r["ms"] for r in s["slide"]}
+    h, w = s["slide"][0]["image"]
+    for precision in ("fp32", "bf16"):
+        ours, peer = slide[("regproxy-s16", precision)], slide[("segformer-b1", precision)]
+        table.append([f"{w}×{h} sliding windows", precision, f"{1e3 / ours:.3f}", f"{1e3 / peer:.3f}",
+                      f"{peer / ours:.2f}×"])
+    speedups = [f"batch {b}: RegProxy {rows[('regproxy-s16', 'fp32', b)]['ms'] / rows[('regproxy-s16', 'bf16', b)]['ms']:.2f}×, "
+                f"SegFormer {rows[('segformer-b1', 'fp32', b)]['ms'] / rows[('segformer-b1', 'bf16', b)]['ms']:.2f}×"
+                for b in (1, 8)]
+    speedups.append(f"sliding windows: RegProxy {slide[('regproxy-s16', 'fp32')] / slide[('regproxy-s16', 'bf16')]:.2f}×, "
+                    f"SegFormer {slide[('segformer-b1', 'fp32')] / slide[('segformer-b1', 'bf16')]:.2f}×")
+    return ("Image → label map, images/s, in one process (random weights, 150 classes; windows "
+            f"{s['window']}² at stride {s['stride']}, 8 a pass):\n\n"
+            + _table(["input", "precision", "RegProxy-S/16", "SegFormer-B1", "RegProxy / SegFormer"], table)
+            + "\n\nbf16 over fp32: " + "; ".join(speedups) + ".")
 
 
 def agreement_md(s: dict) -> str:
@@ -166,8 +212,8 @@ def agreement_md(s: dict) -> str:
 def postprocess_md(s: dict) -> str:
     post = [[n, f"{v:.1f}"] for n, v in s["postprocess_ms"].items()]
     paint = [[n, f"{v:.2f}"] for n, v in s["paint_ms"].items()]
-    return (f"150-class logits at stride 4 ({s['grid'] * 4}²) → a {s['size']}² label map (bilinear resize + "
-            "argmax):\n\n" + _table(["layout", "ms"], post)
+    return (f"150-class logits at stride 4 ({s['grid'] * 4}²; independent noise per pixel, the worst case) → a "
+            f"{s['size']}² label map (bilinear resize + argmax):\n\n" + _table(["layout", "ms"], post)
             + f"\n\nPainting {s['grid']}×{s['grid']} tokens, 150 classes, 4×4 sub-pixels (max difference "
             f"{s['paint_max_abs_diff']:.1e}):\n\n" + _table(["formulation", "ms"], paint))
 
@@ -199,6 +245,7 @@ SECTION_TITLES = [
     ("slide", "Sliding-window inference", slide_md),
     ("memory", "Peak memory", memory_md),
     ("fastpath", "Fast CPU paths", fastpath_md),
+    ("precision", "fp32 and bf16 against SegFormer-B1", precision_md),
     ("agreement", "bf16 on trained models", agreement_md),
     ("postprocess", "Post-processing and painting", postprocess_md),
     ("train", "Training throughput", train_md),
@@ -207,16 +254,19 @@ SECTION_TITLES = [
 
 def write_report(results: dict, path: Path) -> None:
     m = results["machine"]
-    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     sections = results["sections"]
+    ms = [m] + [x for x in {json.dumps(s.get("machine") or m, sort_keys=True): s.get("machine") or m
+                            for s in sections.values()}.values() if x != m]  # each machine once, the last run's first
     parts = [
         "# Benchmarks",
         "",
         ("Regenerate: `pip install \".[bench]\" ./backbones && python bench/run.py` (every section, about 40 minutes "
         "on 2 CPU cores; `--sections overhead fastpath` for a part). Quality: `python bench/quality.py`."),
         "",
-        (f"Machine: {m['cpu']} ({', '.join(m['isa'])}), {m['cores']} cores, {m['torch_threads']} torch threads"
-        f"{', GPU ' + m['gpu'] if m['gpu'] else ', no GPU'}. {versions}."),
+        *[(f"Machine{' (the last run)' if i == 0 and len(ms) > 1 else ''}: {x['cpu']} ({', '.join(x['isa'])}), "
+           f"{x['cores']} cores, {x['torch_threads']} torch threads{', GPU ' + x['gpu'] if x['gpu'] else ', no GPU'}"
+           f". {', '.join(f'{k} {v}' for k, v in x['versions'].items())}." + ("" if i == 0 else
+           " Sections measured there say so under their tables.")) for i, x in enumerate(ms)],
         "",
         ("Random weights (speed does not depend on the values); every comparison is measured in one process with "
         "interleaved rounds, so ratios are the figures to trust; absolute times move with the machine."),
@@ -228,8 +278,10 @@ def write_report(results: dict, path: Path) -> None:
     for key, title, render in SECTION_TITLES:
         if key in sections:
             s = sections[key]
-            parts += ["", f"## {title}", "", render(s), "", (f"<sub>{s['device']}, {s['date']}, "
-                      f"{s['seconds']:.0f} s</sub>")]
+            ran_on = s.get("machine") or m
+            where = ", ".join([ran_on["cpu"], f"torch {ran_on['versions']['torch']}"] if ran_on != m else [])
+            parts += ["", f"## {title}", "", render(s), "", (f"<sub>{s['device']}, {where + ', ' if where else ''}"
+                      f"{s['date']}, {s['seconds']:.0f} s</sub>")]
     quality = REPO / "docs" / "quality.json"
     if quality.exists():
         parts += ["", "## Quality per cost (generated data)", "", quality_md(json.loads(quality.read_text()))]

@@ -17,6 +17,7 @@ Sections (each writes its rows into docs/benchmarks.json; the markdown is rebuil
 * ``agreement`` bf16 against fp32 labels on trained models: the demo RegProxy (``python bench/quality.py`` first)
                 and an S/16 trained here from scratch on the generated scenes (once, about 6 minutes)
 * ``postprocess`` logits -> label map and painting, formulations side by side
+* ``precision`` fp32 against bf16 for RegProxy-S/16 and SegFormer-B1: 512^2 at batch 1 and 8, and sliding windows
 * ``train``     training step throughput (images/s) at the paper's 512^2 crop
 * ``quality``   read from docs/quality.json (``python bench/quality.py`` trains the runs)
 
@@ -201,6 +202,39 @@ def section_slide(args, device) -> dict:
             "ms": {name: 1e3 * median(t) for name, t in times.items()}}
 
 
+def section_precision(args, device) -> dict:
+    """fp32 against bf16 autocast, RegProxy-S/16 against SegFormer-B1, in one process: 512^2 at batch 1 and 8, and
+    a 2048x1024 image through 512^2 sliding windows (stride 341, 8 windows a pass)."""
+    size = 128 if args.quick else 512
+    height, width, window, stride = (256, 512, 128, 85) if args.quick else (1024, 2048, 512, 341)
+    names = ["regproxy-s16", "segformer-b1"]
+    models = {name: build(name, device) for name in names}
+    precisions = ["fp32", "bf16"]
+    rows = []
+    for batch in (1, 8):
+        x = scenes(batch, size, device)
+        calls = {(n, p): labels_call(models[n], x, p) for n in names for p in precisions}
+        times = interleaved(calls, rounds=3 if args.quick or batch == 8 else 7, warmup=1, device=device)
+        rows += [{"model": n, "precision": p, "size": size, "batch": batch, "ms": 1e3 * median(times[(n, p)]),
+                  "images_per_s": batch / median(times[(n, p)])} for n, p in calls]
+        _progress(f"precision: batch {batch} done")
+    image = scenes(1, (height, width), device)
+
+    def sliding(model, precision):
+        def call():
+            with torch.inference_mode(), autocast(device, precision):
+                logits = slide_logits(model, image, num_classes=CLASSES, window=(window, window),
+                                      stride=(stride, stride), batch_size=8)
+            return logits.argmax(1)
+        return call
+
+    calls = {(n, p): sliding(models[n], p) for n in names for p in precisions}
+    times = interleaved(calls, rounds=2, warmup=1, device=device)
+    slide = [{"model": n, "precision": p, "image": [height, width], "ms": 1e3 * median(times[(n, p)])}
+             for n, p in calls]
+    return {"rows": rows, "slide": slide, "window": window, "stride": stride}
+
+
 def section_memory(args, device) -> dict:
     """Peak memory of one labelled forward per contender, each in a fresh process."""
     names = ["regproxy-t16", "linear-t16"] if args.quick else (
@@ -232,15 +266,26 @@ def memory_one(name: str, size: int, batch: int, device: torch.device) -> dict:
 
 
 def section_fastpath(args, device) -> dict:
-    """S/16 at 512^2, batch 1: fp32 eager against the fast paths, with label agreement against fp32."""
+    """S/16 at 512^2, batch 1: fp32 eager against the fast paths, with label agreement against fp32.
+
+    Also, on this machine: the dense fp32 and bf16 matmul rates, each attention kernel forced in bf16 (the default
+    runs the one measured faster here, regproxy_cli.model.attention), and the label step's share of the call on
+    a generated scene and on noise (noise: the worst case, most output pixels on a label boundary).
+    """
+    from regproxy_cli.model.resize import resize_argmax
+
     size = 256 if args.quick else 512
     model = build("regproxy-s16", device)
     image = scenes(1, size, device, seed=7)  # agreement on another scene than the timed one
     x = scenes(1, size, device)
+    noise = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     # path name -> (normalised batch -> label maps); each is timed on x and compared with fp32 eager on image
     paths = {"fp32 eager": lambda inputs: labels_call(model, inputs)()}
     for precision in ["bf16"] + (["fp16"] if device.type == "cuda" else []):
         paths[f"{precision} autocast"] = lambda inputs, precision=precision: labels_call(model, inputs, precision)()
+    if device.type == "cpu":
+        for kernel in ("sdpa", "explicit"):
+            paths[f"bf16 autocast, {kernel} attention"] = functools.partial(_forced_attention, model, kernel)
     with tempfile.TemporaryDirectory() as tmp:
         if device.type == "cpu":
             from regproxy_cli.io.export import export_onnx, onnx_session
@@ -257,12 +302,52 @@ def section_fastpath(args, device) -> dict:
             paths["torch.compile fp32 (backbone)"] = lambda inputs: labels_call(compiled, inputs)()
         calls = {name: functools.partial(run, x) for name, run in paths.items()}
         calls["fp32 eager, logits + argmax"] = logits_argmax_call(model, x)
+        # the label step alone, and the whole bf16 call, on a scene and on noise
+        grids = {}
+        for name, inputs in (("scene", x), ("noise", noise)):
+            with torch.inference_mode(), autocast(device, "bf16"):
+                grids[name] = model.grid_logits(inputs)[0].float()
+            calls[f"label step, {name}"] = functools.partial(resize_argmax, grids[name], (size, size))
+            calls[f"label step, {name}, resize then argmax"] = functools.partial(_resize_then_argmax, grids[name],
+                                                                                 size)
+        calls["fp32 eager, noise"] = labels_call(model, noise)
+        calls["bf16 autocast, noise"] = labels_call(model, noise, "bf16")
         times = interleaved(calls, rounds=5 if args.quick else 15, warmup=2, device=device)
         reference = paths["fp32 eager"](image)
         agreement = {name: _agree(run(image), reference) for name, run in paths.items() if name != "fp32 eager"}
-    fp32 = median(times["fp32 eager"])
-    return {"size": size, "ms": {n: 1e3 * median(t) for n, t in times.items()},
-            "speedup": {n: fp32 / median(t) for n, t in times.items()}, "agreement": agreement}
+    ms = {n: 1e3 * median(t) for n, t in times.items()}
+    fp32 = ms["fp32 eager"]
+    with torch.inference_mode(), autocast(device, "bf16"):
+        kernel = model.backbone.attention_kernel(size, size)
+    return {"size": size, "ms": ms, "speedup": {n: fp32 / v for n, v in ms.items() if not n.startswith("label step")
+                                                 and "noise" not in n},
+            "speedup_noise": ms["fp32 eager, noise"] / ms["bf16 autocast, noise"],
+            "label_step_share": {"scene": ms["label step, scene"] / ms["bf16 autocast"],
+                                 "noise": ms["label step, noise"] / ms["bf16 autocast, noise"]},
+            "agreement": agreement, "attention_kernel": kernel, "gmacs": true_gmacs("regproxy-s16", size),
+            "matmul_gflops": {"fp32": matmul_gflops(device=device),
+                              "bf16": matmul_gflops(dtype=torch.bfloat16, device=device)}}
+
+
+def _forced_attention(model: torch.nn.Module, kernel: str, inputs: torch.Tensor) -> torch.Tensor:
+    import os
+
+    from regproxy_cli.model.attention import ATTENTION_ENV
+
+    previous = os.environ.get(ATTENTION_ENV)
+    os.environ[ATTENTION_ENV] = kernel
+    try:
+        return labels_call(model, inputs, "bf16")()
+    finally:
+        os.environ.pop(ATTENTION_ENV) if previous is None else os.environ.__setitem__(ATTENTION_ENV, previous)
+
+
+def _resize_then_argmax(grid: torch.Tensor, size: int) -> torch.Tensor:
+    """The textbook label step: all K scores resized to the image, then argmax (the layout the model gives)."""
+    from regproxy_cli.model.resize import batch_of_one
+
+    with torch.inference_mode():
+        return F.interpolate(batch_of_one(grid), size=(size, size), mode="bilinear", align_corners=False)[0].argmax(0)
 
 
 def scenes(batch: int, size: int | tuple[int, int], device: torch.device, seed: int = 3) -> torch.Tensor:
@@ -288,6 +373,7 @@ def _agree(labels: torch.Tensor, reference: torch.Tensor) -> float:
 def section_postprocess(args, device) -> dict:
     """Stride-4 150-class logits -> a 512^2 label map, and the painting step, formulated several ways."""
     from regproxy_cli.model.ops import paint
+    from regproxy_cli.model.resize import resize_argmax
 
     size, grid, region = (256, 16, 4) if args.quick else (512, 32, 4)
     low = torch.randn(1, grid * region, grid * region, CLASSES, device=device)  # channels-last, as paint gives
@@ -302,6 +388,8 @@ def section_postprocess(args, device) -> dict:
             "NCHW contiguous": to_labels(nchw),
             "NCHW from a permuted tensor (.contiguous() first)": lambda: to_labels(strided.contiguous())(),
             "channels-last (RegProxy's layout)": to_labels(strided),
+            "resize_argmax: boundary cells, top-3 candidates (model.labels)": lambda: resize_argmax(strided[0],
+                                                                                                   (size, size)),
         }, rounds=5 if args.quick else 15, device=device)
         token_logits = torch.randn(1, grid, grid, CLASSES, device=device).permute(0, 3, 1, 2)
         affinity = torch.randn(1, NEIGHBOURS, region, region, grid, grid, device=device).softmax(1)
@@ -358,10 +446,12 @@ def section_agreement(args, device) -> dict:
     from regproxy_cli.io.zoo import load_model
 
     demo = REPO / "runs" / "quality" / "RegProxy_hw4" / "best"
-    if not demo.exists():
-        raise SystemExit(f"{demo} is missing: run `python bench/quality.py` first (it trains that model)")
     s16_name, s16_path = _scene_trained_s16(iters=10 if args.quick else 500)
-    models = {"ViT-Demo/8 RegProxy h=w=4 (bench/quality.py)": demo, s16_name: s16_path}
+    models = {s16_name: s16_path}
+    if demo.exists():
+        models["ViT-Demo/8 RegProxy h=w=4 (bench/quality.py)"] = demo
+    else:
+        _progress(f"agreement: {demo} is missing (`python bench/quality.py` trains it); S/16 only")
     count = 8 if args.quick else 50
     rows = []
     for name, path in models.items():
@@ -383,20 +473,20 @@ def section_agreement(args, device) -> dict:
 
 def _scene_trained_s16(iters: int) -> tuple[str, Path]:
     """RegProxy-S/16 trained from scratch on the demo's generated scenes (128^2 crops, batch 8), once."""
-    from quality import demo_config
+    from quality import run_config
 
     from regproxy_cli.engine.train import train
 
     run_dir = REPO / "runs" / "agreement" / f"s16_{iters}"
     if not (run_dir / "best").exists():
-        train(demo_config(run_dir, iters, ["model.backbone=s16"]), progress=False)
+        train(run_config(run_dir, iters, ["model.backbone=s16"]), progress=False)
     return f"RegProxy-S/16 trained from scratch on the scenes ({iters} iterations)", run_dir / "best"
 
 
 SECTIONS = {
     "overhead": section_overhead, "latency": section_latency, "slide": section_slide, "memory": section_memory,
     "fastpath": section_fastpath, "agreement": section_agreement, "postprocess": section_postprocess,
-    "train": section_train,
+    "train": section_train, "precision": section_precision,
 }
 
 
@@ -425,11 +515,14 @@ def main() -> None:
 
     out = args.out or (Path(tempfile.gettempdir()) / "regproxy-bench-quick.json" if args.quick else RESULTS)
     results = json.loads(out.read_text()) if out.exists() else {}
-    results["machine"] = machine()
     results.setdefault("sections", {})
+    for kept in results["sections"].values():  # sections from an earlier run keep the machine they ran on
+        kept.setdefault("machine", results.get("machine"))
+    results["machine"] = machine()
     def store(section: str, data: dict, seconds: float, partial: bool = False) -> None:
         results["sections"][section] = {**data, "device": str(device), "date": time.strftime("%Y-%m-%d"),
-                                        "seconds": seconds, **({"partial": True} if partial else {})}
+                                        "seconds": seconds, "machine": results["machine"],
+                                        **({"partial": True} if partial else {})}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
 
