@@ -193,9 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"{variant} seed {seed}: val mIoU {row['val']['mIoU']:.2f}, test mIoU {row['test']['mIoU']:.2f}",
               file=sys.stderr)
+    # an earlier study's rows this run did not touch (other variants, other seeds) stay in the study
+    done = {(row["variant"], row["seed"]) for row in rows}
+    rows += [row for key, row in sorted(previous.items()) if key not in done]
     summary = summarise(rows, classes)
     result = {"setup": {"config": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO)
-                                      else args.config), "iters": args.iters, "seeds": args.seeds,
+                                      else args.config), "iters": args.iters, "seeds": len({r["seed"] for r in rows}),
                         "batch_size": base.optim.batch_size, "crop": base.data.crop, "init_from": args.init_from,
                         "classes": classes, "images": {s: len(d) for s, d in datasets.items()},
                         "boundary_tolerance_px": 2, "machine": machine()},
