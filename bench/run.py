@@ -29,10 +29,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -330,16 +332,10 @@ def section_fastpath(args, device) -> dict:
 
 
 def _forced_attention(model: torch.nn.Module, kernel: str, inputs: torch.Tensor) -> torch.Tensor:
-    import os
-
     from regproxy_cli.model.attention import ATTENTION_ENV
 
-    previous = os.environ.get(ATTENTION_ENV)
-    os.environ[ATTENTION_ENV] = kernel
-    try:
+    with mock.patch.dict(os.environ, {ATTENTION_ENV: kernel}):
         return labels_call(model, inputs, "bf16")()
-    finally:
-        os.environ.pop(ATTENTION_ENV) if previous is None else os.environ.__setitem__(ATTENTION_ENV, previous)
 
 
 def _resize_then_argmax(grid: torch.Tensor, size: int) -> torch.Tensor:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -14,6 +12,7 @@ from torch import nn
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.inference.predictor import device_of
 from regproxy_cli.inference.runtime import autocast
+from regproxy_cli.model.attention import cpu_info
 
 
 @dataclass
@@ -47,13 +46,7 @@ def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU model (from /proc/cpuinfo where there is one)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or device.type
+    return cpu_info()[0] or device.type
 
 
 def _sync(device: torch.device) -> None:

@@ -39,21 +39,26 @@ def cache_dir() -> Path:
 
 
 @functools.cache  # read once per process: the forward asks on every CPU bf16 call
-def cpu_description() -> str:
-    """The CPU's model name and its matrix extensions (from /proc/cpuinfo where there is one)."""
-    name, extensions = platform.processor() or platform.machine(), []
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and feature flags (from /proc/cpuinfo where there is one; no flags elsewhere)."""
+    name, flags = platform.processor() or platform.machine(), frozenset()
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return name
+        return name, flags
     for line in info.splitlines():
         if line.startswith("model name"):
             name = line.split(":", 1)[1].strip()
         elif line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            extensions = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+            flags = frozenset(line.split(":", 1)[1].split())
             break
-    return " ".join([name, *extensions])
+    return name, flags
+
+
+def cpu_description() -> str:
+    """The CPU's model name and its matrix extensions, the part of the machine a kernel choice depends on."""
+    name, flags = cpu_info()
+    return " ".join([name, *(f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags)])
 
 
 def _key(tokens: int, heads: int, head_dim: int) -> str:

@@ -183,11 +183,11 @@ def _blend_all(pixels: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, c
     """Label the given output pixels by blending all K scores of their 4 source pixels, a bounded batch at a time."""
     (low_y, high_y, frac_y), (low_x, high_x, frac_x) = taps_y, taps_x
     step = max(1, CHUNK_ELEMENTS // (4 * pixels.shape[1]))
+    row = functools.partial(torch.index_select, pixels, 0)  # whole K-vectors: far faster than pixels[index]
     for begin in range(0, rows.numel(), step):
         r, c = rows[begin: begin + step], cols[begin: begin + step]
         ly, hy, lx, hx = low_y[r] * in_w, high_y[r] * in_w, low_x[c], high_x[c]
         weight_y = frac_y[r, None]
-        row = functools.partial(torch.index_select, pixels, 0)  # whole K-vectors: far faster than pixels[index]
         left = torch.lerp(row(ly + lx), row(hy + lx), weight_y)
         right = torch.lerp(row(ly + hx), row(hy + hx), weight_y)
         labels[r, c] = torch.lerp(left, right, frac_x[c, None]).argmax(1)

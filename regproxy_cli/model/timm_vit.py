@@ -77,7 +77,7 @@ class TimmViTBackbone(nn.Module):
         if not self._attention:
             return None
         attention, timm_fused = self._attention[0]
-        if self.vit.pos_embed.device.type == "cpu" and _cpu_autocast_dtype() == torch.bfloat16:
+        if _cpu_bf16(self.vit.pos_embed.device):
             tokens = -(-height // self.stride) * -(-width // self.stride) + self.num_prefix_tokens
             return cpu_bf16_attention(tokens, attention.num_heads, attention.head_dim)
         return "sdpa" if timm_fused else "explicit"
@@ -120,7 +120,7 @@ class TimmViTBackbone(nn.Module):
         stream and LayerNorms stay float32 as under autocast. A copy is remade when its weight changed in place or
         moved; each costs half the weight's memory. Training (gradients on) and other precisions read the weights.
         """
-        if torch.is_grad_enabled() or x.device.type != "cpu" or _cpu_autocast_dtype() != torch.bfloat16:
+        if torch.is_grad_enabled() or not _cpu_bf16(x.device):
             yield
             return
         swapped = []
@@ -144,6 +144,11 @@ class TimmViTBackbone(nn.Module):
     def _to_grid(self, tokens: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
         patches = tokens[:, self.num_prefix_tokens:]
         return patches.transpose(1, 2).reshape(tokens.shape[0], -1, gh, gw)
+
+
+def _cpu_bf16(device: torch.device) -> bool:
+    """Whether work on ``device`` runs under CPU bf16 autocast now."""
+    return device.type == "cpu" and _cpu_autocast_dtype() == torch.bfloat16
 
 
 def _cpu_autocast_dtype() -> torch.dtype | None:
