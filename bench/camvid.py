@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from common import REPO, machine, score_dataset
 
 from regproxy_cli.engine.config import load_config
@@ -52,8 +53,9 @@ PLUGIN_OVERRIDES = {
 SPLITS = ("val", "test")
 
 
-def overrides(variant: str, seed: int, iters: int, run_dir: Path, init_from: str) -> list[str]:
-    common = [f"run.seed={seed}", f"run.out_dir={run_dir}", f"optim.iters={iters}", f"run.eval_every={iters}"]
+def overrides(variant: str, seed: int, iters: int, run_dir: Path, init_from: str, threads: int | None = None) -> list[str]:
+    common = [f"run.seed={seed}", f"run.out_dir={run_dir}", f"optim.iters={iters}", f"run.eval_every={iters}",
+              *([f"run.threads={threads}"] if threads else [])]
     if variant == "baseline":
         return [*common, "model.baseline=true"]
     if variant == "finetune":
@@ -66,10 +68,11 @@ def finished(run_dir: Path, iters: int) -> bool:
     return (run_dir / "final").is_dir() and last.is_file() and read_checkpoint(last)["iteration"] >= iters
 
 
-def train_variant(config_path: Path, variant: str, seed: int, iters: int, runs: Path, init_from: str) -> Path:
+def train_variant(config_path: Path, variant: str, seed: int, iters: int, runs: Path, init_from: str,
+                  threads: int | None = None) -> Path:
     run_dir = runs / f"{variant}-s{seed}"
     if not finished(run_dir, iters):
-        config = load_config(config_path, overrides(variant, seed, iters, run_dir, init_from))
+        config = load_config(config_path, overrides(variant, seed, iters, run_dir, init_from, threads))
         started = time.perf_counter()
         train(config, resume=(run_dir / "last.pt").is_file(), allow_config_change=True)
         (run_dir / "train_seconds.txt").write_text(f"{time.perf_counter() - started:.0f}\n")
@@ -129,13 +132,16 @@ def markdown(summary: dict, classes: list[str], split: str) -> str:
     def cell(stat: dict) -> str:
         return f"{stat['mean']:.2f} ± {stat['sd']:.2f}" if stat["sd"] is not None else f"{stat['mean']:.2f}"
 
-    head = "| variant | seeds | mIoU | boundary F | " + " | ".join(classes) + " |\n"
-    head += "|---" * (4 + len(classes)) + "|\n"
+    levels = any("category_mIoU" in by_split[split] for by_split in summary.values())  # a hierarchical variant ran
+    head = "| variant | seeds | mIoU | " + ("category mIoU | " if levels else "") + "boundary F | "
+    head += " | ".join(classes) + " |\n" + "|---" * (4 + levels + len(classes)) + "|\n"
     lines = []
     for variant, by_split in summary.items():
         s = by_split[split]
         ious = " | ".join("–" if s["IoU"][c] is None else f"{s['IoU'][c]:.1f}" for c in classes)
-        lines.append(f"| {variant} | {len(s['mIoU']['values'])} | {cell(s['mIoU'])} | {cell(s['BF'])} | {ious} |\n")
+        category = (f"{cell(s['category_mIoU'])} | " if "category_mIoU" in s else "– | ") if levels else ""
+        lines.append(f"| {variant} | {len(s['mIoU']['values'])} | {cell(s['mIoU'])} | {category}{cell(s['BF'])} | "
+                     f"{ious} |\n")
     return head + "".join(lines)
 
 
@@ -151,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "camvid.json")
     parser.add_argument("--retrain", action="store_true",
                         help="do not keep rows of an earlier study in --out; train every seed here")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 when another study shares the machine")
     parser.add_argument("--finished-only", action="store_true",
                         help="score the runs that have finished, train nothing (a study cut short by its budget)")
     args = parser.parse_args(argv)
@@ -161,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     if "finetune" in variants and not Path(args.init_from).exists():
         parser.error(f"--init-from {args.init_from} does not exist: run `regproxy train configs/demo.yaml` first")
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     base = load_config(args.config)
     datasets = {split: base.data.open(split) for split in SPLITS}
     classes = list(datasets["val"].classes)
@@ -177,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             if not finished(run_dir, args.iters):
                 continue
         else:
-            run_dir = train_variant(args.config, variant, seed, args.iters, args.runs, args.init_from)
+            run_dir = train_variant(args.config, variant, seed, args.iters, args.runs, args.init_from, args.threads)
         row = {"variant": variant, "seed": seed, "run": str(run_dir), "machine": machine()}
         cached = run_dir / "scores.json"  # scoring a run takes minutes: done once per finished run
         if cached.is_file() and cached.stat().st_mtime >= (run_dir / "last.pt").stat().st_mtime:
