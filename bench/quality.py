@@ -21,7 +21,8 @@ paired difference from the baseline of the same seed.
 
     python bench/quality.py [--seeds 3] [--generators scenes,streets] [--iters 600] [--threads 1] [--out F]
 
-Run outputs go to ``runs/quality/`` (git-ignored; replaced run by run), generated data to ``data/quality-*``. The
+Run outputs go to ``runs/quality/`` (git-ignored; replaced run by run), generated data to ``data/quality-*``
+(``--data-dir``). The
 JSON is rewritten after every run, so an interrupted study keeps what it finished.
 """
 
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
 import sys
@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import machine
 
 from regproxy_cli.data.streets import object_recall, read_sidecar, recall_by_width
 from regproxy_cli.engine.config import TrainConfig, load_config
@@ -50,6 +51,7 @@ from regproxy_cli.model.flops import count_flops
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = ROOT / "configs" / "demo.yaml"
+DATA_DIR = ROOT / "data"  # generated scenes, git-ignored
 VARIANTS = [  # (name, baseline, region_res)
     ("linear baseline", True, 4),
     ("RegProxy h=w=1", False, 1),
@@ -69,16 +71,18 @@ TOLERANCE_PX = 2
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def data_root(generator: str, train_images: int, val_images: int, size: int) -> Path:
+def data_root(generator: str, train_images: int, val_images: int, size: int, parent: Path = DATA_DIR) -> Path:
     """Where a generator's scenes live: one folder per generator and size, so runs of any setting can share it."""
-    return ROOT / "data" / f"quality-{generator}-{train_images}-{val_images}-{size}"
+    return parent / f"quality-{generator}-{train_images}-{val_images}-{size}"
 
 
-def data_overrides(generator: str, train_images: int, val_images: int, size: int) -> list[str]:
-    """``--set`` overrides that point configs/demo.yaml at a generator's scenes."""
+def data_overrides(generator: str, train_images: int, val_images: int, size: int,
+                   parent: Path = DATA_DIR) -> list[str]:
+    """``--set`` overrides that point configs/demo.yaml at a generator's scenes (generated under ``parent``)."""
+    root = data_root(generator, train_images, val_images, size, parent)
     return [f"data.synthetic_generator={generator}", f"data.synthetic_train={train_images}",
             f"data.synthetic_val={val_images}", f"data.synthetic_size={size}", f"data.crop={size}",
-            f"data.scale=[{2 * size}, {size}]", f"data.root={data_root(generator, train_images, val_images, size)}"]
+            f"data.scale=[{2 * size}, {size}]", f"data.root={root}"]
 
 
 def run_config(run_dir: Path, iters: int, overrides: list[str], base: Path = BASE_CONFIG) -> TrainConfig:
@@ -133,7 +137,7 @@ def score(model: torch.nn.Module, dataset, num_classes: int, sidecars: Path | No
 def run_variant(generator: str, seed: int, name: str, baseline: bool, region_res: int, args, dataset) -> dict:
     run_dir = args.runs / generator / f"seed{seed}" / name.replace(" ", "_").replace("=", "")
     config = run_config(run_dir, args.iters, [
-        *data_overrides(generator, args.train_images, args.val_images, args.size),
+        *data_overrides(generator, args.train_images, args.val_images, args.size, args.data_dir),
         f"model.baseline={str(baseline).lower()}", f"model.region_res={region_res}", f"run.seed={seed}",
         *([f"run.threads={args.threads}"] if args.threads else []),
     ])
@@ -263,6 +267,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke test: 5 iterations, 1 seed, 16 training and 4 validation scenes of 64 px")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "quality", help="where the runs are written")
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="where the generated scenes are written")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 is much faster on a machine shared with other jobs")
@@ -282,6 +287,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it (the JSON is committed), else as given."""
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
 def write_json(path: Path, result: dict) -> None:
     """``result`` as indented JSON, atomically (a reader never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -295,18 +305,19 @@ def main(argv: list[str] | None = None) -> int:
     base = load_config(BASE_CONFIG)
     datasets, classes, setups = {}, {}, {}
     for generator in args.generators:
-        config = load_config(BASE_CONFIG, data_overrides(generator, args.train_images, args.val_images, args.size))
+        config = load_config(BASE_CONFIG, data_overrides(generator, args.train_images, args.val_images, args.size,
+                                                         args.data_dir))
         datasets[generator] = config.data.open(config.data.val_split)  # generates the scenes once
         classes[generator] = list(datasets[generator].classes)
         setups[generator] = {"classes": classes[generator], "thin_classes": list(THIN_CLASSES[generator]),
-                             "data_root": str(Path(config.data.root).relative_to(ROOT))}
+                             "data_root": _shown(Path(config.data.root))}
     setup = {"config": "configs/demo.yaml", "backbone": base.model.backbone, "pretrained": False,
              "iters": args.iters, "batch_size": base.optim.batch_size, "seeds": seeds,
              "seed_sets": "run.seed: initial weights and data order; the scenes are the same for every seed",
              "train_images": args.train_images, "val_images": args.val_images, "image_size": args.size,
              "boundary_tolerance_px": TOLERANCE_PX, "gmacs_input": f"{args.size}x{args.size}",
              "generators": setups, "variants": args.variants, "torch": torch.__version__,
-             "threads": args.threads or torch.get_num_threads(), "machine": platform.machine(),
+             "threads": args.threads or torch.get_num_threads(), "machine": machine(),
              "quick": args.quick}
     started = time.perf_counter()
     runs: list[dict] = []

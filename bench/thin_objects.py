@@ -11,7 +11,8 @@ Two subcommands:
   scenes) and analyses each. Every variant is a list of ``--set``-style overrides; ``--axis KEY=V1,V2,..``
   varies one key, one axis at a time around the base (``--grid`` crosses them all). Default axes: tap depth M
   (``model.m``), region resolution h = w (``model.region_res``), token stride 8 against 16 (``model.backbone``
-  demo8 / demo16) and training length (``optim.iters``); the linear baseline is one more row.
+  demo8 / demo16) and training length (``optim.iters``); the linear baseline is trained at the base and at each
+  backbone and length of those axes, so every comparison with it is at equal budget.
 
 ``demo16`` is ViT-Demo/8's twin with 16 px patches (same width, depth, heads and M). Unless a plugin of that name is
 installed, this script registers it for its own process only (models trained with it reload only here).
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from quality import BASE_CONFIG, ROOT, data_overrides, run_config, score, spread, train_fresh, write_json
+from quality import BASE_CONFIG, DATA_DIR, ROOT, data_overrides, run_config, score, spread, train_fresh, write_json
 
 from regproxy_cli.data.open import open_dataset
 from regproxy_cli.data.streets import STREET_CLASSES, WIDTH_BINS, decode_runs, read_sidecar, width_bin
@@ -52,6 +53,7 @@ VIT_DEMO16 = BackboneSpec(
 )
 DEFAULT_AXES = ["model.m=0,1,2,3,4", "model.region_res=1,2,4,8", "model.backbone=demo8,demo16",
                 "optim.iters=300,600,1200,2400"]
+BASELINE_AXES = ("model.backbone", "optim.iters")  # axes the linear baseline is trained along too
 THIN_KINDS = ("pole", "sign")
 LN9 = float(np.log(9))
 
@@ -73,7 +75,8 @@ def register_demo16() -> None:
     load_pretrained() alike; nothing is installed and nothing outlives the process.
     """
     if "demo16" not in plugins.list_backbones():
-        plugins._discover()["demo16"] = ("bench/thin_objects.py", _InProcessEntryPoint(VIT_DEMO16))
+        found = plugins.discover(plugins.ENTRY_POINT_GROUP, "backbone")  # the cached dict every lookup reads
+        found["demo16"] = ("bench/thin_objects.py", _InProcessEntryPoint(VIT_DEMO16))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -167,7 +170,8 @@ def parse_axis(text: str) -> tuple[str, list[str]]:
 
 def variants(axes: list[tuple[str, list[str]]], base_values: dict[str, str], grid: bool,
              baseline: bool) -> list[tuple[str, list[str]]]:
-    """(name, overrides) of every variant: the base, then one axis at a time (or the full grid), then the baseline.
+    """(name, overrides) of every variant: the base, then one axis at a time (or the full grid), then the baseline
+    (again at every value of a backbone or training-length axis, so each RegProxy row has its equal-budget twin).
 
     A value equal to the base's is the base itself and is not trained twice.
     """
@@ -180,8 +184,10 @@ def variants(axes: list[tuple[str, list[str]]], base_values: dict[str, str], gri
     else:
         for key, values in axes:
             found += [(f"{key}={v}", [f"{key}={v}"]) for v in values if base_values.get(key) != v]
-    if baseline:
+    if baseline:  # the baseline has no head, so M and h = w mean nothing to it; backbone and length do
         found.append(("linear baseline", ["model.baseline=true"]))
+        found += [(f"linear baseline, {key}={v}", ["model.baseline=true", f"{key}={v}"])
+                  for key, values in axes if key in BASELINE_AXES for v in values if base_values.get(key) != v]
     return found
 
 
@@ -241,7 +247,7 @@ def markdown(entries: list[dict]) -> str:
 
 def sweep(args: argparse.Namespace) -> int:
     register_demo16()
-    data = data_overrides("streets", args.train_images, args.val_images, args.size)
+    data = data_overrides("streets", args.train_images, args.val_images, args.size, args.data_dir)
     base_config = run_config(args.runs / "_base", args.iters, [*data, *args.set], base=args.config)
     dataset = base_config.data.open(base_config.data.val_split)
     sidecars = Path(base_config.data.root) / "instances" / base_config.data.val_split
@@ -287,7 +293,8 @@ def analyse_command(args: argparse.Namespace) -> int:
         root = args.data_root
         dataset = open_dataset("folder", root, "val")
     else:
-        config = load_config(BASE_CONFIG, data_overrides("streets", args.train_images, args.val_images, args.size))
+        config = load_config(BASE_CONFIG, data_overrides("streets", args.train_images, args.val_images, args.size,
+                                                         args.data_dir))
         root = Path(config.data.root)
         dataset = config.data.open(config.data.val_split)
     result = analyse(model, dataset, Path(root) / "instances" / "val")
@@ -313,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--val-images", type=int, default=50, help="generated validation street scenes")
     common.add_argument("--size", type=int, default=128, help="scene side in px (also the training crop)")
     common.add_argument("--runs", type=Path, default=ROOT / "runs" / "thin_objects", help="where runs are written")
+    common.add_argument("--data-dir", type=Path, default=DATA_DIR, help="where the generated scenes are written")
 
     one = commands.add_parser("analyse", parents=[common], help="analyse one trained model")
     one.add_argument("--model", type=Path, required=True, help="a model directory (a run's best/)")
