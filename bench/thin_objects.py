@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 import time
 from functools import partial
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import machine
 from quality import BASE_CONFIG, DATA_DIR, ROOT, data_overrides, run_config, score, spread, train_fresh, write_json
 
 from regproxy_cli.data.open import open_dataset
@@ -245,6 +247,19 @@ def markdown(entries: list[dict]) -> str:
             "entropy as % of ln 9 on pole/sign pixels, other class-edge pixels and the rest\n\n" + "\n".join(lines) + "\n")
 
 
+STUDY_KEYS = ("config", "set", "data", "iters", "train_images", "val_images", "image_size")  # what makes runs comparable
+
+
+def earlier_runs(out: Path, setup: dict) -> list[dict]:
+    """The runs in ``out`` of a sweep with the same base (config, overrides, data, length); [] for any other."""
+    if not out.is_file():
+        return []
+    earlier = json.loads(out.read_text())
+    if any(earlier["setup"].get(key) != setup[key] for key in STUDY_KEYS):
+        return []
+    return earlier["runs"]
+
+
 def sweep(args: argparse.Namespace) -> int:
     register_demo16()
     data = data_overrides("streets", args.train_images, args.val_images, args.size, args.data_dir)
@@ -259,12 +274,18 @@ def sweep(args: argparse.Namespace) -> int:
     todo = variants(axes, base_values, args.grid, not args.no_baseline)
     print(f"{len(todo)} variants x {args.seeds} seeds: {', '.join(name for name, _ in todo)}", file=sys.stderr)
     started = time.perf_counter()
-    runs: list[dict] = []
     setup = {"config": str(args.config), "set": args.set, "data": data, "iters": args.iters,
              "axes": [f"{k}={','.join(v)}" for k, v in axes], "grid": args.grid, "base_values": base_values,
              "train_images": args.train_images, "val_images": args.val_images, "image_size": args.size,
-             "torch": torch.__version__, "threads": args.threads or torch.get_num_threads()}
-    for seed in range(args.first_seed, args.first_seed + args.seeds):
+             "torch": torch.__version__, "threads": args.threads or torch.get_num_threads(), "machine": machine()}
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    retrained = {(name, seed) for name, _ in todo for seed in seeds}
+    earlier = [] if args.fresh else earlier_runs(args.out, setup)
+    runs = [r for r in earlier if (r["variant"], r["seed"]) not in retrained]  # a study grows seed by seed
+    if runs:
+        print(f"keeping {len(runs)} runs of the same study from {args.out}", file=sys.stderr)
+        setup["axes"] = list(dict.fromkeys([*json.loads(args.out.read_text())["setup"]["axes"], *setup["axes"]]))
+    for seed in seeds:
         for name, overrides in todo:
             iters = iterations(overrides, args.iters)
             run_dir = args.runs / f"seed{seed}" / name.replace(", ", "+").replace("=", "-").replace(" ", "_")
@@ -312,6 +333,83 @@ def analyse_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Figure
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _length_series(runs: list[dict], baseline: bool) -> dict[int, list[dict]]:
+    """The runs of the base setting that differ only in length (RegProxy's or the baseline's): iterations -> runs
+    (one per seed)."""
+    base, prefix = ("linear baseline", "linear baseline, optim.iters=") if baseline else ("base", "optim.iters=")
+    series: dict[int, list[dict]] = {}
+    for run in runs:
+        if run["variant"] == base or run["variant"].startswith(prefix):
+            series.setdefault(run["iters"], []).append(run)
+    return dict(sorted(series.items()))
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def plot(args: argparse.Namespace) -> int:
+    """One PNG: pole recall by width over the quality study's seeds, and mIoU, pole IoU and affinity entropy
+    against training length from a sweep with an ``optim.iters`` axis (mean ± sd over its seeds)."""
+    from regproxy_cli.plots import _figure, _save
+
+    quality = json.loads(args.quality.read_text())
+    sweep_runs = json.loads(args.sweep.read_text())["runs"]
+    figure = _figure(15, 4.2)
+    recall_axes, length_axes, entropy_axes = figure.subplots(1, 3)
+
+    entries = {e["model"]: e for e in quality["summary"]["streets"]}
+    for name, colour in (("linear baseline", "tab:grey"), ("RegProxy h=w=4", "tab:red"), ("RegProxy h=w=1", "tab:blue")):
+        if name not in entries:
+            continue
+        bins = entries[name]["object_recall"]["pole"]  # signs: none found by any model at this budget
+        labels = list(bins)
+        means = [bins[b]["mean_recall"]["mean"] for b in labels]
+        sds = [bins[b]["mean_recall"]["sd"] or 0.0 for b in labels]
+        recall_axes.errorbar(range(len(labels)), means, yerr=sds, marker="o", capsize=3, color=colour, label=name)
+    counts = entries["linear baseline"]["object_recall"]["pole"]
+    recall_axes.set_xticks(range(len(counts)), [f"{b}\n({counts[b]['objects']})" for b in counts])
+    recall_axes.set(xlabel="pole width, px (poles)", ylabel="mean per-pole recall, %",
+                    title=f"streets, 600 iterations: poles found ({len(quality['setup']['seeds'])} seeds)")
+    recall_axes.legend(fontsize=8)
+
+    pole = STREET_CLASSES.index("pole")
+    seeds = set()
+    for baseline, colour, label in ((False, "tab:red", "RegProxy h=w=4"), (True, "tab:grey", "linear baseline")):
+        series = _length_series(sweep_runs, baseline)
+        iters = list(series)
+        seeds |= {len(group) for group in series.values()}
+        for get, marker, style, what in ((lambda r: r["mIoU"], "o", "-", "mIoU"),
+                                         (lambda r: r["IoU"][pole], "s", "--", "pole IoU")):
+            stats = [_mean_sd([get(r) for r in group]) for group in series.values()]
+            length_axes.errorbar(iters, [m for m, _ in stats], yerr=[sd for _, sd in stats], marker=marker, ls=style,
+                                 capsize=3, color=colour, label=f"{label}: {what}")
+        if not baseline:
+            for key, style in (("thin", "-"), ("boundary", "--"), ("interior", ":")):
+                stats = [_mean_sd([100 * r["affinity_entropy"][key]["of_ln9"] for r in group])
+                         for group in series.values()]
+                entropy_axes.errorbar(iters, [m for m, _ in stats], yerr=[sd for _, sd in stats], marker="o", ls=style,
+                                      capsize=3, color=colour,
+                                      label={"thin": "pole and sign pixels", "boundary": "other class edges"}.get(key, key))
+    lengths = sorted({r["iters"] for group in _length_series(sweep_runs, False).values() for r in group})
+    for axes in (length_axes, entropy_axes):
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(lengths, [str(n) for n in lengths])
+        axes.set_xlabel("training iterations (batch 8)")
+    shown = "-".join(str(n) for n in sorted(seeds)) + (" seed" if seeds == {1} else " seeds")
+    length_axes.set(ylabel="%", title=f"streets: training length ({shown}, mean ± sd)")
+    length_axes.legend(fontsize=8)
+    entropy_axes.set(ylabel="affinity entropy, % of ln 9", title="RegProxy's affinities (100% = uniform)")
+    entropy_axes.legend(fontsize=8)
+    print(f"wrote {_save(figure, args.out)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -342,7 +440,16 @@ def main(argv: list[str] | None = None) -> int:
     many.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
     many.add_argument("--no-progress", action="store_true", help="no progress bars")
     many.add_argument("--out", type=Path, default=ROOT / "docs" / "thin_objects.json", help="JSON result file")
+    many.add_argument("--fresh", action="store_true",
+                      help="drop the runs already in --out (by default a sweep with the same base keeps those it "
+                           "does not retrain, so seeds and axes can be added run by run)")
+    figure = commands.add_parser("plot", help="draw the quality study's recall by width and a length sweep")
+    figure.add_argument("--quality", type=Path, default=ROOT / "docs" / "quality.json", help="bench/quality.py's JSON")
+    figure.add_argument("--sweep", type=Path, default=ROOT / "docs" / "thin_objects.json", help="a sweep's JSON")
+    figure.add_argument("--out", type=Path, default=ROOT / "docs" / "thin_objects.png", help="the PNG to write")
     args = parser.parse_args(argv)
+    if args.command == "plot":
+        return plot(args)
     if args.size < 32 or min(args.train_images, args.val_images) < 1:
         parser.error("--size must be at least 32, --train-images and --val-images positive")
     try:

@@ -13,6 +13,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 TOY = ["--threads", "1", "--no-progress"]
+TOY_SCENES = ["--train-images", "12", "--val-images", "3", "--size", "64"]
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -22,16 +23,22 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.fixture(scope="module")
+def quality(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("quality")
+    out = root / "quality.json"
+    _run("quality.py", "--iters", "4", *TOY_SCENES, "--seeds", "2", "--variants", "linear baseline,RegProxy h=w=4",
+         *TOY, "--out", str(out), "--runs", str(root / "runs"), "--data-dir", str(root / "data"))
+    return out
+
+
 @pytest.mark.slow
-def test_quality_study_covers_both_generators_with_paired_differences(tmp_path: Path) -> None:
-    out = tmp_path / "quality.json"
-    _run("quality.py", "--iters", "4", "--train-images", "12", "--val-images", "3", "--size", "64", "--seeds", "2", "--variants", "linear baseline,RegProxy h=w=4", *TOY,
-         "--out", str(out), "--runs", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"))
-    result = json.loads(out.read_text())
+def test_quality_study_covers_both_generators_with_paired_differences(quality: Path) -> None:
+    result = json.loads(quality.read_text())
     assert sorted({(r["generator"], r["seed"], r["model"]) for r in result["runs"]}) == sorted(
         (g, s, m) for g in ("scenes", "streets") for s in (0, 1) for m in ("linear baseline", "RegProxy h=w=4"))
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["quality-scenes-12-3-64",
-                                                                     "quality-streets-12-3-64"]
+    assert sorted(p.name for p in (quality.parent / "data").iterdir()) == ["quality-scenes-12-3-64",
+                                                                           "quality-streets-12-3-64"]
     for generator, entries in result["summary"].items():
         baseline, regproxy = entries
         assert baseline["model"] == "linear baseline" and "delta_vs_baseline" not in baseline
@@ -45,11 +52,11 @@ def test_quality_study_covers_both_generators_with_paired_differences(tmp_path: 
 
 
 @pytest.mark.slow
-def test_thin_object_sweep_trains_the_baseline_at_each_length_and_backbone(tmp_path: Path) -> None:
-    out = tmp_path / "thin.json"
-    _run("thin_objects.py", "sweep", "--iters", "4", "--train-images", "12", "--val-images", "3", "--size", "64",
-         "--axis", "optim.iters=4,6", "--axis", "model.backbone=demo8,demo16", *TOY, "--out", str(out),
-         "--runs", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"))
+def test_thin_object_sweep_pairs_the_baseline_grows_by_seed_and_plots(quality: Path, tmp_path: Path) -> None:
+    out, common = tmp_path / "thin.json", [*TOY_SCENES, *TOY, "--runs", str(tmp_path / "runs"),
+                                           "--data-dir", str(quality.parent / "data")]
+    _run("thin_objects.py", "sweep", "--iters", "4", "--axis", "optim.iters=4,6", "--axis",
+         "model.backbone=demo8,demo16", "--out", str(out), *common)
     result = json.loads(out.read_text())
     by_name = {r["variant"]: r for r in result["runs"]}
     assert list(by_name) == ["base", "optim.iters=6", "model.backbone=demo16", "linear baseline",
@@ -62,3 +69,17 @@ def test_thin_object_sweep_trains_the_baseline_at_each_length_and_backbone(tmp_p
             assert entropy is None and run["region_res"] is None
         else:  # entropy over 9 neighbours: between 0 and ln 9
             assert all(0 <= entropy[k]["of_ln9"] <= 1 for k in ("thin", "boundary", "interior"))
+
+    # a second seed of one axis joins the study; seed 0's runs (the backbone axis too) stay
+    _run("thin_objects.py", "sweep", "--iters", "4", "--axis", "optim.iters=4,6", "--first-seed", "1", "--out",
+         str(out), *common)
+    grown = json.loads(out.read_text())
+    assert sorted((r["variant"], r["seed"]) for r in grown["runs"]) == sorted(
+        [(name, 0) for name in by_name] + [(name, 1) for name in ("base", "optim.iters=6", "linear baseline",
+                                                                  "linear baseline, optim.iters=6")])
+    assert [r for r in grown["runs"] if r["seed"] == 0] == result["runs"]
+    assert next(e for e in grown["summary"] if e["variant"] == "base")["seeds"] == [0, 1]
+
+    picture = tmp_path / "thin.png"
+    _run("thin_objects.py", "plot", "--quality", str(quality), "--sweep", str(out), "--out", str(picture))
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
