@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import REPO, machine, score_dataset
+from common import REPO, machine, repo_relative, score_dataset
 
 from regproxy_cli.engine.config import load_config
 from regproxy_cli.engine.train import read_checkpoint, train
@@ -84,8 +84,7 @@ def earlier_rows(out: Path, config_path: Path, iters: int) -> dict[tuple[str, in
     if not out.is_file():
         return {}
     earlier = json.loads(out.read_text())
-    config = str(config_path.relative_to(REPO) if config_path.is_relative_to(REPO) else config_path)
-    if earlier["setup"]["config"] != config or earlier["setup"]["iters"] != iters:
+    if earlier["setup"]["config"] != repo_relative(config_path) or earlier["setup"]["iters"] != iters:
         return {}
     rows = {}
     for row in earlier["runs"]:
@@ -207,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     done = {(row["variant"], row["seed"]) for row in rows}
     rows += [row for key, row in sorted(previous.items()) if key not in done]
     summary = summarise(rows, classes)
-    result = {"setup": {"config": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO)
-                                      else args.config), "iters": args.iters, "seeds": len({r["seed"] for r in rows}),
+    result = {"setup": {"config": repo_relative(args.config), "iters": args.iters, "seeds": len({r["seed"] for r in rows}),
                         "batch_size": base.optim.batch_size, "crop": base.data.crop, "init_from": args.init_from,
                         "classes": classes, "images": {s: len(d) for s, d in datasets.items()},
                         "boundary_tolerance_px": 2, "machine": machine()},

@@ -24,6 +24,11 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 
 
+def repo_relative(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (results JSON is committed), else as given."""
+    return str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
+
+
 def machine() -> dict:
     """CPU model, cores, threads and library versions, for the report's header."""
     cpu = platform.processor() or platform.machine()

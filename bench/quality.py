@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import machine
+from common import machine, repo_relative
 
 from regproxy_cli.data.streets import object_recall, read_sidecar, recall_by_width
 from regproxy_cli.engine.config import TrainConfig, load_config
@@ -287,11 +287,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _shown(path: Path) -> str:
-    """``path`` relative to the repository when it is inside it (the JSON is committed), else as given."""
-    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
-
-
 def write_json(path: Path, result: dict) -> None:
     """``result`` as indented JSON, atomically (a reader never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -310,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         datasets[generator] = config.data.open(config.data.val_split)  # generates the scenes once
         classes[generator] = list(datasets[generator].classes)
         setups[generator] = {"classes": classes[generator], "thin_classes": list(THIN_CLASSES[generator]),
-                             "data_root": _shown(Path(config.data.root))}
+                             "data_root": repo_relative(Path(config.data.root))}
     setup = {"config": "configs/demo.yaml", "backbone": base.model.backbone, "pretrained": False,
              "iters": args.iters, "batch_size": base.optim.batch_size, "seeds": seeds,
              "seed_sets": "run.seed: initial weights and data order; the scenes are the same for every seed",

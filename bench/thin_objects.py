@@ -250,14 +250,12 @@ def markdown(entries: list[dict]) -> str:
 STUDY_KEYS = ("config", "set", "data", "iters", "train_images", "val_images", "image_size")  # what makes runs comparable
 
 
-def earlier_runs(out: Path, setup: dict) -> list[dict]:
-    """The runs in ``out`` of a sweep with the same base (config, overrides, data, length); [] for any other."""
+def earlier_study(out: Path, setup: dict) -> dict | None:
+    """The sweep in ``out`` if it had the same base (config, overrides, data, length); None for any other."""
     if not out.is_file():
-        return []
+        return None
     earlier = json.loads(out.read_text())
-    if any(earlier["setup"].get(key) != setup[key] for key in STUDY_KEYS):
-        return []
-    return earlier["runs"]
+    return earlier if all(earlier["setup"].get(key) == setup[key] for key in STUDY_KEYS) else None
 
 
 def sweep(args: argparse.Namespace) -> int:
@@ -280,11 +278,11 @@ def sweep(args: argparse.Namespace) -> int:
              "torch": torch.__version__, "threads": args.threads or torch.get_num_threads(), "machine": machine()}
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     retrained = {(name, seed) for name, _ in todo for seed in seeds}
-    earlier = [] if args.fresh else earlier_runs(args.out, setup)
-    runs = [r for r in earlier if (r["variant"], r["seed"]) not in retrained]  # a study grows seed by seed
-    if runs:
+    earlier = None if args.fresh else earlier_study(args.out, setup)
+    runs = [r for r in earlier["runs"] if (r["variant"], r["seed"]) not in retrained] if earlier else []
+    if runs:  # a study grows seed by seed
         print(f"keeping {len(runs)} runs of the same study from {args.out}", file=sys.stderr)
-        setup["axes"] = list(dict.fromkeys([*json.loads(args.out.read_text())["setup"]["axes"], *setup["axes"]]))
+        setup["axes"] = list(dict.fromkeys([*earlier["setup"]["axes"], *setup["axes"]]))
     for seed in seeds:
         for name, overrides in todo:
             iters = iterations(overrides, args.iters)
@@ -350,7 +348,9 @@ def _length_series(runs: list[dict], baseline: bool) -> dict[int, list[dict]]:
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    """:func:`quality.spread`'s mean and sd, the sd 0 for a single seed (an error bar of nothing)."""
+    stats = spread(values)
+    return stats["mean"], stats["sd"] or 0.0
 
 
 def plot(args: argparse.Namespace) -> int:
@@ -379,11 +379,12 @@ def plot(args: argparse.Namespace) -> int:
     recall_axes.legend(fontsize=8)
 
     pole = STREET_CLASSES.index("pole")
-    seeds = set()
+    seed_counts = set()
+    regproxy_series = _length_series(sweep_runs, False)
     for baseline, colour, label in ((False, "tab:red", "RegProxy h=w=4"), (True, "tab:grey", "linear baseline")):
-        series = _length_series(sweep_runs, baseline)
+        series = _length_series(sweep_runs, True) if baseline else regproxy_series
         iters = list(series)
-        seeds |= {len(group) for group in series.values()}
+        seed_counts |= {len(group) for group in series.values()}
         for get, marker, style, what in ((lambda r: r["mIoU"], "o", "-", "mIoU"),
                                          (lambda r: r["IoU"][pole], "s", "--", "pole IoU")):
             stats = [_mean_sd([get(r) for r in group]) for group in series.values()]
@@ -396,12 +397,12 @@ def plot(args: argparse.Namespace) -> int:
                 entropy_axes.errorbar(iters, [m for m, _ in stats], yerr=[sd for _, sd in stats], marker="o", ls=style,
                                       capsize=3, color=colour,
                                       label={"thin": "pole and sign pixels", "boundary": "other class edges"}.get(key, key))
-    lengths = sorted({r["iters"] for group in _length_series(sweep_runs, False).values() for r in group})
+    lengths = list(regproxy_series)
     for axes in (length_axes, entropy_axes):
         axes.set_xscale("log", base=2)
         axes.set_xticks(lengths, [str(n) for n in lengths])
         axes.set_xlabel("training iterations (batch 8)")
-    shown = "-".join(str(n) for n in sorted(seeds)) + (" seed" if seeds == {1} else " seeds")
+    shown = "-".join(str(n) for n in sorted(seed_counts)) + (" seed" if seed_counts == {1} else " seeds")
     length_axes.set(ylabel="%", title=f"streets: training length ({shown}, mean ± sd)")
     length_axes.legend(fontsize=8)
     entropy_axes.set(ylabel="affinity entropy, % of ln 9", title="RegProxy's affinities (100% = uniform)")
