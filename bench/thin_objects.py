@@ -356,11 +356,11 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 def plot(args: argparse.Namespace) -> int:
     """One PNG: pole recall by width over the quality study's seeds, and mIoU, pole IoU and affinity entropy
     against training length from a sweep with an ``optim.iters`` axis (mean ± sd over its seeds)."""
-    from regproxy_cli.plots import _figure, _save
+    from regproxy_cli.plots import new_figure, save_figure
 
     quality = json.loads(args.quality.read_text())
     sweep_runs = json.loads(args.sweep.read_text())["runs"]
-    figure = _figure(15, 4.2)
+    figure = new_figure(15, 4.2)
     recall_axes, length_axes, entropy_axes = figure.subplots(1, 3)
 
     entries = {e["model"]: e for e in quality["summary"]["streets"]}
@@ -407,7 +407,7 @@ def plot(args: argparse.Namespace) -> int:
     length_axes.legend(fontsize=8)
     entropy_axes.set(ylabel="affinity entropy, % of ln 9", title="RegProxy's affinities (100% = uniform)")
     entropy_axes.legend(fontsize=8)
-    print(f"wrote {_save(figure, args.out)}")
+    print(f"wrote {save_figure(figure, args.out)}")
     return 0
 
 

@@ -33,8 +33,8 @@ def require_matplotlib(what: str = "plots") -> None:
         raise RegproxyError(f"{what} need matplotlib: {INSTALL_HINT}") from None
 
 
-def _figure(width: float, height: float) -> Any:
-    """A matplotlib Figure on an Agg canvas (no pyplot: nothing global, nothing to close)."""
+def new_figure(width: float, height: float) -> Any:
+    """A matplotlib Figure on an Agg canvas (no pyplot: nothing global, nothing to close), for :func:`save_figure`."""
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -44,7 +44,8 @@ def _figure(width: float, height: float) -> Any:
     return figure
 
 
-def _save(figure: Any, path: str | os.PathLike) -> Path:
+def save_figure(figure: Any, path: str | os.PathLike) -> Path:
+    """Write ``figure`` as a PNG at ``path``, atomically; returns the path."""
     path = Path(path)
     # format= because the temporary file's suffix is .tmp, not .png
     write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight"))
@@ -91,7 +92,7 @@ def confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: str | os.
     names = [classes[i] for i in shown]
     n = len(shown)
     side = max(5.0, 0.32 * n + 2.5)
-    figure = _figure(side + 1.2, side)
+    figure = new_figure(side + 1.2, side)
     axes = figure.add_subplot()
     image = axes.imshow(values, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="fraction of the ground-truth class's pixels")
@@ -108,7 +109,7 @@ def confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: str | os.
                 if values[row, col] >= 0.005:
                     axes.text(col, row, f"{100 * values[row, col]:.0f}", ha="center", va="center", fontsize=8,
                               color="white" if values[row, col] > 0.5 else "black")
-    _save(figure, path)
+    save_figure(figure, path)
     return shown.tolist()
 
 
@@ -125,7 +126,7 @@ def class_bars(values: Sequence[float | None], classes: Sequence[str], path: str
         raise ValueError(f"{len(scores)} values for {len(classes)} classes")
     drawn = [int(i) for i in np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable") if not np.isnan(scores[i])]
     absent = len(classes) - len(drawn)
-    figure = _figure(8.0, max(2.5, 0.2 * len(drawn) + 1.5))
+    figure = new_figure(8.0, max(2.5, 0.2 * len(drawn) + 1.5))
     axes = figure.add_subplot()
     positions = np.arange(len(drawn))
     axes.barh(positions, scores[drawn], color="#4c72b0", height=0.75)
@@ -141,7 +142,7 @@ def class_bars(values: Sequence[float | None], classes: Sequence[str], path: str
     for position, index in zip(positions, drawn):
         axes.text(scores[index] + 0.5, position, f"{scores[index]:.1f}", va="center", fontsize=7)
     axes.set_title(title + (f" ({absent} classes absent from ground truth and prediction)" if absent else ""))
-    _save(figure, path)
+    save_figure(figure, path)
     return drawn
 
 
@@ -155,7 +156,7 @@ def image_strip(panels: Sequence[np.ndarray], titles: Sequence[str], path: str |
         raise ValueError("one title per panel, at least one panel")
     height, width = np.asarray(panels[0]).shape[:2]
     panel_height = panel_width * height / width
-    figure = _figure(panel_width * len(panels), panel_height + (0.7 if caption else 0.35))
+    figure = new_figure(panel_width * len(panels), panel_height + (0.7 if caption else 0.35))
     for slot, (panel, title) in enumerate(zip(panels, titles), start=1):
         axes = figure.add_subplot(1, len(panels), slot)
         axes.imshow(np.asarray(panel), interpolation="nearest")
@@ -163,7 +164,7 @@ def image_strip(panels: Sequence[np.ndarray], titles: Sequence[str], path: str |
         axes.set_axis_off()
     if caption:
         figure.suptitle(caption, fontsize=10)
-    _save(figure, path)
+    save_figure(figure, path)
     return Path(path)
 
 
@@ -189,7 +190,7 @@ def histogram(values: Sequence[float] | np.ndarray, path: str | os.PathLike, *, 
     keep = ~np.isnan(values)
     weights_kept = None if weights is None else np.asarray(weights, dtype=np.float64).ravel()[keep]
     counts, edges = np.histogram(values[keep], bins=bins, range=value_range, weights=weights_kept)
-    figure = _figure(6.4, 4.0)
+    figure = new_figure(6.4, 4.0)
     axes = figure.add_subplot()
     axes.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#4c72b0", edgecolor="white",
              linewidth=0.5)
@@ -198,7 +199,7 @@ def histogram(values: Sequence[float] | np.ndarray, path: str | os.PathLike, *, 
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.set_title(title)
-    _save(figure, path)
+    save_figure(figure, path)
     return counts, edges
 
 
@@ -220,7 +221,7 @@ def distributions(series: dict[str, np.ndarray], path: str | os.PathLike, *, val
                   title: str = "", xlabel: str = "") -> Path:
     """Density curves (Gaussian KDE, as the paper's Fig. 6) of several samples on one axis, with their counts and
     means in the legend."""
-    figure = _figure(6.4, 4.0)
+    figure = new_figure(6.4, 4.0)
     axes = figure.add_subplot()
     grid = np.linspace(value_range[0], value_range[1], 256)
     for (name, values), colour in zip(series.items(), ("#c44e52", "#4c72b0", "#55a868", "#8172b2")):
@@ -238,7 +239,7 @@ def distributions(series: dict[str, np.ndarray], path: str | os.PathLike, *, val
     axes.set_ylabel("density")
     axes.set_title(title)
     axes.legend(loc="upper right", fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def flops_scatter(points: Sequence[dict], path: str | os.PathLike, *, log_x: bool = False,
@@ -253,7 +254,7 @@ def flops_scatter(points: Sequence[dict], path: str | os.PathLike, *, log_x: boo
     """
     if not points:
         raise ValueError("nothing to plot")
-    figure = _figure(7.5, 5.0)
+    figure = new_figure(7.5, 5.0)
     axes = figure.add_subplot()
     markers = ["o", "s", "^", "D", "v", "P", "X"]
     groups = list(dict.fromkeys(p["group"] for p in points))
@@ -272,7 +273,7 @@ def flops_scatter(points: Sequence[dict], path: str | os.PathLike, *, log_x: boo
     axes.margins(x=0.12, y=0.08)  # room for the labels of the outermost points
     axes.legend(loc="lower right", fontsize=8)
     _label_points(axes, [(p["gflops"], p["miou"], p["label"]) for p in points])
-    _save(figure, path)
+    save_figure(figure, path)
     return Path(path)
 
 

@@ -1,10 +1,13 @@
 """Correct under torchrun: collectives on the backend's device, sharded evaluation equal to one process's, and each
 training sample seen once per epoch across ranks, in the order the seed fixes."""
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import textwrap
+import weakref
 
 import numpy as np
 import pytest
@@ -58,6 +61,57 @@ def test_without_a_process_group_sums_are_the_tensor_itself():
     tensor = torch.arange(4)
     assert distributed.all_reduce_sum(tensor) is tensor
     assert distributed.rank_world() == (0, 1)
+
+
+def test_tensors_handed_to_the_backend_are_held_until_the_group_is_destroyed(monkeypatch):
+    """torch 2.4's gloo may free a finished collective's tensors on its worker thread, which deadlocks against
+    destroy_process_group if Python no longer holds them: so the package holds them, one buffer per shape."""
+    handed = []
+    monkeypatch.setattr(distributed.dist, "is_available", lambda: True)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda tensor: handed.append(weakref.ref(tensor)))
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: pytest.fail("dist.barrier's gloo work holds earlier ones"))
+    monkeypatch.setattr(distributed, "_buffers", {})
+    with torch.inference_mode():  # evaluation sums under inference mode, training outside it: one buffer serves both
+        first = distributed.all_reduce_sum(torch.arange(3.0))
+    second = distributed.all_reduce_sum(torch.ones(3))
+    assert first.tolist() == [0.0, 1.0, 2.0] and second.tolist() == [1.0, 1.0, 1.0]
+    distributed.barrier()
+    assert len(handed) == 3 and handed[0]() is handed[1]()  # bounded over a long run: one buffer per shape
+    del first, second
+    gc.collect()
+    assert all(ref() is not None for ref in handed)
+    monkeypatch.setattr(distributed, "_started_here", [True])
+    destroyed = []
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: destroyed.append(len(distributed._buffers)))
+    distributed.shutdown()
+    gc.collect()
+    assert destroyed == [2] and all(ref() is None for ref in handed)  # held through the destroy, released after
+
+
+def test_objects_of_every_process_are_gathered_in_rank_order(tmp_path):
+    """Two gloo processes with pickles of different lengths; without a group, the one value."""
+    assert distributed.all_gather_objects({"a": 1}) == [{"a": 1}]
+    script = tmp_path / "gather.py"
+    script.write_text(textwrap.dedent("""
+        import json, sys, numpy as np, torch.distributed as dist
+        from regproxy_cli.engine.distributed import all_gather_objects
+        rank = int(sys.argv[1])
+        dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
+        value = {"rank": rank, "rows": np.full((rank + 1, 300), rank, dtype=np.uint8)}
+        gathered = all_gather_objects(value)
+        dist.destroy_process_group()
+        print(json.dumps([[g["rank"], g["rows"].shape[0], int(g["rows"].sum())] for g in gathered]))
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    processes = [subprocess.Popen([sys.executable, str(script), str(rank), str(tmp_path / "rendezvous")], env=env,
+                                  stdout=subprocess.PIPE, text=True) for rank in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0]
+    assert [json.loads(out) for out in outputs] == [[[0, 1, 0], [1, 2, 600]]] * 2
 
 
 def test_setup_runtime_in_one_process_starts_no_group(monkeypatch):

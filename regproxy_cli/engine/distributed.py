@@ -2,13 +2,16 @@
 
 ``torchrun`` sets RANK, WORLD_SIZE and LOCAL_RANK; with more than one process a process group is started (NCCL on
 GPUs, gloo on CPUs). Collectives take tensors on the backend's device: NCCL refuses CPU tensors, so sums go through
-:func:`all_reduce_sum`, which moves them there.
+:func:`all_reduce_sum`, which moves them there. Every collective of the package is that sum (a barrier is a sum of
+zeros, a gather a sum of rows that are zero but one's own), so the buffers the backend sees are all held here.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -16,6 +19,11 @@ import torch.distributed as dist
 from regproxy_cli.inference.runtime import resolve_device
 
 _started_here: list[bool] = []  # whether setup_runtime started the process group (shutdown ends only that one)
+# The tensors handed to the backend, one per (shape, dtype, device), held until the group is destroyed. torch 2.4's
+# gloo frees a finished collective's tensors on its worker thread, late when a gloo barrier still holds a weak
+# reference to it; freeing a tensor Python no longer holds needs the GIL, while destroy_process_group holds the GIL
+# and joins that thread: a deadlock (3 of about 25 two-process evaluations). A tensor held here is never freed there.
+_buffers: dict[tuple, torch.Tensor] = {}
 
 
 @dataclass
@@ -71,22 +79,48 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """
     if not (dist.is_available() and dist.is_initialized()):
         return tensor
-    on_backend = tensor.to(collective_device(), copy=True)
-    dist.all_reduce(on_backend)
-    return on_backend
+    device = collective_device()
+    key = (tuple(tensor.shape), tensor.dtype, device)
+    with torch.inference_mode(False), torch.no_grad():  # a buffer made under inference mode could not be reused
+        buffer = _buffers.get(key)
+        if buffer is None:
+            buffer = _buffers[key] = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+        buffer.copy_(tensor)
+        dist.all_reduce(buffer)
+        return buffer.clone()
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    """Every process's ``value`` (picklable), in rank order; ``[value]`` without a process group.
+
+    Every process must call it. The pickles travel as rows of one byte matrix, each process filling its own row.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    rank, world = rank_world()
+    payload = torch.frombuffer(bytearray(pickle.dumps(value)), dtype=torch.uint8)
+    sizes = torch.zeros(world, dtype=torch.int64)
+    sizes[rank] = payload.numel()
+    sizes = all_reduce_sum(sizes).cpu()
+    width = 1 << int(sizes.max()).bit_length()  # a power of two: few buffer shapes over many calls
+    rows = torch.zeros(world, width, dtype=torch.uint8)
+    rows[rank, : payload.numel()] = payload
+    rows = all_reduce_sum(rows).cpu()
+    return [pickle.loads(rows[r, : int(sizes[r])].numpy().tobytes()) for r in range(world)]
 
 
 def shutdown() -> None:
     """Leave the process group :func:`setup_runtime` started, once every process is done (exiting with it alive
     can abort the process: seen with torch 2.4's gloo). A group the caller started is left alone."""
     if _started_here and dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        barrier()
         dist.destroy_process_group()
         _started_here.clear()
+        _buffers.clear()
 
 
 def barrier() -> None:
-    """Wait for every process (a no-op without a process group)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    """Wait for every process (a no-op without a process group): a sum of zeros, not ``dist.barrier``, whose gloo
+    work keeps the collectives before it and frees them on a worker thread (see ``_buffers``)."""
+    all_reduce_sum(torch.zeros(1))
 

@@ -30,11 +30,10 @@ from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
 from regproxy_cli import plots
 from regproxy_cli.constants import IGNORE_INDEX, VERSION
+from regproxy_cli.engine.distributed import all_gather_objects
 from regproxy_cli.engine.metrics import BoundaryFScore, ConfusionMatrix
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.io.checkpoint import CONFIG_NAME
@@ -110,13 +109,9 @@ class ReportCollector:
         self.confusion = matrix.matrix.cpu().numpy().astype(np.int64)
         self.boundary.all_reduce()
         candidates = [(-m, -a, -i, p) for m, a, i, p in self._heap]
-        if dist.is_available() and dist.is_initialized():
-            gathered: list = [None] * dist.get_world_size()
-            # outside inference mode: torch 2.4's all_gather_object updates its size tensors in place
-            with torch.inference_mode(False):
-                dist.all_gather_object(gathered, (self.images, candidates))
-            self.images = [image for images, _ in gathered for image in images]
-            candidates = [c for _, cands in gathered for c in cands]
+        gathered = all_gather_objects((self.images, candidates))
+        self.images = [image for images, _ in gathered for image in images]
+        candidates = [c for _, cands in gathered for c in cands]
         self.images.sort(key=lambda image: image["index"])
         candidates.sort(key=lambda c: c[:3])
         self._worst = candidates[: self.worst]
