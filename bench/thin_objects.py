@@ -380,9 +380,9 @@ def plot(args: argparse.Namespace) -> int:
 
     pole = STREET_CLASSES.index("pole")
     seed_counts = set()
-    regproxy_series = _length_series(sweep_runs, False)
+    length_series = {baseline: _length_series(sweep_runs, baseline) for baseline in (False, True)}
     for baseline, colour, label in ((False, "tab:red", "RegProxy h=w=4"), (True, "tab:grey", "linear baseline")):
-        series = _length_series(sweep_runs, True) if baseline else regproxy_series
+        series = length_series[baseline]
         iters = list(series)
         seed_counts |= {len(group) for group in series.values()}
         for get, marker, style, what in ((lambda r: r["mIoU"], "o", "-", "mIoU"),
@@ -397,7 +397,7 @@ def plot(args: argparse.Namespace) -> int:
                 entropy_axes.errorbar(iters, [m for m, _ in stats], yerr=[sd for _, sd in stats], marker="o", ls=style,
                                       capsize=3, color=colour,
                                       label={"thin": "pole and sign pixels", "boundary": "other class edges"}.get(key, key))
-    lengths = list(regproxy_series)
+    lengths = list(length_series[False])  # RegProxy's lengths
     for axes in (length_axes, entropy_axes):
         axes.set_xscale("log", base=2)
         axes.set_xticks(lengths, [str(n) for n in lengths])
