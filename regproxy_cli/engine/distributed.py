@@ -19,10 +19,13 @@ import torch.distributed as dist
 from regproxy_cli.inference.runtime import resolve_device
 
 _started_here: list[bool] = []  # whether setup_runtime started the process group (shutdown ends only that one)
-# The tensors handed to the backend, one per (shape, dtype, device), held until the group is destroyed. torch 2.4's
-# gloo frees a finished collective's tensors on its worker thread, late when a gloo barrier still holds a weak
-# reference to it; freeing a tensor Python no longer holds needs the GIL, while destroy_process_group holds the GIL
-# and joins that thread: a deadlock (3 of about 25 two-process evaluations). A tensor held here is never freed there.
+# The tensors handed to the backend, one per (shape, dtype, device), held for the life of the process. torch 2.4's
+# gloo drops a finished collective's tensors on its worker thread, a moment after the caller has its result (later
+# still when a gloo barrier holds a weak reference to the work); freeing a tensor Python no longer holds needs the
+# GIL there, while the group's destructor holds the GIL and waits for that thread: a deadlock (3 of about 25
+# two-process evaluations). The group can outlive destroy_process_group (a DDP reducer holds it until the model is
+# freed: 1 of 7 two-process trainings hung there when these were released at shutdown), so they are never released;
+# a tensor held here is never freed on gloo's thread.
 _buffers: dict[tuple, torch.Tensor] = {}
 
 
@@ -116,7 +119,6 @@ def shutdown() -> None:
         barrier()
         dist.destroy_process_group()
         _started_here.clear()
-        _buffers.clear()
 
 
 def barrier() -> None:
