@@ -61,9 +61,13 @@ def setup_runtime(device: str = "auto") -> Runtime:
     return Runtime(rank, world, torch_device)
 
 
+def _in_group() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def rank_world() -> tuple[int, int]:
     """(rank, world size) of the running process group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
+    if _in_group():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
@@ -80,7 +84,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
     Every process must call it, also one that has nothing to add (pass zeros), or the others wait forever.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _in_group():
         return tensor
     device = collective_device()
     key = (tuple(tensor.shape), tensor.dtype, device)
@@ -98,7 +102,7 @@ def all_gather_objects(value: Any) -> list[Any]:
 
     Every process must call it. The pickles travel as rows of one byte matrix, each process filling its own row.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _in_group():
         return [value]
     rank, world = rank_world()
     payload = torch.frombuffer(bytearray(pickle.dumps(value)), dtype=torch.uint8)
@@ -115,7 +119,7 @@ def all_gather_objects(value: Any) -> list[Any]:
 def shutdown() -> None:
     """Leave the process group :func:`setup_runtime` started, once every process is done (exiting with it alive
     can abort the process: seen with torch 2.4's gloo). A group the caller started is left alone."""
-    if _started_here and dist.is_available() and dist.is_initialized():
+    if _started_here and _in_group():
         barrier()
         dist.destroy_process_group()
         _started_here.clear()
