@@ -104,3 +104,21 @@ def tiny_backbones_installed(tmp_path_factory):
     else:
         os.environ["PYTHONPATH"] = old
     refresh_backbones()
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """``fake_cuda(gpus=N)``: CUDA as if N GPUs were present, with CPU tensors behind them (tests/fake_cuda.py)."""
+    from fake_cuda import FakeCuda
+
+    installed = []
+
+    def install(gpus: int = 1) -> FakeCuda:
+        fake = FakeCuda(gpus)
+        fake.install(monkeypatch)
+        installed.append(fake)
+        return fake
+
+    yield install
+    for fake in reversed(installed):
+        fake.uninstall()

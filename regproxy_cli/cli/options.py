@@ -12,7 +12,7 @@ import typer
 from regproxy_cli.cli.output import err_console
 from regproxy_cli.engine.distributed import Runtime, setup_runtime
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.inference.runtime import autocast, compile_backbone, resolve_device
+from regproxy_cli.inference.runtime import autocast, compile_backbone, resolve_device, set_tf32
 from regproxy_cli.io.onnx_model import OnnxModel
 
 
@@ -64,9 +64,12 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of 
 def parse_device(device: str) -> torch.device:
     """``--device``: a torch device that exists on this machine (``auto``: CUDA when present), or one error line."""
     try:
-        return resolve_device(device)
+        torch_device = resolve_device(device)
     except RegproxyError as exc:
         raise RegproxyError(f"--{exc}") from None
+    if torch_device.type == "cuda":
+        set_tf32()  # the documented policy (REGPROXY_TF32), not PyTorch's mixed defaults
+    return torch_device
 
 
 def model_device(device: str, model: str) -> str:

@@ -112,6 +112,8 @@ class RunSection:
     log_every: int = 50
     threads: int | None = None  # CPU threads per process; None = torch's default
     deterministic: bool = False  # torch.use_deterministic_algorithms: bit-exact resume on GPUs, somewhat slower
+    tf32: bool = False  # TF32 in matmuls and cuDNN convolutions on Ampere+ GPUs: faster fp32, ~1e-3 relative error
+    backend: str = "auto"  # torchrun's process group: auto (nccl on GPUs, gloo on CPUs) | nccl | gloo (GPUs shared)
 
 
 @dataclass
@@ -133,6 +135,7 @@ _CHOICES = {
     "optim.schedule": ("poly", "cosine_restart"),
     "loss.mean_over": MEAN_OVER,
     "run.precision": ("fp32", "bf16", "fp16"),
+    "run.backend": ("auto", "nccl", "gloo"),
 }
 
 

@@ -1,9 +1,10 @@
 """One process or one of ``torchrun``'s: which device it runs on, its share of the work, and sums across processes.
 
 ``torchrun`` sets RANK, WORLD_SIZE and LOCAL_RANK; with more than one process a process group is started (NCCL on
-GPUs, gloo on CPUs). Collectives take tensors on the backend's device: NCCL refuses CPU tensors, so sums go through
+GPUs, gloo on CPUs, or the backend asked for: gloo lets two processes share one GPU). Collectives take tensors on
+the backend's device: NCCL refuses CPU tensors, so sums go through
 :func:`all_reduce_sum`, which moves them there. Every collective of the package is that sum (a barrier is a sum of
-zeros, a gather a sum of rows that are zero but one's own), so the buffers the backend sees are all held here.
+ones, a gather a sum of rows that are zero but one's own), so the buffers the backend sees are all held here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from regproxy_cli.inference.runtime import resolve_device
+from regproxy_cli.errors import RegproxyError
+from regproxy_cli.inference.runtime import resolve_device, set_tf32
 
 _started_here: list[bool] = []  # whether setup_runtime started the process group (shutdown ends only that one)
 # The tensors handed to the backend, one per (shape, dtype, device), held for the life of the process. torch 2.4's
@@ -40,23 +42,56 @@ class Runtime:
         return self.rank == 0
 
 
-def setup_runtime(device: str = "auto") -> Runtime:
+BACKENDS = ("auto", "nccl", "gloo")
+BACKEND_ENV = "REGPROXY_BACKEND"  # the backend for commands without a config (eval under torchrun): nccl or gloo
+
+
+def choose_backend(backend: str, device: torch.device) -> str:
+    """The process group's backend: ``auto`` is ``REGPROXY_BACKEND`` when set, else NCCL on GPUs and gloo on CPUs.
+
+    gloo also runs CUDA tensors (DDP, SyncBN), and unlike NCCL lets several processes share one GPU.
+    """
+    if backend == "auto":
+        backend = os.environ.get(BACKEND_ENV, "").strip().lower() or ("nccl" if device.type == "cuda" else "gloo")
+    if backend not in BACKENDS[1:]:
+        raise RegproxyError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "nccl" and device.type != "cuda":
+        raise RegproxyError(f"backend nccl needs CUDA devices, not {device.type}; use gloo")
+    return backend
+
+
+def setup_runtime(device: str = "auto", backend: str = "auto", tf32: bool | None = None) -> Runtime:
     """This process's rank, world size and device; starts the process group under ``torchrun``.
 
     Args:
-        device: ``auto`` (a GPU when there is one), ``cpu``, ``cuda`` (under torchrun: the process's LOCAL_RANK GPU)
-            or an explicit ``cuda:N``.
+        device: ``auto`` (a GPU when there is one), ``cpu``, ``cuda`` (under torchrun: the process's LOCAL_RANK GPU,
+            otherwise the current one) or an explicit ``cuda:N``.
+        backend: ``auto`` (see :func:`choose_backend`), ``nccl`` or ``gloo``. With gloo, more processes than GPUs
+            share them (LOCAL_RANK modulo the visible GPUs: two ranks on one GPU); NCCL needs one GPU per process.
+        tf32: the TF32 policy (:func:`~regproxy_cli.inference.runtime.set_tf32`; None: ``REGPROXY_TF32``, off).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device in ("auto", "cuda") and torch.cuda.is_available() and world > 1:
-        device = f"cuda:{local_rank}"
-    torch_device = resolve_device(device)
+    gpu = None
+    if world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+        gpu, gpus = local_rank, torch.cuda.device_count()
+        if local_rank >= gpus:
+            if choose_backend(backend, torch.device("cuda")) == "nccl":
+                raise RegproxyError(f"device {device}: NCCL needs one GPU per process, but LOCAL_RANK {local_rank} "
+                                    f"has {gpus} visible; to share GPUs use the gloo backend (run.backend: gloo, "
+                                    f"or REGPROXY_BACKEND=gloo)")
+            gpu = local_rank % gpus
+    torch_device = resolve_device(device, gpu)
     if torch_device.type == "cuda":
-        torch.cuda.set_device(torch_device)
+        torch.cuda.set_device(torch_device.index)
+        set_tf32(tf32)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch_device.type == "cuda" else "gloo")
+        chosen = choose_backend(backend, torch_device)
+        if chosen == "nccl" and device.startswith("cuda:") and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+            raise RegproxyError(f"device {device}: every process of this node would use that one GPU, which NCCL "
+                                "refuses; use cuda (each process its LOCAL_RANK GPU) or the gloo backend")
+        dist.init_process_group(chosen)
         _started_here.append(True)
     return Runtime(rank, world, torch_device)
 
@@ -125,8 +160,11 @@ def shutdown() -> None:
         _started_here.clear()
 
 
-def barrier() -> None:
-    """Wait for every process (a no-op without a process group): a sum of zeros, not ``dist.barrier``, whose gloo
-    work keeps the collectives before it and frees them on a worker thread (see ``_buffers``)."""
-    all_reduce_sum(torch.zeros(1))
+def barrier() -> int:
+    """Wait for every process (a no-op without a process group); returns how many arrived.
 
+    A sum of ones, not ``dist.barrier``, whose gloo work keeps the collectives before it and frees them on a worker
+    thread (see ``_buffers``). The sum is read on the host: NCCL's all_reduce only queues the collective on the GPU's
+    stream, so without the read a process would go on (save, destroy the group) before the others had arrived.
+    """
+    return int(all_reduce_sum(torch.ones(1)).item())

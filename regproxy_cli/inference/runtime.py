@@ -1,6 +1,8 @@
-"""How the network runs: precision (autocast) and ``torch.compile``."""
+"""How the network runs: on which device, TF32 policy, precision (autocast) and ``torch.compile``."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -10,17 +12,55 @@ from regproxy_cli.errors import RegproxyError
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-def resolve_device(device: str) -> torch.device:
-    """A torch device that exists on this machine (``auto``: the current CUDA GPU when there is one), or one error line.
+def resolve_device(device: str, gpu: int | None = None) -> torch.device:
+    """A torch device that exists on this machine, with its index for CUDA, or one error line.
+
+    ``auto`` is a GPU when there is one, else the CPU; ``auto`` and ``cuda`` take GPU ``gpu`` (under torchrun the
+    caller passes the process's) or the current one; ``cuda:N`` must be a visible GPU.
     """
-    if device == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if device == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
     try:
-        torch_device = torch.device(device)
+        torch_device = torch.device("cuda" if device == "auto" else device)
+    except RuntimeError as exc:
+        raise RegproxyError(f"device {device}: {str(exc).splitlines()[0]}") from None
+    if torch_device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RegproxyError(f"device {device}: CUDA is not available on this machine (use cpu)")
+        count = torch.cuda.device_count()
+        index = torch_device.index if torch_device.index is not None else (
+            torch.cuda.current_device() if gpu is None else gpu)
+        if not 0 <= index < count:
+            raise RegproxyError(f"device {device}: GPU {index} does not exist here ({count} visible: "
+                                f"{', '.join(f'cuda:{i}' for i in range(count))}; see CUDA_VISIBLE_DEVICES)")
+        return torch.device("cuda", index)
+    try:
         torch.empty(0, device=torch_device)
     except (RuntimeError, AssertionError) as exc:
         raise RegproxyError(f"device {device}: {str(exc).splitlines()[0]}") from None
     return torch_device
+
+
+TF32_ENV = "REGPROXY_TF32"  # 1: allow TF32 in matmuls and convolutions for commands without a config (eval, predict)
+
+
+def set_tf32(enabled: bool | None = None) -> bool:
+    """Apply the TF32 policy to matmuls and cuDNN convolutions alike; returns it.
+
+    PyTorch's own defaults differ (matmuls full fp32, cuDNN convolutions TF32), which makes fp32 neither exact nor
+    fast on Ampere and later. Default off: fp32 means fp32 (CPU parity, the paper's V100 had no TF32); ``True``
+    (``run.tf32``, ``REGPROXY_TF32=1``) trades ~10 mantissa bits for speed. ``None`` reads ``REGPROXY_TF32``.
+    """
+    if enabled is None:
+        enabled = os.environ.get(TF32_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
+    return enabled
+
+
+def tf32_state() -> dict[str, bool]:
+    """Whether TF32 is allowed now, for matmuls and for cuDNN (what a benchmark should record)."""
+    return {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
 
 
 def autocast(device: torch.device | str, precision: str = "fp32") -> torch.autocast:
