@@ -109,10 +109,29 @@ def _attempt(fn: Callable, *args: Any) -> tuple[Any, str | None]:
         return None, str(exc)
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is the GPU running out of memory (its own class since torch 1.13; a plain RuntimeError from
+    some kernels)."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
 def _infer_group(infer: Callable[[list], list], loaded: list) -> list[tuple[Any, str | None]]:
     """(result, error) per loaded item; a group that fails is retried item by item, so the error lands on the item
-    that caused it."""
-    results, error = _attempt(infer, loaded)
+    that caused it. A group that runs out of GPU memory is retried in halves, down to single items; an item that
+    runs out alone gets an error line, and the items after it go on."""
+    try:
+        results, error = _attempt(infer, loaded)
+    except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled; anything else propagates
+        if not _out_of_memory(exc):
+            raise
+        del exc  # its traceback holds the failed group's tensors
+        torch.cuda.empty_cache()  # give the cached blocks back before the smaller tries
+        if len(loaded) == 1:
+            return [(None, "out of GPU memory on this image; try --precision bf16, a smaller --window-batch or "
+                           "--device cpu")]
+        half = (len(loaded) + 1) // 2
+        return _infer_group(infer, loaded[:half]) + _infer_group(infer, loaded[half:])
     if error is None:
         return [(result, None) for result in results]
     if len(loaded) == 1:
@@ -148,7 +167,8 @@ def run_pipeline(
     time in the order of ``items``, so ``write`` may append to a shared file.
 
     A ``RegproxyError`` from ``load``, ``infer`` or ``write`` fails that item only (a group that fails is retried
-    item by item, so the error belongs to the right one); other exceptions propagate.
+    item by item, so the error belongs to the right one); a group that runs out of GPU memory is retried in halves
+    down to single images; other exceptions propagate.
 
     Yields:
         (item, what ``write`` returned, None) or (item, None, the error message), in the order of ``items``.

@@ -15,7 +15,7 @@ from torch import nn
 
 from regproxy_cli.data.transforms import rescale_size
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.model.resize import bilinear_taps, check_pair
+from regproxy_cli.model.resize import check_pair, resize_rows
 
 MODES = ("whole", "slide")
 
@@ -212,19 +212,6 @@ def segment_probs(
         logits = F.interpolate(logits.to(probs.dtype), size=out_size, mode="bilinear", align_corners=False)
         probs += logits[0].softmax(dim=0)
     return probs.div_(len(sizes) * (2 if flip else 1))
-
-
-def resize_rows(logits: torch.Tensor, out_size: tuple[int, int], rows: slice) -> torch.Tensor:
-    """Rows ``rows`` of ``F.interpolate(logits[None], out_size, mode="bilinear", align_corners=False)[0]``.
-
-    Made from the (K, h, w) input with :func:`~regproxy_cli.model.resize.bilinear_taps`, the taps PyTorch's
-    kernel uses, so values agree with the full resize to float rounding, without ever holding it.
-    """
-    out_h, out_w = out_size
-    low_y, high_y, frac_y = (taps[rows] for taps in bilinear_taps(logits.shape[1], out_h, logits.device))
-    low_x, high_x, frac_x = bilinear_taps(logits.shape[2], out_w, logits.device)
-    blended = torch.lerp(logits[:, low_y], logits[:, high_y], frac_y[:, None])  # (K, r, w): rows first
-    return torch.lerp(blended[:, :, low_x], blended[:, :, high_x], frac_x)
 
 
 @torch.inference_mode()

@@ -1,5 +1,6 @@
-"""From the model's grid-aligned logits to the input size: the bilinear resize (align_corners=False) and a
-memory-bounded resize + argmax that goes straight to labels."""
+"""From the model's grid-aligned logits to the input size: the bilinear resize (align_corners=False), its
+deterministic form for training under ``run.deterministic``, and a resize + argmax that goes straight to labels (a
+boundary-only blend on CPUs, a fused resize + argmax on GPUs)."""
 
 from __future__ import annotations
 
@@ -28,12 +29,52 @@ def resize_and_crop(logits: torch.Tensor, stride: int, size: tuple[int, int]) ->
 
     Always in float32: under bf16/fp16 autocast the full-size logits would lose precision (the loss and the
     argmax want float32 anyway), and CPU kernels resize and argmax float32 several times faster than bf16.
+    Under ``torch.use_deterministic_algorithms`` (``run.deterministic``) a resize that needs a gradient goes through
+    :func:`bilinear_resize_matmul`: CUDA's bilinear backward adds with atomics, in no fixed order.
     """
     logits = logits.float()
     out_h, out_w = padded_size(size, stride)
     if tuple(logits.shape[-2:]) != (out_h, out_w):
-        logits = F.interpolate(logits, size=(out_h, out_w), mode="bilinear", align_corners=False)
+        if torch.is_grad_enabled() and logits.requires_grad and torch.are_deterministic_algorithms_enabled():
+            logits = bilinear_resize_matmul(logits, (out_h, out_w))
+        else:
+            logits = F.interpolate(logits, size=(out_h, out_w), mode="bilinear", align_corners=False)
     return logits[..., : size[0], : size[1]]
+
+
+def interpolation_matrix(in_size: int, out_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(out_size, in_size) float32 matrix of the 1-D bilinear resize (align_corners=False): two taps per row."""
+    lower, upper, frac = bilinear_taps(in_size, out_size)
+    matrix = torch.zeros(out_size, in_size)
+    rows = torch.arange(out_size)
+    matrix.index_put_((rows, lower), 1 - frac, accumulate=True)  # on the CPU: a constant, built once per call
+    matrix.index_put_((rows, upper), frac, accumulate=True)
+    return matrix.to(device)
+
+
+def bilinear_resize_matmul(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="bilinear", align_corners=False)`` of a (..., h, w) float tensor as two matrix
+    products, whose backward is again matrix products: deterministic on GPUs (with cuBLAS's fixed workspace),
+    unlike the bilinear kernel's backward. Equal to the kernel up to float32 rounding; more arithmetic (each output
+    pixel reads a whole row and column of the matrices), which a GPU does in a few milliseconds per batch."""
+    out_h, out_w = size
+    rows = interpolation_matrix(x.shape[-2], out_h, x.device).to(x.dtype)
+    cols = interpolation_matrix(x.shape[-1], out_w, x.device).to(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):  # autocast would run these matmuls in bf16/fp16
+        return rows @ (x @ cols.T)
+
+
+def resize_rows(logits: torch.Tensor, out_size: tuple[int, int], rows: slice) -> torch.Tensor:
+    """Rows ``rows`` of ``F.interpolate(logits[None], out_size, mode="bilinear", align_corners=False)[0]``.
+
+    Made from the (K, h, w) input with :func:`bilinear_taps`, the taps PyTorch's kernel uses, so values agree with
+    the full resize to float rounding, without ever holding it.
+    """
+    out_h, out_w = out_size
+    low_y, high_y, frac_y = (taps[rows] for taps in bilinear_taps(logits.shape[1], out_h, logits.device))
+    low_x, high_x, frac_x = bilinear_taps(logits.shape[2], out_w, logits.device)
+    blended = torch.lerp(logits[:, low_y], logits[:, high_y], frac_y[:, None])  # (K, r, w): rows first
+    return torch.lerp(blended[:, :, low_x], blended[:, :, high_x], frac_x)
 
 
 def bilinear_taps(
@@ -70,9 +111,48 @@ def batch_of_one(scores: torch.Tensor) -> torch.Tensor:
     return scores.unsqueeze(0)
 
 
+def label_method(device: torch.device) -> str:
+    """How :func:`resize_argmax` makes labels on ``device``: ``fused`` on GPUs (one resize kernel and one argmax
+    kernel per band of rows, no host round trip), ``boundary`` elsewhere (:func:`boundary_resize_argmax`: tuned for
+    CPUs, whose cost is the K x H x W resize; on a GPU its several host synchronisations per image and
+    content-dependent work cost more than the resize; bench/gpu_check.py measures both)."""
+    return "fused" if device.type == "cuda" else "boundary"
+
+
 @torch.inference_mode()
 def resize_argmax(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """The label map ``F.interpolate(scores[None], size, mode="bilinear", align_corners=False)[0].argmax(0)``.
+    """The label map ``F.interpolate(scores[None], size, mode="bilinear", align_corners=False)[0].argmax(0)``, made
+    the way that is fastest on the scores' device (:func:`label_method`).
+
+    Args:
+        scores: (K, h, w) scores.
+        size: (H, W) of the label map.
+
+    Returns:
+        (H, W) int64 class ids.
+    """
+    if label_method(scores.device) == "fused":
+        return fused_resize_argmax(scores, size)
+    return boundary_resize_argmax(scores, size)
+
+
+@torch.inference_mode()
+def fused_resize_argmax(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """:func:`resize_argmax` as resize then argmax, in bands of rows of at most ``DIRECT_RESIZE_LIMIT`` values, so a
+    huge output never holds K x H x W floats (bands use :func:`resize_rows`, equal to the kernel up to rounding)."""
+    out_h, out_w = check_pair("output size", size)
+    scores = scores.float()
+    band = max(1, DIRECT_RESIZE_LIMIT // (scores.shape[0] * out_w))
+    if band >= out_h:
+        resized = F.interpolate(batch_of_one(scores), size=(out_h, out_w), mode="bilinear", align_corners=False)
+        return resized[0].argmax(0)
+    return torch.cat([resize_rows(scores, (out_h, out_w), slice(top, min(top + band, out_h))).argmax(0)
+                      for top in range(0, out_h, band)])
+
+
+@torch.inference_mode()
+def boundary_resize_argmax(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """:func:`resize_argmax` by blending only at label boundaries (the CPU's way).
 
     Output pixels whose 4 bilinear source pixels (a *cell*) share one argmax take it: a convex blend keeps it. Only
     cells on a label boundary are blended, and not over all K classes: each source pixel's top ``CANDIDATES``
