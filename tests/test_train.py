@@ -161,7 +161,7 @@ def test_training_checkpoints_load_as_weights_only_on_the_cpu(tmp_path):
     rng = state["rng"]["torch"]
     assert rng.device.type == "cpu" and rng.dtype == torch.uint8
     before = torch.get_rng_state()
-    train_module._set_rng_state(state["rng"])
+    train_module._set_rng_state(state["rng"], torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), rng)
     torch.set_rng_state(before)
     # a checkpoint that needs arbitrary code to unpickle is refused in one line, not run
@@ -218,8 +218,11 @@ def test_two_process_ddp_on_cpu_with_gloo(tmp_path):
          "train", str(config)], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("model: ") == 1  # one process reports the model, not every rank its own
     lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in lines if "loss" in r] == [1, 2, 3, 4]  # one log: rank 0 only
+    state = train_module.read_checkpoint(tmp_path / "run" / "last.pt")
+    assert len(state["rng_ranks"]) == 2  # each rank's generators, for its own exact resume
     evaluated = [r for r in lines if "mIoU" in r]
     assert len(evaluated) == 1 and 0 <= evaluated[0]["mIoU"] <= 100  # sharded over both ranks, all-reduced
     assert load_model(tmp_path / "run" / "final").config.num_classes == 5

@@ -40,6 +40,8 @@ def train(
 
     cfg = load_config(config, overrides or [])
     best = run_training(cfg, resume=resume, allow_config_change=allow_config_change)
+    if best is None:  # a torchrun process other than the main one: the main one reports
+        return
     # with --set overrides the run's own config.yaml (written with them) names the data it was trained on
     data = best.parent / "config.yaml" if overrides else config
     console.print(f"model: {best}  (regproxy eval --model {best} --data {data})")

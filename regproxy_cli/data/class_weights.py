@@ -10,6 +10,8 @@ gets weight 0: it never occurs in the labels, so its weight never multiplies any
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from tqdm import tqdm
 
@@ -20,11 +22,14 @@ CLASS_WEIGHT_FORMULA = ("median-frequency balancing: w_c = median(f) / f_c, f_c 
                         "pixels (median over classes present; absent classes get 0)")
 
 
-def pixel_counts(dataset: SegmentationDataset, progress: bool = False) -> np.ndarray:
-    """Labelled pixels per class, int64 (K,), over every mask of ``dataset`` (255 excluded; images not decoded)."""
+def pixel_counts(dataset: SegmentationDataset, progress: bool = False,
+                 indices: Sequence[int] | None = None) -> np.ndarray:
+    """Labelled pixels per class, int64 (K,), over every mask of ``dataset`` (or those of ``indices``; 255 excluded;
+    images not decoded)."""
     k = dataset.num_classes
     counts = np.zeros(k, dtype=np.int64)
-    for index in tqdm(range(len(dataset)), desc="counting pixels", unit="mask", disable=not progress):
+    indices = range(len(dataset)) if indices is None else indices
+    for index in tqdm(indices, desc="counting pixels", unit="mask", disable=not progress):
         label = dataset.load_label(index)  # checked train ids: every value is < K or 255
         counts += np.bincount(label.ravel(), minlength=IGNORE_INDEX + 1)[:k]
     return counts

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +59,9 @@ def evaluate(
               for name, (classes, to_level) in label_levels(model).items()}
     indices = range(rank, len(dataset), world)
     palette = np.array(config.palette, dtype=np.uint8)
-    for index in tqdm(indices, desc="evaluating", unit="image", disable=not progress or rank != 0, leave=False):
-        image, label, name = dataset[index]
+    loaded = prefetched(dataset, indices)
+    for index, (image, label, name) in tqdm(loaded, desc="evaluating", unit="image", total=len(indices),
+                                            disable=not progress or rank != 0, leave=False):
         prediction = predict_labels(model, image, mode=mode, tta=tta, batch_size=batch_size, precision=precision)
         predicted, truth = torch.from_numpy(prediction), torch.from_numpy(np.asarray(label, dtype=np.int64))
         matrix.update(predicted, truth)
@@ -84,6 +89,24 @@ def evaluate(
         **({"levels": {name: _level_result(classes, level_matrix.compute())
                        for name, (classes, _, level_matrix) in levels.items()}} if levels else {}),
     }
+
+
+def prefetched(dataset, indices: Sequence[int], ahead: int = 2) -> Iterator[tuple[int, tuple]]:
+    """(index, ``dataset[index]``) for each index, read and decoded on a worker thread up to ``ahead`` images ahead,
+    while the caller runs the network (Pillow decodes without the GIL), so the GPU does not wait for the decoder."""
+    with ThreadPoolExecutor(1, thread_name_prefix="regproxy-eval-read") as reader:
+        todo = iter(indices)
+        pending = deque((index, reader.submit(dataset.__getitem__, index)) for index in islice(todo, ahead))
+        try:
+            while pending:
+                index, future = pending.popleft()
+                following = next(todo, None)
+                if following is not None:
+                    pending.append((following, reader.submit(dataset.__getitem__, following)))
+                yield index, future.result()
+        finally:  # stopped early (an error in the caller): no more reads
+            for _, future in pending:
+                future.cancel()
 
 
 def _level_result(classes: list[str], result: dict) -> dict:

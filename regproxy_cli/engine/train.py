@@ -32,7 +32,8 @@ from regproxy_cli.data.class_weights import CLASS_WEIGHT_FORMULA, pixel_counts, 
 from regproxy_cli.data.datasets import SegmentationDataset
 from regproxy_cli.data.transforms import train_pipeline
 from regproxy_cli.engine.config import OptimSection, TrainConfig, dump_config
-from regproxy_cli.engine.distributed import Runtime, barrier, setup_runtime, shutdown
+from regproxy_cli.engine.distributed import (Runtime, all_gather_objects, all_reduce_sum, barrier, rank_world,
+                                              setup_runtime, shutdown)
 from regproxy_cli.engine.evaluate import evaluate
 from regproxy_cli.engine.finetune import apply_freeze, frozen_modules, init_from, load_init_source, train_mode
 from regproxy_cli.engine.losses import Loss, LossContext, build_loss
@@ -133,18 +134,26 @@ def lr_factor(iteration: int, optim: OptimSection) -> float:
     return regular
 
 
-def _rng_state() -> dict:
+def _rng_state(device: torch.device) -> dict:
+    """This process's generators: the CPU's and, on a GPU, that GPU's only (a resume may see fewer GPUs)."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore :func:`_rng_state`'s generators; a GPU state goes to this process's GPU."""
     # RNG states are CPU ByteTensors whatever device the run uses: set_rng_state refuses any other
     torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    cuda = state.get("cuda")
+    if cuda is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):  # an older checkpoint: every visible GPU's state, by index
+        if device.index >= len(cuda):
+            return
+        cuda = cuda[device.index]
+    torch.cuda.set_rng_state(cuda.cpu(), device)
 
 
 class _Log:
@@ -216,7 +225,9 @@ def class_weights(config: TrainConfig, train_set: SegmentationDataset, out_dir: 
         if len(record.get("weights", [])) != k:
             raise RegproxyError(f"{saved}: {len(record.get('weights', []))} weights for {k} classes")
         return record["weights"], None
-    counts = pixel_counts(train_set, progress=progress)
+    rank, world = rank_world()  # each process counts its share of the masks; the sum is every mask's
+    counts = pixel_counts(train_set, progress=progress, indices=range(rank, len(train_set), world))
+    counts = all_reduce_sum(torch.from_numpy(counts)).cpu().numpy()
     weights = suggested_class_weights(counts)
     record = {"formula": CLASS_WEIGHT_FORMULA, "classes": list(train_set.classes),
               "pixel_counts": counts.tolist(), "weights": weights.tolist()}
@@ -283,23 +294,34 @@ class Trainer:
                 self.scaler.scale(loss).backward()
             total_loss += loss.item()
             images_seen += images.shape[0]
-        if math.isfinite(total_loss):
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-        return total_loss, images_seen
+        # Every process decides alike: DDP has already averaged a NaN into every process's gradients, so a loss
+        # that is not finite on any process skips the step on all of them. One sum gives that and the loss mean
+        # over processes (what mmseg logs).
+        finite = math.isfinite(total_loss)
+        summed = all_reduce_sum(torch.tensor([total_loss if finite else 0.0, 0.0 if finite else 1.0],
+                                             dtype=torch.float64)).tolist()
+        if summed[1]:
+            return (total_loss if not finite else math.nan), images_seen
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return summed[0] / rank_world()[1], images_seen
 
-    def state(self, iteration: int, best: dict) -> dict:
+    def state(self, iteration: int, best: dict, rng: list[dict] | None = None) -> dict:
+        """The checkpoint; ``rng``: every process's :func:`_rng_state` in rank order (default: this one's)."""
+        rng = rng or [_rng_state(self.device)]
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": _rng_state(),
-                "iteration": iteration, "best": best, "config": self.config.to_dict()}
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng[0],
+                "rng_ranks": rng, "iteration": iteration, "best": best, "config": self.config.to_dict()}
 
-    def restore(self, state: dict) -> tuple[int, dict]:
+    def restore(self, state: dict, rank: int = 0) -> tuple[int, dict]:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])  # moves its state to the parameters' device
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
+        if state["scaler"]:  # an fp32/bf16 run saves an empty scaler state: fp16 then starts from a fresh scale
+            self.scaler.load_state_dict(state["scaler"])
+        ranks = state.get("rng_ranks") or [state["rng"]]  # each process resumes its own generators
+        _set_rng_state(ranks[rank] if rank < len(ranks) else ranks[0], self.device)
         return state["iteration"], state["best"]
 
 
@@ -327,8 +349,9 @@ def build_trainer(config: TrainConfig, model: nn.Module, runtime: Runtime,
 
 
 def train(config: TrainConfig, *, resume: bool = False, allow_config_change: bool = False,
-          progress: bool = True) -> Path:
-    """Run (or resume) training; returns the directory of the best model (or the last one without evaluation).
+          progress: bool = True) -> Path | None:
+    """Run (or resume) training; returns the directory of the best model (or the last one without evaluation), on
+    the main process; None on the others (under torchrun).
 
     ``resume`` continues from ``run.out_dir/last.pt``, which must exist and must have been written with the same
     config (``allow_config_change`` accepts a different one, e.g. more iterations).
@@ -336,9 +359,11 @@ def train(config: TrainConfig, *, resume: bool = False, allow_config_change: boo
     o, r = config.optim, config.run
     if r.deterministic:  # cuBLAS needs its workspace fixed before CUDA starts (setup_runtime starts it)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        # errors, not warnings: a nondeterministic kernel would break the exact resume this setting promises (the
+        # bilinear resize has a deterministic form, model/resize.py; anything else is reported in one line)
+        torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-    runtime = setup_runtime(config.run.device)
+    runtime = setup_runtime(r.device, backend=r.backend, tf32=r.tf32)
     per_process, rest = divmod(o.batch_size, runtime.world * o.accum_steps)
     if rest or per_process < 1:
         raise RegproxyError(f"optim.batch_size {o.batch_size} must be a multiple of processes ({runtime.world}) x "
@@ -384,7 +409,8 @@ def train(config: TrainConfig, *, resume: bool = False, allow_config_change: boo
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(config, model, runtime, weights)
     model = trainer.model
-    start, best = trainer.restore(checkpoint) if checkpoint is not None else (0, {"mIoU": -1.0, "iter": 0})
+    start, best = (trainer.restore(checkpoint, runtime.rank) if checkpoint is not None
+                   else (0, {"mIoU": -1.0, "iter": 0}))
     if runtime.main:
         write_atomic(out_dir / "config.yaml", lambda tmp: Path(tmp).write_text(dump_config(config)))
         _announce(out_dir, report, frozen, model, weights_record, weights, train_set)
@@ -404,7 +430,7 @@ def train(config: TrainConfig, *, resume: bool = False, allow_config_change: boo
     trainer.train_mode()
     images_seen, started = 0, time.perf_counter()
     for iteration in range(start, o.iters):
-        loss, images = trainer.step(batches, iteration)
+        loss, images = _step(trainer, batches, iteration, r.deterministic)
         if not math.isfinite(loss):
             raise RegproxyError(
                 f"the loss became {loss} at iteration {iteration} (lr {trainer.scheduler.get_last_lr()[0]:.3g}): "
@@ -429,16 +455,31 @@ def train(config: TrainConfig, *, resume: bool = False, allow_config_change: boo
                     best = {"mIoU": metrics["mIoU"], "iter": done}
                     save_pretrained(model, out_dir / "best")
             trainer.train_mode()
-        if runtime.main and (done % r.save_every == 0 or done == o.iters):
-            state = trainer.state(done, best)
-            write_atomic(last_path, lambda tmp, state=state: torch.save(state, tmp))
+        if done % r.save_every == 0 or done == o.iters:
+            rng = all_gather_objects(_rng_state(runtime.device))  # every process's generators, for an exact resume
+            if runtime.main:
+                state = trainer.state(done, best, rng)
+                write_atomic(last_path, lambda tmp, state=state: torch.save(state, tmp))
     bar.close()
     if runtime.main:
         save_pretrained(model, out_dir / "final")
         log.write(o.iters, best_mIoU=best["mIoU"], best_iter=best["iter"],
                   images_per_s=images_seen / max(time.perf_counter() - started, 1e-9))
     shutdown()
+    if not runtime.main:  # one process reports where the model is
+        return None
     return out_dir / ("best" if best["mIoU"] >= 0 else "final")
+
+
+def _step(trainer: Trainer, batches, iteration: int, deterministic: bool) -> tuple[float, int]:
+    """:meth:`Trainer.step`, with ``run.deterministic``'s refusal of a nondeterministic kernel as one error line."""
+    try:
+        return trainer.step(batches, iteration)
+    except RuntimeError as exc:
+        if deterministic and "deterministic" in str(exc):
+            raise RegproxyError(f"run.deterministic: {one_line(exc)[:300]}; set run.deterministic false to train "
+                                "with it (resumes are then not bit-exact)") from None
+        raise
 
 
 def _announce(out_dir: Path, report, frozen: list[str], model: nn.Module, weights_record: dict | None,
