@@ -234,7 +234,7 @@ def class_weights(config: TrainConfig, train_set: SegmentationDataset, out_dir: 
     return record["weights"], record
 
 
-UNCHECKED_ON_RESUME = ("data.workers", "run.threads")  # they change speed, not results
+UNCHECKED_ON_RESUME = ("data.workers", "run.threads", "run.backend")  # they change speed, not results
 
 
 def read_checkpoint(path: Path) -> dict:
