@@ -91,6 +91,8 @@ def test_cuda_on_a_machine_without_one_is_one_error_line(one_process, monkeypatc
     assert setup_runtime("auto").device == torch.device("cpu")
     with pytest.raises(RegproxyError, match=r"^device tpu7"):
         resolve_device("tpu7")
+    with pytest.raises(RegproxyError, match=r"^device mps: "):  # a device type torch knows, absent here
+        resolve_device("mps")
 
 
 def test_under_torchrun_each_process_takes_its_local_rank_gpu_over_nccl(fake_cuda, torchrun, tf32_restored):
@@ -165,6 +167,9 @@ def test_each_process_saves_only_its_own_gpu_generator_and_resumes_on_fewer_gpus
     old = {"torch": torch.get_rng_state(), "cuda": [torch.full((16,), i + 10, dtype=torch.uint8) for i in range(8)]}
     train_module._set_rng_state(old, torch.device("cuda", 0))
     assert fake.rng[0].tolist() == [10] * 16
+    fake.gpus = 12
+    train_module._set_rng_state(old, torch.device("cuda", 9))  # no state saved for this GPU: its own stays
+    assert 9 not in fake.rng
 
 
 def tiny_trainer(tmp_path, runtime: Runtime | None = None, **sections) -> train_module.Trainer:
@@ -192,7 +197,7 @@ def test_each_rank_resumes_its_own_generators(tmp_path):
 # 3. fp16 resuming an fp32 run, on the stand-in GPU (every CUDA branch of train: device, scaler, RNG, pinning)
 
 
-def test_fp16_resumes_an_fp32_run_on_a_gpu(fake_cuda, one_process, tmp_path, tf32_restored):
+def test_fp16_resumes_an_fp32_run_on_a_gpu(fake_cuda, one_process, tmp_path, tf32_restored, monkeypatch):
     fake = fake_cuda(gpus=1)
     run = {"device": "cuda", "eval_every": 2, "save_every": 2}
     config = load_config(tiny_config(tmp_path, optim={"iters": 2}, run=run))
@@ -204,6 +209,29 @@ def test_fp16_resumes_an_fp32_run_on_a_gpu(fake_cuda, one_process, tmp_path, tf3
     resumed = train_module.read_checkpoint(tmp_path / "run" / "last.pt")
     assert resumed["iteration"] == 4 and resumed["scaler"]["scale"] > 0 and len(resumed["rng_ranks"]) == 1
     assert tf32_state() == {"matmul": True, "cudnn": True}  # run.tf32
+    longer = load_config(tiny_config(tmp_path, optim={"iters": 5}, run={**run, "precision": "fp16", "tf32": True}))
+    restored = []
+    load_state_dict = torch.amp.GradScaler.load_state_dict
+    monkeypatch.setattr(torch.amp.GradScaler, "load_state_dict",
+                        lambda self, state: restored.append(state["scale"]) or load_state_dict(self, state))
+    train_module.train(longer, resume=True, allow_config_change=True, progress=False)
+    assert restored == [resumed["scaler"]["scale"]]  # an fp16 run's scale carries on
+
+
+def test_several_gpus_train_with_ddp_on_the_process_gpu_and_syncbn(fake_cuda, tmp_path, monkeypatch):
+    fake_cuda(gpus=2)
+    wrapped = []
+
+    class RecordingDDP(torch.nn.Module):  # DDP itself needs a running process group
+        def __init__(self, module, device_ids=None):
+            super().__init__()
+            self.module = module
+            wrapped.append(device_ids)
+
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", RecordingDDP)
+    trainer = tiny_trainer(tmp_path, Runtime(1, 2, torch.device("cuda", 1)))
+    assert wrapped == [[1]] and isinstance(trainer.net, RecordingDDP)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in trainer.model.modules())
 
 
 def test_fp16_steps_skip_an_inf_gradient_and_lower_the_scale(fake_cuda, tmp_path):
