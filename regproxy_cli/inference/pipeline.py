@@ -120,12 +120,14 @@ def _infer_group(infer: Callable[[list], list], loaded: list) -> list[tuple[Any,
     """(result, error) per loaded item; a group that fails is retried item by item, so the error lands on the item
     that caused it. A group that runs out of GPU memory is retried in halves, down to single items; an item that
     runs out alone gets an error line, and the items after it go on."""
+    out_of_memory = False
     try:
         results, error = _attempt(infer, loaded)
     except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled; anything else propagates
         if not _out_of_memory(exc):
             raise
-        del exc  # its traceback holds the failed group's tensors
+        out_of_memory = True
+    if out_of_memory:  # retried outside the handler: the exception's frames hold the failed group's tensors
         torch.cuda.empty_cache()  # give the cached blocks back before the smaller tries
         if len(loaded) == 1:
             return [(None, "out of GPU memory on this image; try --precision bf16, a smaller --window-batch or "
