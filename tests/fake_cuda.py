@@ -116,6 +116,7 @@ class FakeCuda:
             "empty_cache": empty_cache, "max_memory_allocated": lambda device=None: self.peak,
             "reset_peak_memory_stats": lambda device=None: None, "is_bf16_supported": lambda *a, **k: True,
             "get_device_name": lambda device=None: "Stand-in GPU", "is_initialized": lambda: True,
+            "is_current_stream_capturing": lambda: False,  # torch 2.4's optimizers ask before a step
         }
         for name, replacement in replacements.items():
             monkeypatch.setattr(cuda, name, replacement)
