@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from regproxy_cli import RegproxyError, build_model
 from regproxy_cli.engine import losses as losses_module
 from regproxy_cli.engine import train as train_module
-from regproxy_cli.engine.config import OptimSection, load_config
+from regproxy_cli.engine.config import OptimSection, TrainConfig, load_config
 from regproxy_cli.engine.train import lr_factor, param_groups, train
 from regproxy_cli.io.zoo import load_model
 
@@ -175,6 +175,18 @@ def test_changed_keys_are_dotted_and_skip_speed_settings():
     current = {"optim": {"lr": 2.0, "iters": 5}, "run": {"threads": 4}, "data": {"workers": 0, "root": "a"},
                "loss": {"mean_over": "all"}}
     assert train_module.changed_keys(saved, current) == ["loss", "optim.lr"]
+
+
+def test_a_checkpoint_older_than_a_setting_resumes_while_the_setting_keeps_its_default():
+    """last.pt written before run.tf32 existed: the new key at its default is no change; set otherwise, it is."""
+    defaults = TrainConfig().to_dict()
+    current = TrainConfig().to_dict()
+    saved = {section: dict(values) for section, values in current.items()}
+    del saved["run"]["tf32"]
+    assert train_module.changed_keys(saved, current, defaults) == []
+    current["run"]["tf32"] = True
+    assert train_module.changed_keys(saved, current, defaults) == ["run.tf32"]
+    assert train_module.changed_keys(saved, TrainConfig().to_dict()) == ["run.tf32"]  # without defaults: strict
 
 
 def _run_cli(*args: str, cwd: Path) -> subprocess.Popen:

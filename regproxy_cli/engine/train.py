@@ -245,14 +245,18 @@ def read_checkpoint(path: Path) -> dict:
         raise RegproxyError(f"{path}: not a readable training checkpoint ({one_line(exc)[:200]})") from None
 
 
-def changed_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts (a key on one side only counts)."""
+def changed_keys(saved: dict, current: dict, defaults: dict | None = None, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts. A key on one side only counts, except a
+    setting that the saved config predates (absent there) and that the current one leaves at its default."""
+    defaults = {} if defaults is None else defaults
     keys = []
     for key in sorted(set(saved) | set(current)):
         dotted = f"{prefix}{key}"
-        old, new = saved.get(key), current.get(key)
+        old, new, default = saved.get(key), current.get(key), defaults.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
-            keys += changed_keys(old, new, f"{dotted}.")
+            keys += changed_keys(old, new, default if isinstance(default, dict) else {}, f"{dotted}.")
+        elif key not in saved and key in defaults and new == default:
+            continue
         elif old != new and dotted not in UNCHECKED_ON_RESUME:
             keys.append(dotted)
     return keys
@@ -380,7 +384,7 @@ def train(config: TrainConfig, *, resume: bool = False, allow_config_change: boo
         raise RegproxyError(f"{out_dir} already holds a run: pass --resume to continue it, or choose run.out_dir")
     checkpoint = read_checkpoint(last_path) if resume else None
     if checkpoint is not None and not allow_config_change:
-        changed = changed_keys(checkpoint.get("config", {}), config.to_dict())
+        changed = changed_keys(checkpoint.get("config", {}), config.to_dict(), TrainConfig().to_dict())
         if changed:
             raise RegproxyError(f"--resume: the config differs from the one {last_path} was trained with in "
                                 f"{listed(changed)}; pass --allow-config-change to continue with the new one")
