@@ -10,7 +10,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from regproxy_cli.cli.options import parse_size
+from regproxy_cli.cli.options import JsonOption, parse_size
 from regproxy_cli.cli.output import console, print_json
 from regproxy_cli.engine.report import flops_points, plot_flops
 from regproxy_cli.errors import RegproxyError
@@ -63,7 +63,7 @@ def flops(
         str | None, typer.Option(help="Report totals over sliding windows of --size covering this HEIGHTxWIDTH image.")
     ] = None,
     slide_stride: Annotated[int | None, typer.Option(help="Sliding-window stride; default: --size.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: JsonOption = False,
     plot: Annotated[
         Path | None, typer.Option(help="Draw mIoU against GFLOPs (the paper's Fig. 2) into this PNG instead.")
     ] = None,

@@ -8,6 +8,7 @@ import typer
 from rich import box
 from rich.table import Table
 
+from regproxy_cli.cli.options import JsonOption
 from regproxy_cli.cli.output import console, print_json
 from regproxy_cli.io.checkpoint import CONFIG_NAME
 from regproxy_cli.io.zoo import ZOO, cache_dir
@@ -18,7 +19,7 @@ HELP = "List the model zoo: the authors' released RegProxy models, their setting
 
 
 def models(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     rows = []
     for entry in ZOO.values():
