@@ -5,8 +5,9 @@ import tempfile
 
 # Tests never touch the network. Set before huggingface_hub is imported: it reads this once.
 os.environ["HF_HUB_OFFLINE"] = "1"
-# What regproxy measures about the machine (CPU kernel choices) goes to a folder of this run, not the user's cache.
-os.environ["REGPROXY_CACHE_DIR"] = tempfile.mkdtemp(prefix="regproxy-cache-")
+# What regproxy caches (CPU kernel choices, converted zoo models) goes to a folder of this run, not the user's cache.
+os.environ["REGPROXY_CACHE"] = tempfile.mkdtemp(prefix="regproxy-cache-")
+os.environ.pop("REGPROXY_CACHE_DIR", None)
 
 from functools import partial
 
