@@ -20,7 +20,7 @@ from torch import nn
 
 from regproxy_cli.constants import VERSION
 from regproxy_cli.errors import RegproxyError, listed
-from regproxy_cli.files import write_atomic
+from regproxy_cli.files import read_json, write_atomic
 from regproxy_cli.model.config import ModelConfig
 from regproxy_cli.model.regproxy import build_from_config
 
@@ -50,10 +50,7 @@ def load_pretrained(directory: str | os.PathLike, *, map_location: str = "cpu") 
     for needed in (config_path, weights_path):
         if not needed.is_file():
             raise RegproxyError(f"{directory} is not a regproxy model directory: {needed.name} is missing")
-    try:
-        config = ModelConfig.from_dict(json.loads(config_path.read_text()), where=str(config_path))
-    except json.JSONDecodeError as exc:
-        raise RegproxyError(f"{config_path}: not valid JSON ({exc})") from None
+    config = ModelConfig.from_dict(read_json(config_path), where=str(config_path))
     with torch.device("meta"):
         model = build_from_config(config)
     try:
