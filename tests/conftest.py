@@ -42,6 +42,53 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+# Options a classifier plugin cannot do without (its resolve_options refuses {}); any other installed classifier is
+# built with {} and its defaults, so a new plugin is tested without being named here.
+REQUIRED_CLASSIFIER_OPTIONS = {"hssn": {"hierarchy": {"up": ["sky", "tree"], "down": ["road"]}}}
+PLUGIN_CLASSES = ["sky", "tree", "road"]
+
+
+def tiny_model_with(classifier: str, *, baseline: bool = False):
+    """A tiny-vit model (3 classes, seed 0) with the installed ``classifier``, its options resolved as training does."""
+    from regproxy_cli import build_model
+    from regproxy_cli.model.classifiers import get_classifier
+
+    options = get_classifier(classifier).resolve_options(dict(REQUIRED_CLASSIFIER_OPTIONS.get(classifier, {})),
+                                                         PLUGIN_CLASSES)
+    torch.manual_seed(0)
+    model = build_model("tiny-vit", len(PLUGIN_CLASSES), classifier=classifier, classifier_options=options,
+                        baseline=baseline)
+    model.config.classes = list(PLUGIN_CLASSES)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_classes() -> list[str]:
+    """The class names of ``model_dir``'s tiny model; a test module overrides this fixture for other classes."""
+    return ["sky", "tree", "road", "car", "person"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, model_classes):
+    """A saved tiny-vit RegProxy (seed 0, random weights) with ``model_classes``, shared by a test module."""
+    from regproxy_cli import build_model, save_pretrained
+
+    torch.manual_seed(0)
+    model = build_model("tiny-vit", len(model_classes))
+    model.config.classes = list(model_classes)
+    directory = tmp_path_factory.mktemp("model") / "tiny"
+    save_pretrained(model, directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    """``model_dir`` loaded as ``--model`` loads it (eval mode), shared by a test module."""
+    from regproxy_cli import load_model
+
+    return load_model(model_dir)
+
+
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch):
     """An empty Hugging Face cache for this test (HF_HUB_OFFLINE=1 is set for the whole suite)."""

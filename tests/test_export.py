@@ -153,12 +153,6 @@ def _run_main(capsys, *args: str) -> tuple[int, str]:
     return exit_info.value.code, capsys.readouterr().err
 
 
-@pytest.fixture
-def model_dir(tmp_path):
-    save_pretrained(build_model(TINY_VIT, 3), tmp_path / "model")
-    return tmp_path / "model"
-
-
 @pytest.mark.parametrize("args, message", [
     (["{tmp}/a.onnx", "--model", "{tmp}/nowhere"], "error: {tmp}/nowhere: no such file or directory"),
     (["{model}/config.json/a.onnx", "--model", "{model}"], "error: cannot create "),

@@ -1,4 +1,5 @@
-"""Backbone discovery through the regproxy.backbones entry-point group, built-ins and third-party alike."""
+"""Plugin discovery through the regproxy.backbones entry-point group, built-ins and third-party alike; every
+installed token classifier through the model contract."""
 
 import importlib
 import json
@@ -11,7 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from regproxy_cli import RegproxyError, build_model, get_backbone, list_backbones, refresh_backbones
+from conftest import PLUGIN_CLASSES, tiny_model_with
+from regproxy_cli import (
+    RegproxyError,
+    build_model,
+    get_backbone,
+    list_backbones,
+    load_pretrained,
+    refresh_backbones,
+    save_pretrained,
+)
+from regproxy_cli.model.classifiers import list_classifiers
 from regproxy_cli.model.plugins import ENTRY_POINT_GROUP, discover
 
 PLUGIN_MODULE = textwrap.dedent(
@@ -53,8 +64,24 @@ def site(tmp_path, monkeypatch):
 
 def test_built_ins_come_from_their_own_distribution():
     names = {name: dist for name, (dist, _) in discover(ENTRY_POINT_GROUP, "backbone").items()}
-    for name in ("t16", "s16", "b16", "l16", "r26-s32", "r50-l32"):
+    for name in ("t16", "s16", "b16", "l16", "r26-s32", "r50-l32", "demo8"):
         assert names[name] == "regproxy-backbones"
+
+
+@pytest.mark.parametrize("baseline", [False, True], ids=["regproxy", "baseline"])
+@pytest.mark.parametrize("name", list_classifiers())
+def test_every_installed_classifier_scores_k_classes_and_round_trips(name, baseline, tmp_path):
+    model = tiny_model_with(name, baseline=baseline).eval()
+    x = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        logits, out = model(x), model(x, training_output=True)
+    assert logits.shape == out.logits.shape == (1, len(PLUGIN_CLASSES), 48, 64) and torch.isfinite(logits).all()
+    assert out.outputs.shape[1] == out.token_outputs.shape[1] == model.token_classifier.out_channels
+    save_pretrained(model, tmp_path / "m")
+    loaded = load_pretrained(tmp_path / "m")
+    assert loaded.config.classifier == name and loaded.config.classifier_options == model.config.classifier_options
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), logits, rtol=0, atol=0)
 
 
 def test_unknown_backbone_lists_the_available_ones():

@@ -7,22 +7,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from regproxy_cli import RegproxyError, build_model
+from regproxy_cli import RegproxyError
 from regproxy_cli.inference import protocol
 from regproxy_cli.inference.predictor import predict_labels
-from regproxy_cli.io.checkpoint import save_pretrained
 from regproxy_cli.io.zoo import load_model
 from regproxy_cli.model.config import ModelConfig
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model("tiny-vit", 5)
-    model.config.classes = ["sky", "tree", "road", "car", "person"]
-    directory = tmp_path_factory.mktemp("model") / "tiny"
-    save_pretrained(model, directory)
-    return directory
 
 
 def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
