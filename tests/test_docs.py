@@ -155,3 +155,20 @@ def test_the_checker_catches_a_wrong_command_and_a_wrong_option():
     assert _block_commands("```bash\ntorchrun --nproc-per-node 8 -m regproxy_cli eval --model x && ls\n```\n") == [
         ["eval", "--model", "x"]]
     assert _slug("FLOPs: two conventions") == "flops-two-conventions"
+
+
+def test_the_readmes_python_example_runs(model, tmp_path, monkeypatch, capsys):
+    """The README's Python equivalent of `regproxy predict photo.jpg --model s16-ade`, with a tiny model for the zoo's
+    (nothing downloaded) and a generated photo."""
+    import numpy as np
+    from PIL import Image
+
+    import regproxy_cli
+
+    (block,) = [b for b in re.findall(r"^```python\n(.*?)^```", (ROOT / "README.md").read_text(), re.S | re.M)]
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(regproxy_cli, "load_model", lambda name: model if name == "s16-ade" else None)
+    exec(compile(block, "README.md", "exec"), {})
+    found = eval(capsys.readouterr().out)
+    assert found and set(found) <= set(model.config.classes)

@@ -124,27 +124,36 @@ def test_broken_plugins_give_clear_errors(site, target, message):
         get_backbone("acme-bad")
 
 
-def test_pip_installed_plugin_is_found_by_the_cli(tmp_path, monkeypatch):
-    """The real path: a separate distribution built and installed by pip, seen by a fresh `regproxy` process."""
-    project = tmp_path / "acme-plugin"
-    (project / "acme_plugin").mkdir(parents=True)
-    (project / "acme_plugin" / "__init__.py").write_text(PLUGIN_MODULE.format(name="acme-pip"))
+def _pip_install(tmp_path: Path, dist: str, module: str, entry_points: str) -> Path:
+    """Build the one-module distribution ``dist`` (its entry points as pyproject.toml TOML) and pip-install it into a
+    folder of its own, returned for PYTHONPATH: the path a third party's plugin takes."""
+    package = dist.replace("-", "_")
+    project = tmp_path / dist
+    (project / package).mkdir(parents=True)
+    (project / package / "__init__.py").write_text(module)
     (project / "pyproject.toml").write_text(textwrap.dedent(f"""
         [build-system]
         requires = ["setuptools>=64"]
         build-backend = "setuptools.build_meta"
         [project]
-        name = "acme-plugin"
+        name = "{dist}"
         version = "0.1"
-        [project.entry-points."{ENTRY_POINT_GROUP}"]
-        acme-pip = "acme_plugin:SPEC"
-    """))
+    """) + textwrap.dedent(entry_points))
     target = tmp_path / "installed"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--no-build-isolation",
          "--target", str(target), str(project)],
         check=True, capture_output=True,
     )
+    return target
+
+
+def test_pip_installed_plugin_is_found_by_the_cli(tmp_path, monkeypatch):
+    """The real path: a separate distribution built and installed by pip, seen by a fresh `regproxy` process."""
+    target = _pip_install(tmp_path, "acme-plugin", PLUGIN_MODULE.format(name="acme-pip"), f"""
+        [project.entry-points."{ENTRY_POINT_GROUP}"]
+        acme-pip = "acme_plugin:SPEC"
+    """)
     env = {**os.environ, "PYTHONPATH": str(target), "COLUMNS": "200"}
     listed = subprocess.run([sys.executable, "-m", "regproxy_cli", "backbones", "--json"], env=env,
                             capture_output=True, text=True, check=True)
@@ -206,27 +215,12 @@ HEAD_MODULE = textwrap.dedent(
 
 def test_pip_installed_classifier_and_loss_train_save_and_reload_through_the_cli(tmp_path):
     """A separate distribution registering a token classifier and a loss: listed, trained, saved, reloaded."""
-    project = tmp_path / "acme-head"
-    (project / "acme_head").mkdir(parents=True)
-    (project / "acme_head" / "__init__.py").write_text(HEAD_MODULE)
-    (project / "pyproject.toml").write_text(textwrap.dedent("""
-        [build-system]
-        requires = ["setuptools>=64"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "acme-head"
-        version = "0.1"
+    target = _pip_install(tmp_path, "acme-head", HEAD_MODULE, """
         [project.entry-points."regproxy.classifiers"]
         acme-cosine = "acme_head:COSINE"
         [project.entry-points."regproxy.losses"]
         acme-smooth = "acme_head:SMOOTH"
-    """))
-    target = tmp_path / "installed"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--no-build-isolation",
-         "--target", str(target), str(project)],
-        check=True, capture_output=True,
-    )
+    """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]),
            "COLUMNS": "200"}
     listed = subprocess.run([sys.executable, "-m", "regproxy_cli", "plugins", "--json"], env=env,

@@ -62,9 +62,9 @@ class ZooEntry:
 
     def config(self) -> ModelConfig:
         ade = self.dataset == "ade20k"
+        classes = list(ADE20K_CLASSES if ade else CITYSCAPES_CLASSES)
         return ModelConfig(
-            backbone=self.backbone, num_classes=150 if ade else 19, m=self.m, crop_size=self.crop,
-            classes=list(ADE20K_CLASSES if ade else CITYSCAPES_CLASSES),
+            backbone=self.backbone, num_classes=len(classes), m=self.m, crop_size=self.crop, classes=classes,
             palette=[list(c) for c in (ADE20K_PALETTE if ade else CITYSCAPES_PALETTE)],
             inference_mode="slide", window_stride=self.crop if ade else 512,
             test_scale=(2048, self.crop) if ade else (2048, 1024), dataset=self.dataset,
