@@ -32,6 +32,11 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> Non
         raise
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`write_atomic`)."""
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """The JSON document in ``path`` (UTF-8); a missing, unreadable or malformed file is one error line naming it."""
     try:

@@ -35,7 +35,7 @@ from regproxy_cli import plots
 from regproxy_cli.constants import IGNORE_INDEX
 from regproxy_cli.data.datasets import SegmentationDataset
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.files import write_atomic
+from regproxy_cli.files import write_text_atomic
 from regproxy_cli.inference.predictor import device_of, normalise, working_size
 from regproxy_cli.inference.runtime import autocast
 
@@ -159,7 +159,7 @@ def write_region_entropy(result: RegionEntropy, out_dir: str | os.PathLike, titl
     out.mkdir(parents=True, exist_ok=True)
     summary = result.summary()
     json_path = out / "region_entropy.json"
-    write_atomic(json_path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
+    write_text_atomic(json_path, json.dumps(summary, indent=2) + "\n")
     nonzero = {s: v[v > 1e-6] for s, v in result.values.items()}
     labels = {"learned": "learned regions (arg-max token)", "soft": "learned regions, soft (affinity-weighted)",
               "cells": "regular cells (one token's square)"}

@@ -20,7 +20,7 @@ from torch import nn
 
 from regproxy_cli.constants import VERSION
 from regproxy_cli.errors import RegproxyError, listed
-from regproxy_cli.files import read_json, write_atomic
+from regproxy_cli.files import read_json, write_atomic, write_text_atomic
 from regproxy_cli.model.config import ModelConfig
 from regproxy_cli.model.regproxy import build_from_config
 
@@ -38,8 +38,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, config: Mode
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     write_atomic(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    write_atomic(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config.to_dict(), indent=2) + "\n"))
-    write_atomic(directory / CARD_NAME, lambda p: Path(p).write_text(model_card(config), encoding="utf-8"))
+    write_text_atomic(directory / CONFIG_NAME, json.dumps(config.to_dict(), indent=2) + "\n")
+    write_text_atomic(directory / CARD_NAME, model_card(config))
     return directory
 
 

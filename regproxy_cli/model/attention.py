@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from regproxy_cli.constants import cache_dir
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.files import write_atomic
+from regproxy_cli.files import write_text_atomic
 
 ATTENTION_ENV = "REGPROXY_ATTENTION"
 KERNELS = ("sdpa", "explicit")
@@ -113,6 +113,6 @@ def _write(path: Path, data: dict) -> None:
     """Store the choices; a cache folder that cannot be written only costs a re-measure in the next process."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1, sort_keys=True) + "\n"))
+        write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
     except OSError:
         return
