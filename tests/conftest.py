@@ -37,6 +37,27 @@ TINY_HYBRID = BackboneSpec(
 TINY_SPECS = [TINY_VIT, TINY_DEIT, TINY_HYBRID]
 
 
+class SteepPointwise(torch.nn.Module):
+    """A stand-in model: a 1x1 conv with large weights, run whole at ``test_scale`` (a 96x128 image is segmented at
+    12x16). Logits we control, steep enough that the softmax is far from linear, so softmax-then-resize and
+    resize-then-softmax give different labels."""
+
+    def __init__(self, test_scale=(16, 12)) -> None:
+        from regproxy_cli.model.config import ModelConfig
+
+        super().__init__()
+        self.config = ModelConfig(backbone="stub", num_classes=4, m=0, crop_size=64, inference_mode="whole",
+                                  test_scale=test_scale)
+        generator = torch.Generator().manual_seed(3)
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(4, 3, 1, 1, generator=generator) * 2)
+            self.conv.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
