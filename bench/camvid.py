@@ -21,7 +21,7 @@ Runs go to ``runs/camvid/VARIANT-sSEED`` (git-ignored). A finished run is scored
 interrupted one resumes; delete the folder to retrain. A seed whose run folder is gone (a fresh machine) but which
 ``--out`` already holds from an earlier study with the same config and iterations is kept from there, with the
 machine it ran on, so a study grows seed by seed across machines; ``--retrain`` ignores those rows. CamVid itself (SegNet tutorial layout) is read from
-``data/CamVid``; see the README's *CamVid* section for where to get it.
+``data/CamVid``; see docs/your-data.md (CamVid) for where to get it.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from quality import ROOT, data_overrides, run_config, train_fresh
 
 from regproxy_cli.data.synthetic import write_synthetic_dataset
 from regproxy_cli.engine.metrics import ConfusionMatrix
-from regproxy_cli.files import write_atomic
+from regproxy_cli.files import write_text_atomic
 from regproxy_cli.inference.predictor import normalise
 
 STREETS_HIERARCHY = ROOT / "configs" / "hierarchies" / "streets.yaml"
@@ -164,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "size": args.size, "hierarchy": yaml.safe_load(STREETS_HIERARCHY.read_text()),
                                     "machine": machine()},
                           "summary": summarise(runs), "runs": runs}
-                write_atomic(args.out, lambda tmp, result=result: Path(tmp).write_text(json.dumps(result, indent=2)
-                                                                                      + "\n"))
+                write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(summarise(runs), indent=2))
     return 0
 

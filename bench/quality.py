@@ -44,7 +44,7 @@ from regproxy_cli.data.streets import object_recall, read_sidecar, recall_by_wid
 from regproxy_cli.engine.config import TrainConfig, load_config
 from regproxy_cli.engine.metrics import BoundaryFScore, ConfusionMatrix
 from regproxy_cli.engine.train import train
-from regproxy_cli.files import write_atomic
+from regproxy_cli.files import write_text_atomic
 from regproxy_cli.inference.predictor import predict_labels
 from regproxy_cli.io.checkpoint import load_pretrained
 from regproxy_cli.model.flops import count_flops
@@ -290,8 +290,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def write_json(path: Path, result: dict) -> None:
     """``result`` as indented JSON, atomically (a reader never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(result, indent=2) + "\n"
-    write_atomic(path, lambda temporary: Path(temporary).write_text(text))
+    write_text_atomic(path, json.dumps(result, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """regproxy: RegProxy semantic segmentation ("Semantic Segmentation by Early Region Proxy", CVPR 2022).
 
-The public API, gathered from the layers (see the README's layout section): build and load models, segment images,
+The public API, gathered from the layers (see docs/development.md, "Layout"): build and load models, segment images,
 declare backbones.
 """
 

@@ -1,11 +1,16 @@
-"""Atomic file writes: a reader (or a run killed mid-write) sees the old file or the complete new one."""
+"""Files in and out: atomic writes (a reader, or a run killed mid-write, sees the old file or the complete new one)
+and JSON documents read with one error line."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from regproxy_cli.errors import RegproxyError, one_line
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> None:
@@ -25,6 +30,19 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`write_atomic`)."""
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON document in ``path`` (UTF-8); a missing, unreadable or malformed file is one error line naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise RegproxyError(f"{path}: cannot read the JSON ({one_line(error)})") from None
 
 
 def _umask() -> int:

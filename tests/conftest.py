@@ -5,8 +5,9 @@ import tempfile
 
 # Tests never touch the network. Set before huggingface_hub is imported: it reads this once.
 os.environ["HF_HUB_OFFLINE"] = "1"
-# What regproxy measures about the machine (CPU kernel choices) goes to a folder of this run, not the user's cache.
-os.environ["REGPROXY_CACHE_DIR"] = tempfile.mkdtemp(prefix="regproxy-cache-")
+# What regproxy caches (CPU kernel choices, converted zoo models) goes to a folder of this run, not the user's cache.
+os.environ["REGPROXY_CACHE"] = tempfile.mkdtemp(prefix="regproxy-cache-")
+os.environ.pop("REGPROXY_CACHE_DIR", None)
 
 from functools import partial
 
@@ -36,9 +37,77 @@ TINY_HYBRID = BackboneSpec(
 TINY_SPECS = [TINY_VIT, TINY_DEIT, TINY_HYBRID]
 
 
+class SteepPointwise(torch.nn.Module):
+    """A stand-in model: a 1x1 conv with large weights, run whole at ``test_scale`` (a 96x128 image is segmented at
+    12x16). Logits we control, steep enough that the softmax is far from linear, so softmax-then-resize and
+    resize-then-softmax give different labels."""
+
+    def __init__(self, test_scale=(16, 12)) -> None:
+        from regproxy_cli.model.config import ModelConfig
+
+        super().__init__()
+        self.config = ModelConfig(backbone="stub", num_classes=4, m=0, crop_size=64, inference_mode="whole",
+                                  test_scale=test_scale)
+        generator = torch.Generator().manual_seed(3)
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(4, 3, 1, 1, generator=generator) * 2)
+            self.conv.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+# Options a classifier plugin cannot do without (its resolve_options refuses {}); any other installed classifier is
+# built with {} and its defaults, so a new plugin is tested without being named here.
+REQUIRED_CLASSIFIER_OPTIONS = {"hssn": {"hierarchy": {"up": ["sky", "tree"], "down": ["road"]}}}
+PLUGIN_CLASSES = ["sky", "tree", "road"]
+
+
+def tiny_model_with(classifier: str, *, baseline: bool = False):
+    """A tiny-vit model (3 classes, seed 0) with the installed ``classifier``, its options resolved as training does."""
+    from regproxy_cli import build_model
+    from regproxy_cli.model.classifiers import get_classifier
+
+    options = get_classifier(classifier).resolve_options(dict(REQUIRED_CLASSIFIER_OPTIONS.get(classifier, {})),
+                                                         PLUGIN_CLASSES)
+    torch.manual_seed(0)
+    model = build_model("tiny-vit", len(PLUGIN_CLASSES), classifier=classifier, classifier_options=options,
+                        baseline=baseline)
+    model.config.classes = list(PLUGIN_CLASSES)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_classes() -> list[str]:
+    """The class names of ``model_dir``'s tiny model; a test module overrides this fixture for other classes."""
+    return ["sky", "tree", "road", "car", "person"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, model_classes):
+    """A saved tiny-vit RegProxy (seed 0, random weights) with ``model_classes``, shared by a test module."""
+    from regproxy_cli import build_model, save_pretrained
+
+    torch.manual_seed(0)
+    model = build_model("tiny-vit", len(model_classes))
+    model.config.classes = list(model_classes)
+    directory = tmp_path_factory.mktemp("model") / "tiny"
+    save_pretrained(model, directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    """``model_dir`` loaded as ``--model`` loads it (eval mode), shared by a test module."""
+    from regproxy_cli import load_model
+
+    return load_model(model_dir)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from regproxy_cli import RegproxyError, build_model
+from regproxy_cli.cli.app import main
 from regproxy_cli.constants import IGNORE_INDEX
 from regproxy_cli.data.open import open_dataset
 from regproxy_cli.data.synthetic import write_synthetic_dataset
@@ -94,6 +95,25 @@ def test_region_entropy_over_a_dataset(dataset_and_model):
         assert np.all(values >= 0) and np.all(values <= math.log(3) + 1e-5)
     # 64x80 at stride 16: a 4x5 token grid per image, every cell labelled
     assert summary["cells"]["regions"] == 3 * 4 * 5
+
+
+def test_region_entropy_in_bf16_finds_the_same_regions(dataset_and_model):
+    root, model = dataset_and_model
+    dataset = open_dataset("folder", root, "val")
+    fp32 = region_entropy(model, dataset, progress=False)
+    bf16 = region_entropy(model, dataset, progress=False, precision="bf16")
+    for source in ("learned", "soft", "cells"):
+        assert bf16.values[source].shape == fp32.values[source].shape
+    np.testing.assert_array_equal(bf16.values["cells"], fp32.values["cells"])  # labels only: no network
+    np.testing.assert_allclose(bf16.values["soft"], fp32.values["soft"], atol=0.05)
+
+
+def test_cli_checks_the_precision_before_reading_anything(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["analyze", "regions", "--model", "nowhere", "--data", "nowhere", "--precision", "fp16",
+              "--device", "cpu"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip() == "error: fp16 needs a CUDA device; use bf16 on CPU"
 
 
 def test_region_entropy_refuses_the_baseline_and_a_class_mismatch(dataset_and_model):

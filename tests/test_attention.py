@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from regproxy_cli import build_model
+from regproxy_cli.constants import CACHE_ENV
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.inference.runtime import autocast
 from regproxy_cli.model import attention
@@ -14,7 +15,7 @@ from regproxy_cli.model import attention
 @pytest.fixture
 def fresh(tmp_path, monkeypatch):
     """An empty cache folder and no choice made yet in this process."""
-    monkeypatch.setenv(attention.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     monkeypatch.delenv(attention.ATTENTION_ENV, raising=False)
     monkeypatch.setattr(attention, "_chosen", {})
     return tmp_path / "cpu-kernels.json"

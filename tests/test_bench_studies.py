@@ -1,4 +1,4 @@
-"""The quality studies in bench/ run end to end at toy size and write the JSON the README's claims are read from.
+"""The quality studies in bench/ run end to end at toy size and write the JSON that docs/studies.md quotes.
 
 They are scripts, not package code, so nothing else imports them: without this a refactor of the package can break
 them silently (it did once: thin_objects.py reached for a private helper that had been renamed).

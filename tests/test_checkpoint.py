@@ -72,7 +72,7 @@ def test_broken_directories_give_one_line_errors(tmp_path):
     with pytest.raises(RegproxyError, match="weights do not fit the model: shape mismatch: head.classifier.weight"):
         load_pretrained(tmp_path / "m")
     config.write_text("{not json")
-    with pytest.raises(RegproxyError, match="not valid JSON"):
+    with pytest.raises(RegproxyError, match="config.json: cannot read the JSON"):
         load_pretrained(tmp_path / "m")
     config.write_text(json.dumps(data))
     (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")

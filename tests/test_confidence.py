@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import TINY_VIT
+from conftest import TINY_VIT, SteepPointwise
 from regproxy_cli import build_model
 from regproxy_cli.inference import confidence
 from regproxy_cli.inference.confidence import output_stride, predict_confidence
@@ -34,23 +34,6 @@ def _stats(probs: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels, max prob, entropy) of (K, H, W) probabilities, the textbook way."""
     entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(0)
     return probs.argmax(0).numpy(), probs.max(0).values.numpy(), entropy.numpy()
-
-
-class _Pointwise(nn.Module):
-    """A 1x1 conv with steep weights, run whole at a test scale: logits we control, far from a linear softmax."""
-
-    def __init__(self, test_scale=(16, 12)) -> None:
-        super().__init__()
-        self.config = ModelConfig(backbone="stub", num_classes=4, m=0, crop_size=64, inference_mode="whole",
-                                  test_scale=test_scale)
-        generator = torch.Generator().manual_seed(3)
-        self.conv = nn.Conv2d(3, 4, 1)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(4, 3, 1, 1, generator=generator) * 2)
-            self.conv.bias.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +123,7 @@ def _tta_reference(net: nn.Module, image: np.ndarray, sizes) -> tuple[torch.Tens
 @pytest.mark.parametrize("band_limit", [1 << 24, 4 * 128 * 5])
 def test_tta_maps_and_disagreement_equal_aug_test_written_out(band_limit, monkeypatch):
     monkeypatch.setattr(confidence, "CONFIDENCE_BAND_LIMIT", band_limit)
-    net, image = _Pointwise(), _photo(96, 128, seed=4)
+    net, image = SteepPointwise(), _photo(96, 128, seed=4)
     maps = predict_confidence(net, image, tta=True)
     probs, view_labels = _tta_reference(net, image, _TTA_SIZES)
     labels, top, entropy = _stats(probs)
@@ -155,7 +138,7 @@ def test_tta_maps_and_disagreement_equal_aug_test_written_out(band_limit, monkey
 
 def test_tta_without_a_test_scale_accumulates_and_gives_the_same_maps(monkeypatch):
     """Without a test scale the 12 views outweigh one K x H x W sum: they are added up as they come."""
-    net, image = _Pointwise(test_scale=None), _photo(40, 60, seed=5)
+    net, image = SteepPointwise(test_scale=None), _photo(40, 60, seed=5)
     sizes = [(20, 30), (30, 45), (40, 60), (50, 75), (60, 90), (70, 105)]  # 0.5 ... 1.75 of 40x60, halves up
     accumulated = []
     original = confidence._statistics_from_accumulator

@@ -139,7 +139,8 @@ def test_missing_onnxruntime_names_the_extra(tmp_path, monkeypatch):
 def test_cli_exports_and_checks_a_model_directory(tmp_path, cli):
     save_pretrained(build_model(TINY_VIT, 3), tmp_path / "model")
     out = tmp_path / "model.onnx"
-    result = cli("export", str(out), "--model", str(tmp_path / "model"), "--size", "64x80", env={"COLUMNS": "200"})
+    result = cli("export", str(out), "--model", str(tmp_path / "model"), "--size", "64x80", "--device", "cpu",
+                 env={"COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
     assert "max |ONNX - PyTorch|" in result.stdout and "1x3x64x80" in result.stdout and "MiB" in result.stdout
     assert f"wrote {out}" in result.stdout
@@ -152,18 +153,13 @@ def _run_main(capsys, *args: str) -> tuple[int, str]:
     return exit_info.value.code, capsys.readouterr().err
 
 
-@pytest.fixture
-def model_dir(tmp_path):
-    save_pretrained(build_model(TINY_VIT, 3), tmp_path / "model")
-    return tmp_path / "model"
-
-
 @pytest.mark.parametrize("args, message", [
     (["{tmp}/a.onnx", "--model", "{tmp}/nowhere"], "error: {tmp}/nowhere: no such file or directory"),
     (["{model}/config.json/a.onnx", "--model", "{model}"], "error: cannot create "),
     (["{tmp}", "--model", "{model}"], "is a directory: give the .onnx file to write"),
     (["{tmp}/a.onnx", "--model", "{model}", "--size", "big"], "error: --size 'big' must be N or HEIGHTxWIDTH"),
     (["{tmp}/a.onnx", "--model", "{model}", "--opset", "21"], "error: ONNX opset 21 is not supported"),
+    (["{tmp}/a.onnx", "--model", "{model}", "--device", "tpu"], "error: --device tpu: "),
 ])
 def test_cli_errors_are_one_line(tmp_path, model_dir, capsys, args, message):
     code, err = _run_main(capsys, "export", *(a.format(tmp=tmp_path, model=model_dir) for a in args))

@@ -65,7 +65,7 @@ GRAPH = {_module_name(p): _imports(p) for p in SOURCES}
 
 def test_every_module_belongs_to_a_layer():
     unplaced = sorted(m for m in GRAPH if m not in FACADE and _group(m) not in LAYERS)
-    assert not unplaced, f"add these to LAYERS (and the README's layout): {unplaced}"
+    assert not unplaced, f"add these to LAYERS (and the layout in docs/development.md): {unplaced}"
 
 
 @pytest.mark.parametrize("module", sorted(m for m in GRAPH if m not in FACADE))

@@ -8,9 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny_model_with
 from regproxy_cli import RegproxyError
 from regproxy_cli.engine.config import load_config
-from regproxy_cli.engine.losses import segmentation_loss
+from regproxy_cli.engine.losses import (
+    LOSS_KINDS,
+    MEAN_OVER,
+    LossContext,
+    build_loss,
+    get_loss,
+    list_losses,
+    segmentation_loss,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 IGNORE = 255
@@ -221,8 +230,8 @@ def test_lovasz_only_averages_the_classes_present():
     assert loss.item() == pytest.approx(_lovasz_naive(logits, labels).item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["ce", "focal", "dice", "ce+dice", "lovasz"])
-@pytest.mark.parametrize("mean_over", ["all", "labelled"])
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+@pytest.mark.parametrize("mean_over", MEAN_OVER)
 def test_every_kind_gives_zero_on_a_fully_ignored_batch(kind, mean_over):
     logits = torch.randn(2, 4, 5, 6, requires_grad=True)
     labels = torch.full((2, 5, 6), IGNORE)
@@ -231,7 +240,7 @@ def test_every_kind_gives_zero_on_a_fully_ignored_batch(kind, mean_over):
     assert loss.item() == 0.0 and (logits.grad == 0).all()
 
 
-@pytest.mark.parametrize("kind", ["ce", "focal", "dice", "ce+dice", "lovasz"])
+@pytest.mark.parametrize("kind", LOSS_KINDS)
 def test_every_kind_decreases_along_its_gradient(kind):
     logits, labels = _batch()
     logits.requires_grad_()
@@ -241,6 +250,34 @@ def test_every_kind_decreases_along_its_gradient(kind):
         after = segmentation_loss(logits - 0.05 * logits.grad / logits.grad.norm(), labels, kind=kind,
                                   class_weight=WEIGHTS)
     assert torch.isfinite(logits.grad).all() and after < loss
+
+
+@pytest.mark.parametrize("name", list_losses())
+def test_every_installed_loss_trains_its_classifier_and_ignores_void(name):
+    """Every loss plugin (built-in, HSSN, ProtoSeg, a third party's) on the model of the classifier it needs: a
+    finite positive scalar whose gradient reaches the classifier, and exactly 0 with no gradient on a void batch."""
+    model = tiny_model_with(get_loss(name).classifier or "linear").train()
+    loss_fn = build_loss(name, LossContext(model=model, iters=10))
+    x = torch.randn(2, 3, 32, 48)
+    labels = torch.randint(0, 3, (2, 32, 48))
+    labels[0, :10] = IGNORE
+    loss = loss_fn(model(x, training_output=True), labels, 0)
+    loss.backward()
+    assert loss.dim() == 0 and torch.isfinite(loss) and loss > 0
+    grads = [p.grad for p in model.token_classifier.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    model.zero_grad(set_to_none=True)
+    void = loss_fn(model(x, training_output=True), torch.full_like(labels, IGNORE), 1)
+    void.backward()
+    assert void.item() == 0.0
+    assert all(p.grad is None or (p.grad == 0).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", [n for n in list_losses() if get_loss(n).classifier])
+def test_a_loss_made_for_one_classifier_refuses_another(name):
+    with pytest.raises(RegproxyError, match=f"loss.kind {name} needs model.classifier: {get_loss(name).classifier}"):
+        build_loss(name, LossContext(model=tiny_model_with("linear")))
 
 
 @pytest.mark.parametrize("overrides, expected", [

@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from regproxy_cli import build_model
 from regproxy_cli.cli import benchmark as benchmark_cli
 from regproxy_cli.cli import predict as predict_cli
 from regproxy_cli.cli.app import app, main
@@ -21,23 +20,8 @@ from regproxy_cli.errors import RegproxyError
 from regproxy_cli.images import load_image, save_label_png, save_png_atomic
 from regproxy_cli.inference import pipeline
 from regproxy_cli.inference.predictor import predict_labels
-from regproxy_cli.io.checkpoint import save_pretrained
 from regproxy_cli.io.zoo import load_model
 from regproxy_cli.viz import overlay, predict_regions
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model("tiny-vit", 5)
-    directory = tmp_path_factory.mktemp("model") / "tiny"
-    save_pretrained(model, directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    return load_model(model_dir)
 
 
 def _photo(height: int, width: int, seed: int) -> np.ndarray:

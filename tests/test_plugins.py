@@ -1,4 +1,5 @@
-"""Backbone discovery through the regproxy.backbones entry-point group, built-ins and third-party alike."""
+"""Plugin discovery through the regproxy.backbones entry-point group, built-ins and third-party alike; every
+installed token classifier through the model contract."""
 
 import importlib
 import json
@@ -11,7 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from regproxy_cli import RegproxyError, build_model, get_backbone, list_backbones, refresh_backbones
+from conftest import PLUGIN_CLASSES, tiny_model_with
+from regproxy_cli import (
+    RegproxyError,
+    build_model,
+    get_backbone,
+    list_backbones,
+    load_pretrained,
+    refresh_backbones,
+    save_pretrained,
+)
+from regproxy_cli.model.classifiers import list_classifiers
 from regproxy_cli.model.plugins import ENTRY_POINT_GROUP, discover
 
 PLUGIN_MODULE = textwrap.dedent(
@@ -53,8 +64,24 @@ def site(tmp_path, monkeypatch):
 
 def test_built_ins_come_from_their_own_distribution():
     names = {name: dist for name, (dist, _) in discover(ENTRY_POINT_GROUP, "backbone").items()}
-    for name in ("t16", "s16", "b16", "l16", "r26-s32", "r50-l32"):
+    for name in ("t16", "s16", "b16", "l16", "r26-s32", "r50-l32", "demo8"):
         assert names[name] == "regproxy-backbones"
+
+
+@pytest.mark.parametrize("baseline", [False, True], ids=["regproxy", "baseline"])
+@pytest.mark.parametrize("name", list_classifiers())
+def test_every_installed_classifier_scores_k_classes_and_round_trips(name, baseline, tmp_path):
+    model = tiny_model_with(name, baseline=baseline).eval()
+    x = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        logits, out = model(x), model(x, training_output=True)
+    assert logits.shape == out.logits.shape == (1, len(PLUGIN_CLASSES), 48, 64) and torch.isfinite(logits).all()
+    assert out.outputs.shape[1] == out.token_outputs.shape[1] == model.token_classifier.out_channels
+    save_pretrained(model, tmp_path / "m")
+    loaded = load_pretrained(tmp_path / "m")
+    assert loaded.config.classifier == name and loaded.config.classifier_options == model.config.classifier_options
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), logits, rtol=0, atol=0)
 
 
 def test_unknown_backbone_lists_the_available_ones():
@@ -97,27 +124,36 @@ def test_broken_plugins_give_clear_errors(site, target, message):
         get_backbone("acme-bad")
 
 
-def test_pip_installed_plugin_is_found_by_the_cli(tmp_path, monkeypatch):
-    """The real path: a separate distribution built and installed by pip, seen by a fresh `regproxy` process."""
-    project = tmp_path / "acme-plugin"
-    (project / "acme_plugin").mkdir(parents=True)
-    (project / "acme_plugin" / "__init__.py").write_text(PLUGIN_MODULE.format(name="acme-pip"))
+def _pip_install(tmp_path: Path, dist: str, module: str, entry_points: str) -> Path:
+    """Build the one-module distribution ``dist`` (its entry points as pyproject.toml TOML) and pip-install it into a
+    folder of its own, returned for PYTHONPATH: the path a third party's plugin takes."""
+    package = dist.replace("-", "_")
+    project = tmp_path / dist
+    (project / package).mkdir(parents=True)
+    (project / package / "__init__.py").write_text(module)
     (project / "pyproject.toml").write_text(textwrap.dedent(f"""
         [build-system]
         requires = ["setuptools>=64"]
         build-backend = "setuptools.build_meta"
         [project]
-        name = "acme-plugin"
+        name = "{dist}"
         version = "0.1"
-        [project.entry-points."{ENTRY_POINT_GROUP}"]
-        acme-pip = "acme_plugin:SPEC"
-    """))
+    """) + textwrap.dedent(entry_points))
     target = tmp_path / "installed"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--no-build-isolation",
          "--target", str(target), str(project)],
         check=True, capture_output=True,
     )
+    return target
+
+
+def test_pip_installed_plugin_is_found_by_the_cli(tmp_path, monkeypatch):
+    """The real path: a separate distribution built and installed by pip, seen by a fresh `regproxy` process."""
+    target = _pip_install(tmp_path, "acme-plugin", PLUGIN_MODULE.format(name="acme-pip"), f"""
+        [project.entry-points."{ENTRY_POINT_GROUP}"]
+        acme-pip = "acme_plugin:SPEC"
+    """)
     env = {**os.environ, "PYTHONPATH": str(target), "COLUMNS": "200"}
     listed = subprocess.run([sys.executable, "-m", "regproxy_cli", "backbones", "--json"], env=env,
                             capture_output=True, text=True, check=True)
@@ -179,27 +215,12 @@ HEAD_MODULE = textwrap.dedent(
 
 def test_pip_installed_classifier_and_loss_train_save_and_reload_through_the_cli(tmp_path):
     """A separate distribution registering a token classifier and a loss: listed, trained, saved, reloaded."""
-    project = tmp_path / "acme-head"
-    (project / "acme_head").mkdir(parents=True)
-    (project / "acme_head" / "__init__.py").write_text(HEAD_MODULE)
-    (project / "pyproject.toml").write_text(textwrap.dedent("""
-        [build-system]
-        requires = ["setuptools>=64"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "acme-head"
-        version = "0.1"
+    target = _pip_install(tmp_path, "acme-head", HEAD_MODULE, """
         [project.entry-points."regproxy.classifiers"]
         acme-cosine = "acme_head:COSINE"
         [project.entry-points."regproxy.losses"]
         acme-smooth = "acme_head:SMOOTH"
-    """))
-    target = tmp_path / "installed"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--no-build-isolation",
-         "--target", str(target), str(project)],
-        check=True, capture_output=True,
-    )
+    """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]),
            "COLUMNS": "200"}
     listed = subprocess.run([sys.executable, "-m", "regproxy_cli", "plugins", "--json"], env=env,

@@ -7,22 +7,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from regproxy_cli import RegproxyError, build_model
+from conftest import SteepPointwise
+from regproxy_cli import RegproxyError
 from regproxy_cli.inference import protocol
 from regproxy_cli.inference.predictor import predict_labels
-from regproxy_cli.io.checkpoint import save_pretrained
 from regproxy_cli.io.zoo import load_model
-from regproxy_cli.model.config import ModelConfig
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model("tiny-vit", 5)
-    model.config.classes = ["sky", "tree", "road", "car", "person"]
-    directory = tmp_path_factory.mktemp("model") / "tiny"
-    save_pretrained(model, directory)
-    return directory
 
 
 def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -186,24 +175,6 @@ def test_test_scale_sets_the_working_size_and_labels_come_back_full_size(model_d
     assert labels.shape == (1200, 1600) and seen == [(64, 85)]
 
 
-class _SharpPointwise(nn.Module):
-    """A 1x1 conv with large weights, run whole: logits we control, steep enough that the softmax is far from
-    linear, so softmax-then-resize and resize-then-softmax give different labels."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.config = ModelConfig(backbone="stub", num_classes=4, m=0, crop_size=64, inference_mode="whole",
-                                  test_scale=(16, 12))  # a 96x128 image is segmented at 12x16
-        generator = torch.Generator().manual_seed(3)
-        self.conv = nn.Conv2d(3, 4, 1)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(4, 3, 1, 1, generator=generator) * 2)
-            self.conv.bias.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
-
-
 # the test sizes of a 96x128 image for test scale (16, 12) x (0.5 ... 1.75): scale factors 1/16, 3/32, ... 7/32
 _TTA_SIZES = [(6, 8), (9, 12), (12, 16), (15, 20), (18, 24), (21, 28)]
 
@@ -229,7 +200,7 @@ def _tta_reference(net: nn.Module, image: np.ndarray, probs_at: tuple[int, int] 
 
 
 def test_tta_resizes_each_augmentations_logits_to_the_original_size_before_the_softmax():
-    net, image = _SharpPointwise(), _photo(96, 128, seed=4)
+    net, image = SteepPointwise(), _photo(96, 128, seed=4)
     labels = predict_labels(net, image, tta=True)
     expected = _tta_reference(net, image, probs_at=None)
     old_order = _tta_reference(net, image, probs_at=(12, 16))
@@ -239,7 +210,7 @@ def test_tta_resizes_each_augmentations_logits_to_the_original_size_before_the_s
 
 
 def test_tta_in_row_bands_gives_the_same_labels(monkeypatch):
-    net, image = _SharpPointwise(), _photo(96, 128, seed=4)
+    net, image = SteepPointwise(), _photo(96, 128, seed=4)
     whole = predict_labels(net, image, tta=True)
     bands = []
     resize_rows = protocol.resize_rows
@@ -257,7 +228,7 @@ def test_tta_in_row_bands_gives_the_same_labels(monkeypatch):
 
 
 def test_tta_without_a_test_scale_applies_scale_to_the_image():
-    net = _SharpPointwise()
+    net = SteepPointwise()
     net.config.test_scale = None
     seen = []
     handle = net.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))

@@ -80,18 +80,41 @@ def _card(folder: Path) -> tuple[dict, str]:
 def test_cli_passes_model_repo_private_and_revision(monkeypatch, tmp_path):
     pushed = []
     monkeypatch.setattr(push_cli, "push_to_hub", lambda *a, **k: pushed.append((a, k)) or "https://hub/commit/1")
-    result = runner.invoke(app, ["push", str(tmp_path / "m"), "me/tiny", "--private", "--revision", "dev"])
+    result = runner.invoke(app, ["push", "--model", str(tmp_path / "m"), "me/tiny", "--private", "--revision", "dev"])
     assert result.exit_code == 0, result.output
     assert pushed == [((tmp_path / "m", "me/tiny"), {"private": True, "revision": "dev"})]
     assert "pushed" in result.output and "https://hub/commit/1" in result.output
-    result = runner.invoke(app, ["push", str(tmp_path / "m"), "me/tiny"])
+    assert "deprecated" not in result.stderr
+    result = runner.invoke(app, ["push", "me/tiny", "-m", str(tmp_path / "m")])
     assert result.exit_code == 0 and pushed[1] == ((tmp_path / "m", "me/tiny"), {"private": False, "revision": None})
+
+
+def test_cli_keeps_the_positional_model_for_one_release_with_a_deprecation_line(monkeypatch, tmp_path):
+    pushed = []
+    monkeypatch.setattr(push_cli, "push_to_hub", lambda *a, **k: pushed.append((a, k)) or "https://hub/commit/1")
+    result = runner.invoke(app, ["push", str(tmp_path / "m"), "me/tiny", "--private"])
+    assert result.exit_code == 0, result.output
+    assert pushed == [((tmp_path / "m", "me/tiny"), {"private": True, "revision": None})]
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("deprecated:") and "regproxy push --model MODEL REPO_ID" in line
+    assert "deprecated" not in result.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["me/tiny"], "push needs the model: regproxy push --model MODEL REPO_ID"),
+    (["--model", "a", "b", "me/tiny"], "push takes one REPO_ID, got b me/tiny"),
+    (["a", "b", "me/tiny"], "push takes one REPO_ID, got a b me/tiny"),
+])
+def test_cli_names_a_missing_or_doubled_model(monkeypatch, argv, message):
+    monkeypatch.setattr(push_cli, "push_to_hub", lambda *a, **k: pytest.fail("nothing is uploaded"))
+    result = runner.invoke(app, ["push", *argv])
+    assert result.exit_code == 1 and message in str(result.exception)
 
 
 def test_push_a_model_directory(hub, tmp_path):
     save_pretrained(_tiny_model(), tmp_path / "m")
     before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
-    result = runner.invoke(app, ["push", str(tmp_path / "m"), "me/tiny", "--private", "--revision", "v1"])
+    result = runner.invoke(app, ["push", "--model", str(tmp_path / "m"), "me/tiny", "--private", "--revision", "v1"])
     assert result.exit_code == 0, (result.output, result.exception)
     assert hub.calls == [
         ("create_repo", "me/tiny", {"private": True, "exist_ok": True}),
@@ -100,7 +123,7 @@ def test_push_a_model_directory(hub, tmp_path):
     ]
     (uploaded,) = hub.uploads
     assert {p.name: p.read_bytes() for p in uploaded.iterdir()} == before  # the directory, card included, as is
-    runner.invoke(app, ["push", str(tmp_path / "m"), "me/tiny"])
+    runner.invoke(app, ["push", "-m", str(tmp_path / "m"), "me/tiny"])
     assert hub.calls[3:] == [("create_repo", "me/tiny", {"private": False, "exist_ok": True}),
                              ("upload_folder", "me/tiny", {"revision": None, "commit_message": "Upload regproxy model"})]
     push_to_hub(tmp_path / "m" / "model.safetensors", "me/tiny")  # the weights file names its directory
@@ -146,7 +169,7 @@ def test_push_an_authors_checkpoint_converts_it_first(hub, tmp_path):
     state = authors_state_dict(width=32, depth=2, num_classes=6, grid=4, prefix=1)
     meta = authors_meta(tap=0, num_classes=6, mode="whole", crop=64, classes="abcdef")
     torch.save({"meta": meta, "state_dict": state}, tmp_path / "a.pth")
-    result = runner.invoke(app, ["push", str(tmp_path / "a.pth"), "me/authors"])
+    result = runner.invoke(app, ["push", "--model", str(tmp_path / "a.pth"), "me/authors"])
     assert result.exit_code == 0, (result.output, result.exception)
     (uploaded,) = hub.uploads
     assert sorted(p.name for p in uploaded.iterdir()) == ["README.md", "config.json", "model.safetensors"]

@@ -6,13 +6,11 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from regproxy_cli import RegproxyError, build_model
+from regproxy_cli import RegproxyError
 from regproxy_cli.cli.video import expand_videos, predict_video, predict_videos
 from regproxy_cli.inference.predictor import predict_labels
-from regproxy_cli.io.checkpoint import save_pretrained
 from regproxy_cli.io.video import MISSING_EXTRA, VideoReader, is_video, read_video, write_video
 from regproxy_cli.viz import overlay
 
@@ -45,23 +43,6 @@ def _decode(path):
         stream = container.streams.video[0]
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
         return stream, frames
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model("tiny-vit", 5)
-    model.config.classes = ["sky", "tree", "road", "car", "person"]
-    directory = tmp_path_factory.mktemp("model") / "tiny"
-    save_pretrained(model, directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    from regproxy_cli.io.zoo import load_model
-
-    return load_model(str(model_dir)).eval()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,16 @@ import typer
 from rich import box
 from rich.table import Table
 
-from regproxy_cli.cli.options import DeviceOption, ModelOption, model_device, parse_device
+from regproxy_cli.cli.options import (
+    DeviceOption,
+    JsonOption,
+    ModelOption,
+    Precision,
+    PrecisionOption,
+    check_precision,
+    model_device,
+    parse_device,
+)
 from regproxy_cli.cli.output import console, print_json
 from regproxy_cli.engine.analyze import SOURCES, region_entropy, write_region_entropy
 from regproxy_cli.engine.evaluate import open_eval_dataset
@@ -44,15 +53,18 @@ def regions(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("analysis"),
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N images.")] = None,
     device: DeviceOption = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    precision: PrecisionOption = Precision.fp32,
+    as_json: JsonOption = False,
 ) -> None:
     require_matplotlib("analyze regions")  # before the pass over the dataset
+    torch_device = parse_device(model_device(device, model))
+    run_precision = check_precision(precision, torch_device)
     dataset = open_eval_dataset(data, split)
     segmenter = load_model(model)
     if not hasattr(segmenter, "forward_all"):
         raise RegproxyError(f"{model}: analyze regions needs a RegProxy model (this one has no learned regions)")
-    segmenter = segmenter.to(parse_device(model_device(device, model)))
-    result = region_entropy(segmenter, dataset, limit=limit, progress=not as_json)
+    segmenter = segmenter.to(torch_device)
+    result = region_entropy(segmenter, dataset, limit=limit, progress=not as_json, precision=run_precision)
     written = write_region_entropy(result, out, title=f"Region entropy: {model}, {result.images} images")
     summary = result.summary()
     if as_json:

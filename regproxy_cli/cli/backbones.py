@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-import typer
 from rich.table import Table
 
+from regproxy_cli.cli.options import JsonOption
 from regproxy_cli.cli.output import console, print_json
 from regproxy_cli.model.plugins import get_backbone, list_backbones
 
@@ -15,7 +13,7 @@ HELP = "List installed backbone plugins (entry-point group regproxy.backbones) a
 
 
 def backbones(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     specs = [get_backbone(name) for name in list_backbones()]
     if as_json:

@@ -13,6 +13,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
+from regproxy_cli.cli.options import JsonOption
 from regproxy_cli.cli.output import console, err_console, print_json
 from regproxy_cli.data.class_weights import CLASS_WEIGHT_FORMULA
 from regproxy_cli.data.stats import SplitStats, dataset_stats
@@ -90,7 +91,7 @@ def stats(
     split: Annotated[list[str] | None, typer.Option(
         "--split", help="A split to read (repeatable; default: every split with annotations).")] = None,
     workers: Annotated[int, typer.Option(help="Threads reading masks.")] = 4,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     kind, root = _dataset_location(data)
     found = dataset_stats(kind, root, split or None, progress=not as_json, workers=workers)
@@ -162,7 +163,7 @@ def import_command(
                             ] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the train/val draw.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace DST when it is not empty.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a summary.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     result = import_annotations(source_format.value, source, destination, images=images, classes=classes,
                                 background=background, val_fraction=val_fraction, seed=seed, force=force,

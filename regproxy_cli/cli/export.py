@@ -12,7 +12,7 @@ import torch
 import typer
 from rich.table import Table
 
-from regproxy_cli.cli.options import ModelOption, parse_size
+from regproxy_cli.cli.options import DeviceOption, ModelOption, parse_device, parse_size
 from regproxy_cli.cli.output import console, err_console
 from regproxy_cli.engine.evaluate import evaluate
 from regproxy_cli.errors import RegproxyError
@@ -39,7 +39,7 @@ the file's metadata.
 
 --model takes a zoo name (see `regproxy models`), a Hub repo id, a model directory or an authors' .pth file.
 --check (on by default) runs the file with onnxruntime on a random input and fails if its logits differ from
-PyTorch's by more than 1e-4.
+PyTorch's by more than 1e-4. The model is traced on --device (default cpu).
 
 --quantize int8 --calibration DIR writes OUT as a static int8 model (onnxruntime, QDQ, per-channel int8 weights
 of the Conv/MatMul/Gemm operators, int8 activations with min/max ranges), calibrated on up to
@@ -80,6 +80,7 @@ def export(
         help="--quantize: a folder of images, or a dataset folder (its val split, labels give the mIoU change)."
     )] = None,
     calibration_images: Annotated[int, typer.Option(help="--quantize: calibrate on at most this many images.")] = 32,
+    device: DeviceOption = "cpu",
 ) -> None:
     height, width = parse_size("--size", size, square=True) if size else (None, None)
     if batch < 1:
@@ -89,8 +90,9 @@ def export(
                             "int8 ranges")
     if quantize and static and batch != 1:
         raise RegproxyError("--quantize calibrates on one image at a time: use --batch 1 with --static")
+    torch_device = parse_device(device)
     samples = CalibrationSet(calibration, calibration_images) if calibration is not None else None
-    segmenter = load_model(model)
+    segmenter = load_model(model).to(torch_device)
     if height is None:
         height = width = int(getattr(segmenter.config, "crop_size", 512))
     with tempfile.TemporaryDirectory(prefix="regproxy-export-") as tmp:

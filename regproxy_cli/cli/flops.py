@@ -10,7 +10,8 @@ import typer
 from rich import box
 from rich.table import Table
 
-from regproxy_cli.cli.options import parse_size
+from regproxy_cli.classes import ADE20K_CLASSES
+from regproxy_cli.cli.options import JsonOption, parse_size
 from regproxy_cli.cli.output import console, print_json
 from regproxy_cli.engine.report import flops_points, plot_flops
 from regproxy_cli.errors import RegproxyError
@@ -56,14 +57,14 @@ def flops(
     size: Annotated[
         int | None, typer.Option(help="Square input size; default: each backbone's paper crop (512, or 640 for L).")
     ] = None,
-    classes: Annotated[int, typer.Option(help="Number of classes K.")] = 150,
+    classes: Annotated[int, typer.Option(help="Number of classes K.")] = len(ADE20K_CLASSES),
     region_res: Annotated[str, typer.Option(help="Region resolution h or hxw (1..16): output stride = stride / h.")] = "4",
     baseline: Annotated[bool, typer.Option("--baseline", help="Count the linear baselines instead.")] = False,
     slide_image: Annotated[
         str | None, typer.Option(help="Report totals over sliding windows of --size covering this HEIGHTxWIDTH image.")
     ] = None,
     slide_stride: Annotated[int | None, typer.Option(help="Sliding-window stride; default: --size.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: JsonOption = False,
     plot: Annotated[
         Path | None, typer.Option(help="Draw mIoU against GFLOPs (the paper's Fig. 2) into this PNG instead.")
     ] = None,
@@ -75,7 +76,7 @@ def flops(
 ) -> None:
     if plot is not None:
         _plot(plot, run or [], zoo, log_x, as_json, conflicts={
-            "--backbone": bool(backbone), "--size": size is not None, "--classes": classes != 150,
+            "--backbone": bool(backbone), "--size": size is not None, "--classes": classes != len(ADE20K_CLASSES),
             "--region-res": region_res != "4", "--baseline": baseline, "--slide-image": slide_image is not None,
             "--slide-stride": slide_stride is not None})
         return

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-import typer
 from rich import box
 from rich.table import Table
 
+from regproxy_cli.cli.options import JsonOption
 from regproxy_cli.cli.output import console, print_json
+from regproxy_cli.constants import cache_dir
 from regproxy_cli.io.checkpoint import CONFIG_NAME
-from regproxy_cli.io.zoo import ZOO, cache_dir
+from regproxy_cli.io.zoo import ZOO
 from regproxy_cli.model.plugins import get_backbone
 
 SUMMARY = "List the model zoo: the authors' released models and the paper's mIoU."
@@ -18,7 +17,7 @@ HELP = "List the model zoo: the authors' released RegProxy models, their setting
 
 
 def models(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     rows = []
     for entry in ZOO.values():

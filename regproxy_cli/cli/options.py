@@ -58,7 +58,7 @@ WindowBatchOption = Annotated[int, typer.Option("--window-batch", help=WINDOW_BA
 CompileOption = Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)]
 ProviderOption = Annotated[Provider, typer.Option("--provider", help=PROVIDER_HELP)]
 TtaOption = Annotated[bool, typer.Option("--tta", help="The paper's multi-scale (0.5-1.75) + flip test.")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON (stdout) instead of tables.")]
 
 
 def parse_device(device: str) -> torch.device:

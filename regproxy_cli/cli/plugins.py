@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-import typer
 from rich.table import Table
 
+from regproxy_cli.cli.options import JsonOption
 from regproxy_cli.cli.output import console, print_json
 from regproxy_cli.engine.losses import LOSS_GROUP, get_loss
 from regproxy_cli.model.classifiers import CLASSIFIER_GROUP, get_classifier
@@ -19,7 +17,7 @@ HELP = ("List the installed plugins: backbones (entry-point group regproxy.backb
 
 
 def plugins(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     rows = []
     for kind, group, get in (("backbone", ENTRY_POINT_GROUP, get_backbone),

@@ -31,7 +31,7 @@ import yaml
 from torch.utils.data import Dataset
 
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.files import write_atomic
+from regproxy_cli.files import write_text_atomic
 from regproxy_cli.images import save_label_png, save_png_atomic
 
 STREET_CLASSES = ("sky", "building", "road", "ground", "vegetation", "pole", "sign")
@@ -399,15 +399,11 @@ def write_streets_dataset(root: str | Path, num_train: int = 400, num_val: int =
             save_png_atomic(root / "images" / split / f"{stem}.png", image)
             save_label_png(root / "masks" / split / f"{stem}.png", label, STREET_PALETTE)
             record = sidecar_record(instance, objects, scene)
-            _write_text(root / "instances" / split / f"{stem}.json", json.dumps(record, separators=(",", ":")))
+            write_text_atomic(root / "instances" / split / f"{stem}.json", json.dumps(record, separators=(",", ":")))
     classes_yaml = {"classes": list(STREET_CLASSES), "palette": [list(c) for c in STREET_PALETTE]}
-    _write_text(root / "classes.yaml", yaml.safe_dump(classes_yaml, sort_keys=False))
-    _write_text(marker, yaml.safe_dump(params, sort_keys=False))
+    write_text_atomic(root / "classes.yaml", yaml.safe_dump(classes_yaml, sort_keys=False))
+    write_text_atomic(marker, yaml.safe_dump(params, sort_keys=False))
     return root
-
-
-def _write_text(path: Path, text: str) -> None:
-    write_atomic(path, lambda temporary: Path(temporary).write_text(text))
 
 
 def read_sidecar(path: str | Path) -> dict[str, Any]:

@@ -35,8 +35,9 @@ from regproxy_cli import plots
 from regproxy_cli.constants import IGNORE_INDEX
 from regproxy_cli.data.datasets import SegmentationDataset
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.files import write_atomic
+from regproxy_cli.files import write_text_atomic
 from regproxy_cli.inference.predictor import device_of, normalise, working_size
+from regproxy_cli.inference.runtime import autocast
 
 MIN_MASS = 1e-3  # of a region's labelled weight, in grid cells: below it the region has no labelled pixels
 SOURCES = ("learned", "soft", "cells")
@@ -115,11 +116,11 @@ class RegionEntropy:
 
 @torch.no_grad()
 def region_entropy(model: nn.Module, dataset: SegmentationDataset, *, limit: int | None = None,
-                   progress: bool = True) -> RegionEntropy:
+                   progress: bool = True, precision: str = "fp32") -> RegionEntropy:
     """Region entropies of ``model``'s learned regions and of the regular cells over ``dataset``.
 
-    Each image is seen whole at the model's test scale (as ``predict --regions``); its labels are resized to that
-    size (nearest) before they are counted."""
+    Each image is seen whole at the model's test scale (as ``predict --regions``), the network at ``precision``
+    (fp32, or bf16 / fp16 autocast); its labels are resized to that size (nearest) before they are counted."""
     if not hasattr(model, "forward_all"):
         raise RegproxyError("analyze regions needs a RegProxy model; the linear baseline has no regions")
     config = model.config
@@ -138,7 +139,8 @@ def region_entropy(model: nn.Module, dataset: SegmentationDataset, *, limit: int
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
             labels = np.asarray(F.interpolate(torch.from_numpy(np.asarray(labels))[None, None].float(), size=size,
                                               mode="nearest")[0, 0].long())
-        affinity = model.forward_all(x).affinity[0].cpu()  # (9, h, w, Hg, Wg)
+        with autocast(x.device, precision):
+            affinity = model.forward_all(x).affinity[0].float().cpu()  # (9, h, w, Hg, Wg)
         _, sub_h, sub_w, grid_h, grid_w = affinity.shape
         stride = model.backbone.stride
         fractions = cell_class_fractions(np.asarray(labels), (grid_h * stride, grid_w * stride),
@@ -157,7 +159,7 @@ def write_region_entropy(result: RegionEntropy, out_dir: str | os.PathLike, titl
     out.mkdir(parents=True, exist_ok=True)
     summary = result.summary()
     json_path = out / "region_entropy.json"
-    write_atomic(json_path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
+    write_text_atomic(json_path, json.dumps(summary, indent=2) + "\n")
     nonzero = {s: v[v > 1e-6] for s, v in result.values.items()}
     labels = {"learned": "learned regions (arg-max token)", "soft": "learned regions, soft (affinity-weighted)",
               "cells": "regular cells (one token's square)"}

@@ -36,6 +36,7 @@ from regproxy_cli.constants import IGNORE_INDEX, VERSION
 from regproxy_cli.engine.distributed import all_gather_objects
 from regproxy_cli.engine.metrics import BoundaryFScore, ConfusionMatrix
 from regproxy_cli.errors import RegproxyError
+from regproxy_cli.files import read_json
 from regproxy_cli.io.checkpoint import CONFIG_NAME
 from regproxy_cli.io.zoo import ZOO
 from regproxy_cli.model.config import ModelConfig
@@ -371,10 +372,7 @@ Written by regproxy {e(metrics['regproxy'])} on {time.strftime('%Y-%m-%d %H:%M')
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise RegproxyError(f"{path}: cannot read it as JSON ({exc})") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise RegproxyError(f"{path}: expected a JSON object")
     return data

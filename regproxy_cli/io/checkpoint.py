@@ -13,14 +13,14 @@ import os
 from pathlib import Path
 
 import torch
-import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from regproxy_cli.constants import VERSION
 from regproxy_cli.errors import RegproxyError, listed
-from regproxy_cli.files import write_atomic
+from regproxy_cli.files import read_json, write_atomic, write_text_atomic
 from regproxy_cli.model.config import ModelConfig
 from regproxy_cli.model.regproxy import build_from_config
 
@@ -38,8 +38,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, config: Mode
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     write_atomic(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    write_atomic(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config.to_dict(), indent=2) + "\n"))
-    write_atomic(directory / CARD_NAME, lambda p: Path(p).write_text(model_card(config), encoding="utf-8"))
+    write_text_atomic(directory / CONFIG_NAME, json.dumps(config.to_dict(), indent=2) + "\n")
+    write_text_atomic(directory / CARD_NAME, model_card(config))
     return directory
 
 
@@ -50,10 +50,7 @@ def load_pretrained(directory: str | os.PathLike, *, map_location: str = "cpu") 
     for needed in (config_path, weights_path):
         if not needed.is_file():
             raise RegproxyError(f"{directory} is not a regproxy model directory: {needed.name} is missing")
-    try:
-        config = ModelConfig.from_dict(json.loads(config_path.read_text()), where=str(config_path))
-    except json.JSONDecodeError as exc:
-        raise RegproxyError(f"{config_path}: not valid JSON ({exc})") from None
+    config = ModelConfig.from_dict(read_json(config_path), where=str(config_path))
     with torch.device("meta"):
         model = build_from_config(config)
     try:
@@ -90,27 +87,23 @@ DATASET_NAMES = {"ade20k": "ADE20K", "cityscapes": "Cityscapes", "pascal-context
 CARD_METRICS = ("mIoU", "mAcc", "aAcc")  # metric types the model index states (with variants, "mIoU (ms+flip)")
 
 
-def card_metadata(config: ModelConfig) -> dict:
-    """The Hub metadata of a model card (its YAML front matter), ``model-index`` holding the config's metrics.
+def card_data(config: ModelConfig) -> ModelCardData:
+    """The Hub metadata of a model card (its YAML front matter), the ``model-index`` holding the config's metrics.
 
     Metrics named ``mIoU``, ``mAcc``, ``aAcc`` or a variant (``mIoU (ms+flip)``) go into the model index, typed
     by the part before the bracket; others (the training iteration) only into the card's table. The index needs
     the dataset the metrics were measured on, so a config without one has none.
     """
-    meta: dict = {"library_name": "regproxy", "license": "apache-2.0", "pipeline_tag": "image-segmentation",
-                  "tags": ["regproxy", "semantic-segmentation", "vision-transformer"]}
-    if config.dataset:
-        meta["datasets"] = [config.dataset]
-    results = [{"type": key.split(" (")[0], "value": float(value), "name": key}
+    results = [EvalResult(task_type="image-segmentation", task_name="Semantic Segmentation",
+                          dataset_type=config.dataset, dataset_name=DATASET_NAMES.get(config.dataset, config.dataset),
+                          metric_type=key.split(" (")[0], metric_value=float(value), metric_name=key)
                for key, value in config.metrics.items()
                if key.split(" (")[0] in CARD_METRICS and isinstance(value, (int, float)) and not isinstance(value, bool)]
-    if results and config.dataset:
-        meta["model-index"] = [{"name": _card_title(config), "results": [{
-            "task": {"type": "image-segmentation", "name": "Semantic Segmentation"},
-            "dataset": {"name": DATASET_NAMES.get(config.dataset, config.dataset), "type": config.dataset},
-            "metrics": results,
-        }]}]
-    return meta
+    indexed = bool(config.dataset and results)
+    return ModelCardData(library_name="regproxy", license="apache-2.0", pipeline_tag="image-segmentation",
+                         tags=["regproxy", "semantic-segmentation", "vision-transformer"],
+                         datasets=[config.dataset] if config.dataset else None,
+                         model_name=_card_title(config) if indexed else None, eval_results=results if indexed else None)
 
 
 def _card_title(config: ModelConfig) -> str:
@@ -119,13 +112,14 @@ def _card_title(config: ModelConfig) -> str:
 
 
 def model_card(config: ModelConfig, training_config: str | None = None) -> str:
-    """A Hub model card (README.md): YAML front matter (:func:`card_metadata`), then the model, its metrics, the
-    training config (``training_config``, the YAML a training run wrote, when given) and the paper's citation."""
-    front = yaml.safe_dump(card_metadata(config), sort_keys=False, allow_unicode=True)
+    """A Hub model card (README.md): YAML front matter (:func:`card_data`), then the model, its metrics, the
+    training config (``training_config``, the YAML a training run wrote, when given) and the paper's citation.
+
+    huggingface_hub's ``ModelCard`` writes the front matter and checks the model index as the Hub reads it."""
     metrics = "".join(f"| {k} | {v} |\n" for k, v in config.metrics.items()) or "| - | - |\n"
     training = f"\n## Training config\n\n```yaml\n{training_config.rstrip()}\n```\n" if training_config else ""
-    return (
-        f"---\n{front}---\n\n"
+    return str(ModelCard(
+        f"---\n{card_data(config).to_yaml()}\n---\n\n"
         f"# {_card_title(config)}\n\n"
         "Semantic Segmentation by Early Region Proxy (Zhang, Pang, Lu; CVPR 2022), loaded with "
         f"[regproxy](https://pypi.org/project/regproxy/) {VERSION}.\n\n"
@@ -141,4 +135,4 @@ def model_card(config: ModelConfig, training_config: str | None = None) -> str:
         + f"\n## Metrics\n\n| metric | value |\n|---|---|\n{metrics}"
         + training
         + f"\n## Citation\n\n```bibtex\n{CITATION}\n```\n"
-    )
+    ))

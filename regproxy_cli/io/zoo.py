@@ -22,6 +22,7 @@ from huggingface_hub import constants
 from torch import nn
 
 from regproxy_cli.classes import ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
+from regproxy_cli.constants import cache_dir  # converted zoo models and the authors' downloads live here
 from regproxy_cli.errors import RegproxyError, one_line
 from regproxy_cli.io.checkpoint import CONFIG_NAME, load_pretrained, save_pretrained
 from regproxy_cli.io.convert import UnknownProtocolError, convert_authors_checkpoint, read_authors_checkpoint
@@ -61,9 +62,9 @@ class ZooEntry:
 
     def config(self) -> ModelConfig:
         ade = self.dataset == "ade20k"
+        classes = list(ADE20K_CLASSES if ade else CITYSCAPES_CLASSES)
         return ModelConfig(
-            backbone=self.backbone, num_classes=150 if ade else 19, m=self.m, crop_size=self.crop,
-            classes=list(ADE20K_CLASSES if ade else CITYSCAPES_CLASSES),
+            backbone=self.backbone, num_classes=len(classes), m=self.m, crop_size=self.crop, classes=classes,
             palette=[list(c) for c in (ADE20K_PALETTE if ade else CITYSCAPES_PALETTE)],
             inference_mode="slide", window_stride=self.crop if ade else 512,
             test_scale=(2048, self.crop) if ade else (2048, 1024), dataset=self.dataset,
@@ -84,11 +85,6 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in [
     ZooEntry("b16-city", "b16", "cityscapes", 3, 768, "10yTMd5j6xoPYcVSMzhkL5S_Hh9JQ4b64", 81.0, 82.2),
     ZooEntry("l16-city", "l16", "cityscapes", 6, 768, "1EBfO9M8ZYB_Eye4WpHqMs9v2WrRzbORI", 81.4, 82.7),
 ]}
-
-
-def cache_dir() -> Path:
-    """Where converted zoo models and the authors' downloads live (``$REGPROXY_CACHE``, default ~/.cache/regproxy)."""
-    return Path(os.environ.get("REGPROXY_CACHE") or Path.home() / ".cache" / "regproxy")
 
 
 def _offline() -> bool:

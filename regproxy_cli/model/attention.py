@@ -22,20 +22,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from regproxy_cli.constants import cache_dir
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.files import write_atomic
+from regproxy_cli.files import write_text_atomic
 
 ATTENTION_ENV = "REGPROXY_ATTENTION"
-CACHE_ENV = "REGPROXY_CACHE_DIR"
 KERNELS = ("sdpa", "explicit")
 _chosen: dict[str, str] = {}  # key -> kernel, this process
-
-
-def cache_dir() -> Path:
-    """Where regproxy keeps what it measured about this machine: $REGPROXY_CACHE_DIR, else ~/.cache/regproxy."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "regproxy"
 
 
 @functools.cache  # read once per process: the forward asks on every CPU bf16 call
@@ -120,6 +113,6 @@ def _write(path: Path, data: dict) -> None:
     """Store the choices; a cache folder that cannot be written only costs a re-measure in the next process."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1, sort_keys=True) + "\n"))
+        write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
     except OSError:
         return

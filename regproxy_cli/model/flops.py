@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from regproxy_cli.classes import ADE20K_CLASSES, CITYSCAPES_CLASSES
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.model.plugins import BackboneSpec, get_backbone
 from regproxy_cli.model.regproxy import ProxyHead, build_model, parse_region_res
@@ -124,7 +125,7 @@ def count_flops(
     backbone: str | BackboneSpec,
     *,
     size: int | None = None,
-    classes: int = 150,
+    classes: int = len(ADE20K_CLASSES),
     region_res: int | str | tuple[int, int] = (4, 4),
     baseline: bool = False,
     slide_image: tuple[int, int] | None = None,
@@ -161,7 +162,7 @@ class PaperFigure:
 
 
 # (backbone, input size, classes, region (h, w), baseline, sliding-window image or None) -> paper figure
-_ADE, _CITY = 150, 19
+_ADE, _CITY = len(ADE20K_CLASSES), len(CITYSCAPES_CLASSES)
 PAPER_FIGURES: dict[tuple, PaperFigure] = {
     ("t16", 512, _ADE, (4, 4), True, None): PaperFigure(3.8, 5.7, "Table 3"),
     ("s16", 512, _ADE, (4, 4), True, None): PaperFigure(14.9, 22.0, "Table 3"),
