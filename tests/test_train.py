@@ -67,7 +67,7 @@ def test_zoo_recipes_follow_the_official_configs():
     ("colour: red\n", [], "unknown config key colour"),
     ("optim: [1, 2]\n", [], "config section optim: expected a mapping"),
     ("optim:\n  lr: [\n", [], "not valid YAML at line"),
-    ("", ["optim.iters=-1"], "must be positive"),
+    ("", ["optim.iters=-1"], "config key optim.iters: must be >= 1, got -1"),
     ("", ["iters=5"], "the key must be section.key"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, overrides, message):
@@ -75,6 +75,38 @@ def test_config_errors_name_the_key(tmp_path, text, overrides, message):
     path.write_text(text)
     with pytest.raises(RegproxyError, match=message):
         load_config(path, overrides)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=0", "config key optim.lr: must be > 0, got 0.0"),
+    ("optim.lr=-1e-4", "config key optim.lr: must be > 0, got -0.0001"),
+    ("optim.lr=.nan", "config key optim.lr: must be a finite number"),
+    ("data.crop=0", "config key data.crop: must be >= 1, got 0"),
+    ("data.crop=-512", "config key data.crop: must be >= 1, got -512"),
+    ("data.scale=[0, 0]", r"config key data.scale\[0\]: must be >= 1, got 0"),
+    ("data.scale=[512]", "config key data.scale: expected 2 values, got 1"),
+    ("data.workers=-1", "config key data.workers: must be >= 0, got -1"),
+    ("optim.warmup_iters=-5", "config key optim.warmup_iters: must be >= 0, got -5"),
+    ("optim.batch_size=true", "config key optim.batch_size: expected int, got True"),
+    ("data.ratio_range=[2.0, 0.5]", "config key data.ratio_range: .*low <= high"),
+    ("data.cat_max_ratio=0", "config key data.cat_max_ratio: must be > 0"),
+    ("optim.betas=[0.9, 1.5]", r"config key optim.betas\[1\]: must be < 1"),
+    ("run.seed=-1", "config key run.seed: must be >= 0"),
+])
+def test_bad_settings_are_one_line_naming_the_dotted_key(override, message):
+    with pytest.raises(RegproxyError, match=message) as caught:
+        load_config(None, [override])
+    assert "\n" not in str(caught.value)
+
+
+def test_bad_setting_stops_train_cli_with_one_line_and_no_run_folder(tmp_path, cli):
+    out = tmp_path / "runs" / "x"
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  kind: synthetic\n  root: {tmp_path / 'data'}\nrun:\n  out_dir: {out}\n")
+    result = cli("train", str(config), "--set", "optim.lr=0")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["error: config key optim.lr: must be > 0, got 0.0"]
+    assert not out.exists() and not (tmp_path / "runs").exists()
 
 
 def test_overrides_are_typed():
@@ -91,6 +123,25 @@ def test_poly_schedule_with_linear_warmup_matches_mmseg():
     assert lr_factor(1500, optim) == pytest.approx(1 - 1500 / 160000)
     assert lr_factor(80000, optim) == pytest.approx(0.5)
     assert lr_factor(160000, optim) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("power", [1.0, 0.9])
+def test_poly_schedule_with_min_lr_ends_exactly_at_min_lr(power):
+    # mmseg's PolyLrUpdaterHook: lr = (base - min) * (1 - t / T) ** power + min, here through a real optimiser
+    base, low, iters = 1e-3, 1e-4, 1000
+    optim = OptimSection(lr=base, min_lr=low, iters=iters, warmup_iters=0, schedule="poly", poly_power=power)
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=base)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, optim))
+    seen = {0: optimizer.param_groups[0]["lr"]}
+    for iteration in range(1, iters + 1):
+        optimizer.step()
+        scheduler.step()
+        seen[iteration] = optimizer.param_groups[0]["lr"]
+    assert seen[0] == pytest.approx(base, rel=1e-12)
+    assert seen[iters // 2] == pytest.approx((base - low) * 0.5 ** power + low, rel=1e-12)
+    assert seen[iters] == pytest.approx(low, rel=1e-12)
+    assert all(seen[i] > seen[i + 1] > low for i in range(iters - 1))  # falls towards min_lr, never below
 
 
 def test_cosine_restarts_match_mmseg():
