@@ -124,27 +124,27 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def build(cls: type, data: Any, *, prefix: str = "", what: str = "config key",
+def build(cls: type, data: Any, *, prefix: str = "", where: str = "", what: str = "config key",
           sections: dict[str, type] | None = None, namespace: dict | None = None) -> Any:
     """``cls(**data)`` after checking every key: known, of its field's type, inside its field's ``rule``.
 
-    ``sections`` maps a field name to the dataclass its value (a mapping) is built into, recursively; errors read
-    ``<what> <dotted key>: <why>``.
+    ``sections`` maps a field name to the dataclass its value (a mapping) is built into, recursively. Errors read
+    ``<where><what> <dotted key>: <why>`` (``where`` names the file, e.g. ``"model/config.json: "``).
     """
-    fail = _message(what)
+    fail = _message(f"{where}{what}")
     if not isinstance(data, dict):
-        raise RegproxyError(f"{what.split()[0]} section {prefix or 'top level'}: expected a mapping, got "
+        raise RegproxyError(f"{where}{what.split()[0]} section {prefix or 'top level'}: expected a mapping, got "
                             f"{_short(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(str(k) for k in set(data) - set(fields))
     if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise RegproxyError(f"unknown {what} {where}{unknown[0]}; known: {', '.join(sorted(fields))}")
+        dotted = f"{prefix}." if prefix else ""
+        raise RegproxyError(f"{where}unknown {what} {dotted}{unknown[0]}; known: {', '.join(sorted(fields))}")
     values = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
         if sections and name in sections:
-            values[name] = build(sections[name], value, prefix=key, what=what, namespace=namespace)
+            values[name] = build(sections[name], value, prefix=key, where=where, what=what, namespace=namespace)
             continue
         checked = check_value(key, value, fields[name].type, fail, namespace)
         field_rule = fields[name].metadata.get("rule")
