@@ -1,11 +1,14 @@
-"""Atomic file writes: a reader (or a run killed mid-write) sees the old file or the complete new one."""
+"""Atomic file writes (a reader, or a run killed mid-write, sees the old file or the complete new one) and the
+check that keeps names taken from files inside the folder they are meant for."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from regproxy_cli.errors import RegproxyError
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> None:
@@ -31,3 +34,26 @@ def _umask() -> int:
     mask = os.umask(0)  # reading the umask means setting it; put it straight back
     os.umask(mask)
     return mask
+
+
+def leaves(relative: str) -> bool:
+    """Whether a relative name from a file (an archive member, a list line, a JSON path) would leave its folder:
+    absolute (``/x``, ``C:\\x``, ``\\\\host\\x``), climbing (a ``..`` part) or holding a NUL byte."""
+    text = relative.replace("\\", "/")
+    return (text.startswith("/") or "\x00" in text or ".." in PurePosixPath(text).parts
+            or PureWindowsPath(relative).drive != "")
+
+
+def path_under(root: str | os.PathLike, relative: str, where: str) -> Path:
+    """``root / relative``, refused with one line unless it stays inside ``root``, by name and after symlinks.
+
+    The one check every name taken from an archive, a list or a JSON goes through before it becomes a path to
+    write (or read): nothing is looked up outside ``root``, so the answer says nothing about files elsewhere.
+    """
+    if not relative or leaves(relative):
+        raise RegproxyError(f"{where}: the name {relative!r} leads outside {root}; refused")
+    path = Path(root) / relative.replace("\\", "/")
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:  # a symlink inside that points out
+        raise RegproxyError(f"{where}: the name {relative!r} leads outside {root} (through a symbolic link); refused")
+    return path
