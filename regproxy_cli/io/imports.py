@@ -391,8 +391,8 @@ def _inside(folder: Path, path: Path) -> bool:
 def _missing_picture(where: str, name: str, folders: Sequence[Path]) -> RegproxyError:
     if leaves(name):  # the same line whether or not something exists where the name points
         return RegproxyError(f"{where}: its image {name!r} is outside {' or '.join(str(f) for f in folders)} and "
-                             "no file of its name is inside; pictures are read from under the source (or --images) "
-                             "only, unless --allow-outside-paths is given")
+                             "no file of its name is inside; pictures are read from under the source or --images only: "
+                             "point --images at its folder, or pass --allow-outside-paths")
     return RegproxyError(f"{where}: its image {name!r} is not in {' or '.join(str(f) for f in folders)}; "
                          "point --images at the folder that holds it")
 
