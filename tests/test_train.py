@@ -221,6 +221,62 @@ def test_training_checkpoints_load_as_weights_only_on_the_cpu(tmp_path):
         train_module.read_checkpoint(tmp_path / "evil.pt")
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_an_evil_pickle_is_refused_in_one_whole_sentence(tmp_path):
+    torch.save({"iteration": 1, "x": _RunsCode()}, tmp_path / "evil.pt")
+    with pytest.raises(RegproxyError) as caught:
+        train_module.read_checkpoint(tmp_path / "evil.pt")
+    message = str(caught.value)
+    assert "\n" not in message and not (tmp_path / "pwned").exists()
+    assert message == (f"{tmp_path / 'evil.pt'}: not a readable training checkpoint (Trying to load unsupported "
+                       "GLOBAL posix.system whose module posix is blocked)")
+
+
+def test_resume_cleans_stale_temporaries_and_truncates_the_log_to_the_checkpoint(tmp_path, monkeypatch):
+    config = load_config(tiny_config(tmp_path, optim={"iters": 4}, run={"eval_every": 4, "save_every": 2,
+                                                                        "log_every": 1}))
+    real_step = train_module.Trainer.step
+
+    def killed_after_iteration_3(self, batches, iteration=0):
+        if iteration == 3:  # iterations 1-3 logged, the checkpoint holds 2: as a kill at this moment leaves it
+            raise KeyboardInterrupt
+        return real_step(self, batches, iteration)
+
+    monkeypatch.setattr(train_module.Trainer, "step", killed_after_iteration_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, progress=False)
+    run = tmp_path / "run"
+    assert train_module.read_checkpoint(run / "last.pt")["iteration"] == 2
+    assert [json.loads(line)["iter"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    (run / ".last.pt.k1ll3d.tmp").write_bytes(b"")  # what a kill during a save leaves
+    with (run / "log.jsonl").open("a") as log:
+        log.write('{"iter": 4, "lo')  # and a line cut by the kill
+    monkeypatch.setattr(train_module.Trainer, "step", real_step)
+    train(config, resume=True, progress=False)
+    logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in logged if "loss" in r] == [1, 2, 3, 4]  # 3 once, not twice
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_a_failed_start_leaves_no_run_folder(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RegproxyError("the trainer cannot be built")
+
+    monkeypatch.setattr(train_module, "build_trainer", broken)
+    config = load_config(tiny_config(tmp_path, optim={"iters": 2}))
+    with pytest.raises(RegproxyError, match="cannot be built"):
+        train(config, progress=False)
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "run").mkdir()  # a folder the user made is theirs: it stays
+    with pytest.raises(RegproxyError, match="cannot be built"):
+        train(config, progress=False)
+    assert (tmp_path / "run").is_dir()
+
+
 def test_changed_keys_are_dotted_and_skip_speed_settings():
     saved = {"optim": {"lr": 1.0, "iters": 5}, "run": {"threads": 1}, "data": {"workers": 2, "root": "a"}}
     current = {"optim": {"lr": 2.0, "iters": 5}, "run": {"threads": 4}, "data": {"workers": 0, "root": "a"},
