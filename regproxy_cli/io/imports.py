@@ -57,7 +57,14 @@ from regproxy_cli.data.datasets import load_mask, read_classes_file
 from regproxy_cli.errors import RegproxyError, listed, one_line
 from regproxy_cli.files import leaves, path_under
 from regproxy_cli.images import READ_ERRORS, save_label_png
-from regproxy_cli.io.annotations import CVAT_BACKGROUND, _parse_labelmap, _require, read_cvat_zip, voc_colormap
+from regproxy_cli.io.annotations import (
+    CVAT_BACKGROUND,
+    ZIP_ERRORS,
+    _parse_labelmap,
+    _require,
+    read_cvat_zip,
+    voc_colormap,
+)
 
 IMPORT_FORMATS = ("labelme", "coco", "cvat", "voc")
 SPLITS = ("train", "val")
@@ -172,6 +179,8 @@ def import_annotations(
     reader = {"labelme": read_labelme_source, "coco": read_coco_source, "cvat": read_cvat_source,
               "voc": read_voc_source}[source_format]
     found = reader(source, wanted, picture_dir, background, allow_outside=allow_outside_paths)
+    if not 1 <= len(found.classes) <= IGNORE_INDEX:  # checked before a mask is drawn with their palette
+        raise RegproxyError(f"{source}: {len(found.classes)} classes; the folder format holds 1 to {IGNORE_INDEX}")
     palette = _choose_palette(found.classes, wanted_palette or found.palette)
     if not found.entries:
         raise RegproxyError(f"{source}: no annotated images found")
@@ -184,7 +193,10 @@ def import_annotations(
         unlabelled = []
         for entry in tqdm(found.entries, desc="importing", unit="image", disable=not progress, leave=False):
             split = entry.split or splits[entry.name]
-            labels = entry.labels()
+            try:
+                labels = entry.labels()
+            except (OverflowError, ValueError, TypeError) as error:  # coordinates PIL cannot draw
+                raise RegproxyError(f"{entry.where}: cannot draw its shapes ({one_line(error)})") from None
             if (labels == IGNORE_INDEX).all():
                 unlabelled.append(entry.name)
             _write_picture(entry, labels.shape, work / "images" / split)
@@ -301,7 +313,10 @@ def _write_classes(path: Path, classes: list[str], palette: Palette, source_form
 
 def _write_picture(entry: Entry, shape: tuple[int, ...], folder: Path) -> None:
     """Copy the picture unchanged, after checking it is an image of the label map's size."""
-    picture = entry.picture()
+    try:
+        picture = entry.picture()
+    except ZIP_ERRORS as error:  # a damaged zip member, an unreadable file
+        raise RegproxyError(f"{entry.where}: cannot read its picture ({one_line(error)})") from None
     if isinstance(picture, Path):
         suffix, opener, what = picture.suffix.lower(), lambda: Image.open(picture), str(picture)
     else:
@@ -344,6 +359,18 @@ def _fill(classes: list[str], background: str | None) -> int:
 def _unknown(where: str, label: str, wanted: list[str] | None) -> RegproxyError:
     among = "--classes" if wanted is not None else "the classes"
     return RegproxyError(f"{where}: label {label!r} is not one of {among}")
+
+
+def _size(width: Any, height: Any, where: str) -> tuple[int, int]:
+    """An annotated image size, checked before a canvas is allocated: positive integers, and no more pixels than
+    PIL opens (``Image.MAX_IMAGE_PIXELS``, its decompression-bomb limit): a file cannot ask for gigabytes."""
+    for key, value in (("width", width), ("height", height)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RegproxyError(f"{where}: {key} must be a positive integer, got {value!r}")
+    limit = Image.MAX_IMAGE_PIXELS or 2**31
+    if width * height > limit:
+        raise RegproxyError(f"{where}: {width}x{height} is more than {limit} pixels")
+    return width, height
 
 
 def _number(value: Any, where: str) -> float:
@@ -433,11 +460,14 @@ def _labelme_document(path: Path) -> dict:
         value = document.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise RegproxyError(f"{path}: {key} must be a positive integer, got {value!r}")
+    _size(document["imageWidth"], document["imageHeight"], str(path))
     for number, shape in enumerate(document["shapes"], start=1):
         where = f"{path}: shape {number}"
         if not isinstance(shape, dict) or not isinstance(shape.get("label"), str):
             raise RegproxyError(f"{where}: no label")
         kind = shape.get("shape_type") or "polygon"
+        if not isinstance(kind, str):
+            raise RegproxyError(f"{where}: shape_type must be a string, got {kind!r}")
         shape["shape_type"] = kind
         where = f"{where} ({shape['label']!r}, {kind})"
         points = _points(shape.get("points"), where)
@@ -517,6 +547,9 @@ def _png_mask(text: str, where: str) -> np.ndarray:
 
 def _paste(picture: Image.Image, mask: np.ndarray, left: int, top: int, value: int) -> None:
     """Paint ``value`` where ``mask`` (placed with its top-left pixel at left, top) is set; off-image parts dropped."""
+    height, width = mask.shape
+    if not mask.size or left >= picture.width or top >= picture.height or left + width <= 0 or top + height <= 0:
+        return  # nothing of it on the image (and coordinates far outside would overflow PIL's C ints)
     if mask.size:
         stencil = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
         picture.paste(value, (left, top, left + mask.shape[1], top + mask.shape[0]), stencil)
@@ -560,27 +593,31 @@ def read_coco_source(source: Path, wanted: list[str] | None, images: Path | None
         raise RegproxyError(f"{source}: not a COCO file (needs 'images', 'annotations' and 'categories' lists)")
     category_names = {}
     for category in document["categories"]:
-        if not isinstance(category, dict) or not isinstance(category.get("name"), str) or "id" not in category:
-            raise RegproxyError(f"{source}: a category without an id and a name: {category!r}")
+        if not isinstance(category, dict) or not isinstance(category.get("name"), str) or \
+                isinstance(category.get("id"), bool) or not isinstance(category.get("id"), int):
+            raise RegproxyError(f"{source}: a category without an integer id and a name: {category!r}")
         category_names[category["id"]] = category["name"]
     names = [category_names[i] for i in sorted(category_names)]
     classes = _class_ids(names, wanted, background)
     pictures, entries_by_id = [images] if images is not None else [source.parent], {}
     for image in document["images"]:
         where = f"{source}: image {image.get('file_name', image.get('id'))!r}" if isinstance(image, dict) else ""
-        if not isinstance(image, dict) or not isinstance(image.get("file_name"), str) or "id" not in image:
+        if not isinstance(image, dict) or not isinstance(image.get("file_name"), str) or \
+                not isinstance(image.get("id"), (int, str)):
             raise RegproxyError(f"{source}: an image without an id and a file_name: {image!r}")
         for key in ("height", "width"):
             if isinstance(image.get(key), bool) or not isinstance(image.get(key), int) or image[key] < 1:
                 raise RegproxyError(f"{where}: {key} must be a positive integer")
+        _size(image["width"], image["height"], where)
         entries_by_id[image["id"]] = (image, where, [])
     for annotation in document["annotations"]:
-        if not isinstance(annotation, dict) or annotation.get("image_id") not in entries_by_id:
+        if not isinstance(annotation, dict) or not isinstance(annotation.get("image_id"), (int, str)) or \
+                annotation["image_id"] not in entries_by_id:
             raise RegproxyError(f"{source}: annotation {_annotation_id(annotation)} names no image of the file")
         image, where, found = entries_by_id[annotation["image_id"]]
         what = f"{where}, annotation {_annotation_id(annotation)}"
         category = annotation.get("category_id")
-        if category not in category_names:
+        if isinstance(category, bool) or not isinstance(category, int) or category not in category_names:
             raise RegproxyError(f"{what}: category_id {category!r} is not among the categories")
         if category_names[category] not in classes:
             raise _unknown(what, category_names[category], wanted)
@@ -683,7 +720,7 @@ def read_cvat_source(source: Path, wanted: list[str] | None, images: Path | None
                 return _read_cvat_xml(archive.read("annotations.xml"), f"{source}:annotations.xml", wanted,
                                       images or source.parent, source if images is None else None, background,
                                       allow_outside)
-    except (zipfile.BadZipFile, OSError) as error:
+    except ZIP_ERRORS as error:
         raise RegproxyError(f"{source}: not a CVAT export (an annotations.xml, or a zip: {one_line(error)})") from None
     if "labelmap.txt" in members:
         return _read_cvat_masks(source, members, wanted, images or source.parent, background)
@@ -722,6 +759,7 @@ def _read_cvat_xml(data: bytes, where: str, wanted: list[str] | None, folder: Pa
             width, height = int(image.get("width", "")), int(image.get("height", ""))
         except ValueError:
             raise RegproxyError(f"{what}: width and height must be integers") from None
+        _size(width, height, what)
         shapes = []
         for order, shape in enumerate(image):
             if shape.tag in LINE_SHAPES:
@@ -785,7 +823,8 @@ def _cvat_shape(shape: ElementTree.Element, where: str) -> tuple[str, Any]:
             width, height = int(shape.get("width", "")), int(shape.get("height", ""))
         except ValueError:
             raise RegproxyError(f"{where}: rle, left, top, width and height must be integers") from None
-        if min(runs) < 0 or sum(runs) != width * height or width < 1 or height < 1:
+        _size(width, height, where)
+        if min(runs) < 0 or sum(runs) != width * height:
             raise RegproxyError(f"{where}: the rle runs add up to {sum(runs)}, not width x height = "
                                 f"{width * height}")
         values = np.arange(len(runs)) % 2  # runs alternate, background first
@@ -843,8 +882,11 @@ def _zip_or_folder(name: str, zipped: dict[str, str], archive: Path | None, fold
 def _read_cvat_masks(source: Path, members: list[str], wanted: list[str] | None, folder: Path,
                      background: str | None) -> Source:
     """A Segmentation mask 1.1 zip: labelmap colours -> classes (``background`` -> 255 unless it is a class)."""
-    with zipfile.ZipFile(source) as archive:
-        lines = _parse_labelmap(archive.read("labelmap.txt").decode("utf-8"), source)
+    try:
+        with zipfile.ZipFile(source) as archive:
+            lines = _parse_labelmap(archive.read("labelmap.txt").decode("utf-8"), source)
+    except ZIP_ERRORS as error:
+        raise RegproxyError(f"{source}: cannot read labelmap.txt ({one_line(error)})") from None
     names = [name for name, _ in lines if name != CVAT_BACKGROUND]
     classes = _class_ids(names, wanted, background)
     # CVAT's "background" line (its unlabelled pixels) reads as 255 unless it is one of the classes
@@ -899,7 +941,11 @@ def read_voc_source(source: Path, wanted: list[str] | None, images: Path | None,
         named = []
         for split in SPLITS:
             listed_in = lists / f"{split}.txt"
-            stems = [line.strip() for line in listed_in.read_text().splitlines() if line.strip()]
+            try:
+                text = listed_in.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as error:
+                raise RegproxyError(f"{listed_in}: cannot read the list ({one_line(error)})") from None
+            stems = [line.strip() for line in text.splitlines() if line.strip()]
             named += [(plain_name(stem, f"{listed_in}: line {stem!r}"), split) for stem in stems]
     else:  # no lists: every mask, split by the seeded draw
         named = [(p.stem, None) for p in sorted((base / "SegmentationClass").glob("*.png"))]
