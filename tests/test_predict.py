@@ -1,5 +1,7 @@
 """`regproxy predict` and `model.predict` end to end on generated images of every mode and size."""
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -308,7 +310,11 @@ def test_a_sliver_image_and_a_failing_image_are_one_line_each_and_the_rest_run(t
                                                                                monkeypatch):
     Image.fromarray(np.full((1, 100000, 3), 128, np.uint8)).save(tmp_path / "a_sliver.png")
     Image.fromarray(_photo(30, 40)).save(tmp_path / "b_good.png")
-    result = cli("predict", str(tmp_path / "a_sliver.png"), str(tmp_path / "b_good.png"), "--model", str(model_dir),
+    scaled = tmp_path / "scaled"  # a keep-ratio test scale: the sliver's short side would round to 0 pixels
+    shutil.copytree(model_dir, scaled)
+    config = json.loads((scaled / "config.json").read_text())
+    (scaled / "config.json").write_text(json.dumps({**config, "test_scale": [64, 32]}))
+    result = cli("predict", str(tmp_path / "a_sliver.png"), str(tmp_path / "b_good.png"), "--model", str(scaled),
                  "--out", str(tmp_path / "out"), "--mode", "whole")
     assert result.returncode == 0, result.stderr
     assert np.asarray(Image.open(tmp_path / "out" / "a_sliver.png")).shape == (1, 100000)
