@@ -108,7 +108,7 @@ def _run_cases(tmp_path: Path, build, run) -> dict[str, int]:
         except RegproxyError as error:
             assert "\n" not in str(error), (case, str(error))
             outcomes["refused"] += 1
-        except Exception as error:  # noqa: BLE001 - the point of the test: name the case that escaped
+        except Exception as error:
             raise AssertionError(f"case {case}: {type(error).__name__}: {error}") from error
         after = {k: v for k, v in _files(root).items() if not k.startswith("a/b/ds/") and k != "a/b/ds"}
         assert after == before, f"case {case} wrote or changed {sorted(set(after) ^ set(before))} outside DST"
@@ -262,7 +262,7 @@ def test_fuzz_training_config(tmp_path):
         except RegproxyError as error:
             assert "\n" not in str(error), (case, str(error))
             refused += 1
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             raise AssertionError(f"case {case}: {type(error).__name__}: {error}") from error
     assert refused > 0
 
@@ -283,7 +283,7 @@ def test_fuzz_model_config(tmp_path):
             assert "\n" not in str(error), (case, str(error))
             refused += 1
             continue
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             raise AssertionError(f"case {case}: {type(error).__name__}: {error}") from error
         # what was accepted is usable: the sizes and the normalisation are sane
         assert 1 <= config.num_classes <= 65535 and len(config.classes) == len(config.palette) == config.num_classes

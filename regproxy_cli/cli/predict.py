@@ -6,8 +6,8 @@ import functools
 import glob
 import itertools
 import os
-from collections.abc import Callable, Iterator
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -373,7 +373,7 @@ def _one_image(step: Callable) -> Callable:
             return step(*args)
         except RegproxyError:
             raise
-        except Exception as error:  # noqa: BLE001 - any failure is this image's, reported on its line
+        except Exception as error:
             raise RegproxyError(f"failed ({type(error).__name__}: {one_line(error)})") from error
 
     return guarded
