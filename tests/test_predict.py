@@ -297,12 +297,13 @@ def test_output_names_are_distinct_even_against_each_others_files():
     from regproxy_cli.cli.predict import OUTPUT_FILES, output_names
 
     paths = [Path(p) for p in ("r/a/x.png", "r/a/x.jpg", "r/b/x.png", "r/a_x.png", "r/a/a_x.png", "r/x_overlay.png",
-                               "r/X.PNG", "r/c/x_regions.tif", "r/a/x.bmp", "r/a_x_png.png")]
+                               "r/X.PNG", "r/c/x_regions.tif", "r/a/x.bmp", "r/a_x_png.png", "r/predictions.png")]
     names = output_names(paths, ("category",))
     assert len(names) == len(paths)
     files = [template.format(name).casefold() for name in names.values()
              for template in (*OUTPUT_FILES, "{}_category.png")]
     assert len(files) == len(set(files))  # no two inputs share one output file, ignoring case
+    assert "predictions.json" not in files  # COCO's file of the whole run
     assert output_names([Path("d/one.png"), Path("e/two.png")]) == {Path("d/one.png"): "one", Path("e/two.png"): "two"}
 
 

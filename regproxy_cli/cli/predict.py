@@ -46,7 +46,7 @@ from regproxy_cli.files import write_atomic
 from regproxy_cli.images import load_image, save_label_png, save_png_atomic
 from regproxy_cli.inference.confidence import ConfidenceMaps, predict_confidence
 from regproxy_cli.inference.pipeline import forward_batch, predict_label_batch, run_pipeline
-from regproxy_cli.io.annotations import AnnotationWriter, check_formats
+from regproxy_cli.io.annotations import COCO_FILE, AnnotationWriter, check_formats
 from regproxy_cli.io.video import is_video
 from regproxy_cli.io.zoo import load_model
 from regproxy_cli.model.classifiers import label_levels
@@ -249,7 +249,7 @@ def output_names(paths: list[Path], levels: tuple[str, ...] = ()) -> dict[Path, 
     case-insensitive file system would merge them)."""
     templates = OUTPUT_FILES + tuple(f"{{}}_{level}.png" for level in levels)
     stems = Counter(p.stem.casefold() for p in paths)
-    taken: set[str] = set()
+    taken = {COCO_FILE.casefold(), "cvat.zip"}  # the run's own files: an input named 'predictions' must not get them
     names: dict[Path, str] = {}
 
     def files(name: str) -> set[str]:
