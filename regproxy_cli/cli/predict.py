@@ -167,21 +167,22 @@ def predict(
     torch_device = parse_device(model_device(device, model))
     run_precision = check_precision(precision, torch_device)
     paths, problems = expand_inputs(inputs)
-    prepare_out_dir(out)  # an --out that is a file or cannot be written stops here, before the model loads
+    check_out_dir(out)  # an --out that is a file or cannot be written stops here, before the model loads
     segmenter = load_model(model, provider=provider.value).to(torch_device)
     check_onnx_options(segmenter, run_precision, compile_network, regions)
     compile_if(compile_network, segmenter, run_precision)
-    report = PredictReport()
+    prepare_out_dir(out)  # created only once the model has loaded
+    partial = PredictReport()  # filled as images finish: what a Ctrl-C can report
     try:
         with tqdm(total=len(paths), unit="image", desc="segmenting", disable=not paths) as bar:
-            predict_files(segmenter, paths, out, regions=regions, progress=bar.update,
+            report = predict_files(segmenter, paths, out, regions=regions, progress=bar.update,
                           formats=output_formats, polygon_tolerance=polygon_tolerance,
                           regions_by=(regions_by or RegionsBy.cls).value, confidence=confidence,
                           save_probs=save_probs, opacity=opacity,
                           mode=mode.value if mode else None, tta=tta, scale=scale, batch_size=window_batch,
-                          precision=run_precision, batch=batch, report=report)
+                          precision=run_precision, batch=batch, report=partial)
     except KeyboardInterrupt:
-        err_console.print(f"interrupted: {len(report.finished)} of {len(paths)} images written to {out} (each file "
+        err_console.print(f"interrupted: {len(partial.finished)} of {len(paths)} images written to {out} (each file "
                           "complete); run the same command again to segment them all")
         raise typer.Exit(130) from None
     for problem in problems + report.failed:
@@ -223,6 +224,18 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
             paths.append(Path(item))  # a missing or bad file is reported when it is read
     unique = {os.path.realpath(p): p for p in reversed(paths)}  # one file named twice is segmented once
     return [p for p in paths if unique.get(os.path.realpath(p)) is p], problems
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """One error line when ``out_dir`` is a file, or would be created under a file or a folder that cannot be
+    written; nothing is created (a model that then fails to load leaves no empty folder)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RegproxyError(f"--out {out_dir}: exists and is not a folder")
+    existing = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise RegproxyError(f"--out {out_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RegproxyError(f"--out {out_dir}: {existing} is not writable")
 
 
 def prepare_out_dir(out_dir: Path) -> None:
