@@ -43,7 +43,7 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    kind: str = field(default="ade20k", metadata=rule(choices=DATA_KINDS))  # ade20k | cityscapes | pascal-context | pascal-context-59 | folder | synthetic
+    kind: str = field(default="ade20k", metadata=rule(choices=DATA_KINDS))
     root: str = "data/ade"
     train_split: str = "train"
     val_split: str = "val"
@@ -107,7 +107,7 @@ class LossSection:
 class RunSection:
     out_dir: str = "runs/run"
     seed: int = field(default=0, metadata=rule(low=0, below=2**63))
-    precision: str = field(default="fp32", metadata=rule(choices=("fp32", "bf16", "fp16")))  # fp32 | bf16 | fp16 (fp16 on CUDA only)
+    precision: str = field(default="fp32", metadata=rule(choices=("fp32", "bf16", "fp16")))  # fp16 on CUDA only
     device: str = "auto"  # auto | cpu | cuda
     eval_every: int = field(default=4000, metadata=AT_LEAST_1)
     save_every: int = field(default=4000, metadata=AT_LEAST_1)

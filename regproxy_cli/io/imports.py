@@ -693,7 +693,8 @@ def _coco_labels(mask_utils: Any, image: dict, found: list, fill: int) -> Callab
 
 
 def _located(name: str, folders: Sequence[Path], where: str, allow_outside: bool = False) -> Callable[[], Picture]:
-    found = _find_picture(name, folders, allow_outside)  # looked up now: a missing picture stops the import before it writes
+    # looked up now: a missing picture stops the import before it writes
+    found = _find_picture(name, folders, allow_outside)
     if found is None:
         raise _missing_picture(where, name, folders)
     return lambda: found

@@ -34,8 +34,10 @@ class ModelConfig:
     # std divides: 0 would make every pixel infinite and the whole image one class
     std: tuple[float, float, float] = field(default=IMAGENET_STD, metadata=rule(each=Rule(above=0, high=1e6)))
     inference_mode: str = field(default="slide", metadata=rule(choices=("slide", "whole")))
-    window_stride: int | None = field(default=None, metadata=rule(low=1, high=1 << 16))  # sliding-window stride; None = crop_size
-    test_scale: tuple[int, int] | None = field(default=(2048, 512), metadata=rule(each=SIDE))  # mmseg keep-ratio (long, short) bound; None = as given
+    # sliding-window stride; None = crop_size
+    window_stride: int | None = field(default=None, metadata=rule(low=1, high=1 << 16))
+    # mmseg keep-ratio (long, short) bound; None = as given
+    test_scale: tuple[int, int] | None = field(default=(2048, 512), metadata=rule(each=SIDE))
     dataset: str | None = None
     metrics: dict[str, int | float] = field(default_factory=dict)
     source: str | None = None  # where the weights came from
