@@ -53,7 +53,12 @@ def path_under(root: str | os.PathLike, relative: str, where: str) -> Path:
     if not relative or leaves(relative):
         raise RegproxyError(f"{where}: the name {relative!r} leads outside {root}; refused")
     path = Path(root) / relative.replace("\\", "/")
-    real_root = os.path.realpath(root)
-    if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:  # a symlink inside that points out
+    if not inside(root, path):  # a symlink inside that points out
         raise RegproxyError(f"{where}: the name {relative!r} leads outside {root} (through a symbolic link); refused")
     return path
+
+
+def inside(root: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Whether ``path`` is ``root`` or under it once symbolic links are followed (the target need not exist)."""
+    real_root = os.path.realpath(root)
+    return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root

@@ -55,7 +55,7 @@ from regproxy_cli.classes import default_palette
 from regproxy_cli.constants import IGNORE_INDEX, IMAGE_SUFFIXES
 from regproxy_cli.data.datasets import load_mask, read_classes_file
 from regproxy_cli.errors import RegproxyError, listed, one_line
-from regproxy_cli.files import leaves, path_under
+from regproxy_cli.files import inside, leaves, path_under
 from regproxy_cli.images import READ_ERRORS, save_label_png
 from regproxy_cli.io.annotations import (
     CVAT_BACKGROUND,
@@ -403,16 +403,11 @@ def _find_picture(name: str, folders: Sequence[Path], allow_outside: bool = Fals
         if allow_outside or not leaves(name):
             candidates.insert(0, folder / relative)
         for candidate in candidates:
-            if not allow_outside and not _inside(folder, candidate):
+            if not allow_outside and not inside(folder, candidate):
                 continue
             if candidate.is_file():
                 return candidate
     return None
-
-
-def _inside(folder: Path, path: Path) -> bool:
-    real = os.path.realpath(folder)
-    return os.path.commonpath([real, os.path.realpath(path)]) == real
 
 
 def _missing_picture(where: str, name: str, folders: Sequence[Path]) -> RegproxyError:
@@ -916,7 +911,7 @@ def _read_cvat_masks(source: Path, members: list[str], wanted: list[str] | None,
 def _by_stem(stem: str, folder: Path, where: str) -> Callable[[], Picture]:
     plain_name(stem, where)
     found = sorted(p for p in folder.glob(f"{glob.escape(stem)}.*") if p.suffix.lower() in IMAGE_SUFFIXES
-                   and _inside(folder, p)) if folder.is_dir() else []
+                   and inside(folder, p)) if folder.is_dir() else []
     if not found:
         raise RegproxyError(f"{where}: no image named {stem}.* in {folder}; point --images at the folder that holds "
                             "it")
