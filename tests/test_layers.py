@@ -1,6 +1,7 @@
 """The package's layering, read from the source: imports point down the layers and never round in a circle.
 
-foundations (errors, constants, files, images, classes, schema) -> model -> data -> inference -> io, viz -> engine -> cli.
+foundations (errors, constants, files, images, classes, schema) -> model -> data -> inference -> io, viz -> engine
+-> cli.
 A module may import from its own package or from a lower layer (the foundations from each other); lazy imports
 inside functions count too.
 """
