@@ -1,5 +1,7 @@
 """The one exception type the CLI turns into a single line on stderr and a non-zero exit, and message helpers."""
 
+import re
+
 
 class RegproxyError(Exception):
     """An error whose message is written for the user: one line, saying what went wrong and what to do."""
@@ -14,3 +16,14 @@ def one_line(error: BaseException) -> str:
     """An exception's message squeezed onto one line, or its type name when it has none."""
     text = " ".join(str(error).split())
     return text or type(error).__name__
+
+
+def unpickling_reason(error: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, as whole sentences: the one naming the refused global
+    (``Unsupported global: GLOBAL os.system ...``) when there is one, else the first. Never cut mid-word."""
+    sentences = [s.strip().rstrip(".") for s in re.split(r"\.\s+|\n+", str(error)) if s.strip()]
+    if not sentences:
+        return type(error).__name__
+    named = [s for s in sentences if "GLOBAL" in s]
+    text = " ".join((named[0] if named else sentences[0]).split())
+    return text if len(text) <= 300 else " ".join(text[:300].split()[:-1]) + " ..."

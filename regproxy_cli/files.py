@@ -1,5 +1,6 @@
-"""Files in and out: atomic writes (a reader, or a run killed mid-write, sees the old file or the complete new one)
-and JSON documents read with one error line."""
+"""Files in and out: atomic writes (a reader, or a run killed mid-write, sees the old file or the complete new one),
+JSON documents read with one error line, and the check that keeps names taken from files inside the folder they
+are meant for."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from regproxy_cli.errors import RegproxyError, one_line
@@ -49,3 +50,31 @@ def _umask() -> int:
     mask = os.umask(0)  # reading the umask means setting it; put it straight back
     os.umask(mask)
     return mask
+
+
+def leaves(relative: str) -> bool:
+    """Whether a relative name from a file (an archive member, a list line, a JSON path) would leave its folder:
+    absolute (``/x``, ``C:\\x``, ``\\\\host\\x``), climbing (a ``..`` part) or holding a NUL byte."""
+    text = relative.replace("\\", "/")
+    return (text.startswith("/") or "\x00" in text or ".." in PurePosixPath(text).parts
+            or PureWindowsPath(relative).drive != "")
+
+
+def path_under(root: str | os.PathLike, relative: str, where: str) -> Path:
+    """``root / relative``, refused with one line unless it stays inside ``root``, by name and after symlinks.
+
+    The one check every name taken from an archive, a list or a JSON goes through before it becomes a path to
+    write (or read): nothing is looked up outside ``root``, so the answer says nothing about files elsewhere.
+    """
+    if not relative or leaves(relative):
+        raise RegproxyError(f"{where}: the name {relative!r} leads outside {root}; refused")
+    path = Path(root) / relative.replace("\\", "/")
+    if not inside(root, path):  # a symlink inside that points out
+        raise RegproxyError(f"{where}: the name {relative!r} leads outside {root} (through a symbolic link); refused")
+    return path
+
+
+def inside(root: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Whether ``path`` is ``root`` or under it once symbolic links are followed (the target need not exist)."""
+    real_root = os.path.realpath(root)
+    return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root

@@ -258,3 +258,49 @@ def test_predict_cli_missing_extra_is_one_line_before_the_model_loads(tmp_path, 
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     # the message is printed as text, not rich markup: "[annotations]" survives
     assert result.stderr.strip() == f"error: --format coco {MISSING}"
+
+
+# A COCO file written by hand (not by regproxy): a 6 x 10 image (non-square, so a transposed decode cannot pass),
+# categories with ids 5 and 9 (not 0..K-1), a polygon and an uncompressed RLE that overlaps it, painted in file order.
+HAND_COCO = {
+    "images": [{"id": 3, "file_name": "wide.png", "height": 6, "width": 10}],
+    "categories": [{"id": 9, "name": "boat"}, {"id": 5, "name": "water"}],
+    "annotations": [
+        # pixel centres (x + 0.5, y + 0.5) strictly inside the rectangle x 0.5..5.5, y 0.5..3.5: columns 1-5, rows 1-3
+        {"id": 1, "image_id": 3, "category_id": 5, "iscrowd": 0,
+         "segmentation": [[0.5, 0.5, 5.5, 0.5, 5.5, 3.5, 0.5, 3.5]]},
+        # column-major runs: 28 off, then rows 4-5 of column 4 and rows 0-5 of column 5 on (8), then the rest off
+        {"id": 2, "image_id": 3, "category_id": 9, "iscrowd": 1,
+         "segmentation": {"size": [6, 10], "counts": [28, 8, 24]}},
+    ],
+}
+
+
+def _hand_drawn() -> np.ndarray:
+    expected = np.full((6, 10), 255, dtype=np.int64)
+    expected[1:4, 1:6] = 0  # water: the categories sorted by id (5, 9) give ["water", "boat"]
+    expected[4:6, 4] = 1  # boat
+    expected[:, 5] = 1  # boat, over the water of column 5
+    return expected
+
+
+def test_read_coco_hand_written_polygons_and_uncompressed_rle_on_a_wide_image(tmp_path):
+    path = tmp_path / "hand.json"
+    path.write_text(json.dumps(HAND_COCO))
+    maps = read_coco(path)
+    assert maps.classes == ["water", "boat"]
+    np.testing.assert_array_equal(maps.labels["wide.png"], _hand_drawn())
+    by_name = read_coco(path, classes=["boat", "sky", "water"])  # matched by name
+    np.testing.assert_array_equal(by_name.labels["wide.png"], np.select(
+        [_hand_drawn() == 0, _hand_drawn() == 1], [2, 0], 255))
+
+
+def test_data_import_reads_the_same_hand_written_coco_file(tmp_path):
+    from regproxy_cli.io.imports import import_annotations
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "hand.json").write_text(json.dumps(HAND_COCO))
+    Image.new("RGB", (10, 6)).save(tmp_path / "src" / "wide.png")
+    import_annotations("coco", tmp_path / "src" / "hand.json", tmp_path / "ds", val_fraction=0)
+    imported = np.asarray(Image.open(tmp_path / "ds" / "masks" / "train" / "wide.png")).astype(np.int64)
+    np.testing.assert_array_equal(imported, _hand_drawn())

@@ -1,10 +1,12 @@
 """The model directory format: bit-exact round trip, the model card, clear errors for broken directories."""
 
 import json
+import re
 
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from conftest import TINY_HYBRID, TINY_VIT
 from regproxy_cli import RegproxyError, build_model
@@ -78,6 +80,44 @@ def test_broken_directories_give_one_line_errors(tmp_path):
     (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(RegproxyError, match="cannot read weights"):
         load_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_classes": 10**9}, "key num_classes: must be <= 65535, got 1000000000"),
+    ({"num_classes": -3}, "key num_classes: must be >= 1, got -3"),
+    ({"num_classes": "3"}, "key num_classes: expected int, got '3'"),
+    ({"crop_size": -64}, "key crop_size: must be >= 1, got -64"),
+    ({"test_scale": [2048, -1]}, r"key test_scale\[1\]: must be >= 1, got -1"),
+    ({"palette": [[0, 0, 0], [999, 0, 0], [1, 2, 3]]}, r"key palette\[1\]\[0\]: must be <= 255, got 999"),
+    ({"palette": [[0, 0], [9, 0, 0], [1, 2, 3]]}, r"key palette\[0\]: expected 3 values, got 2"),
+    ({"mean": "imagenet"}, "key mean: expected a list, got 'imagenet'"),
+    ({"std": [0, 0, 0]}, r"key std\[0\]: must be > 0, got 0.0"),
+    ({"format_version": "1"}, "key format_version: expected int, got '1'"),
+    ({"inference_mode": "tiles"}, "key inference_mode: 'tiles' is not one of slide, whole"),
+    ({"baseline": "no"}, "key baseline: expected bool, got 'no'"),
+])
+def test_model_config_json_is_validated_at_load_one_line_naming_the_key(tmp_path, change, message):
+    save_pretrained(build_model(TINY_VIT, 3), tmp_path / "m")
+    config = tmp_path / "m" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
+    with pytest.raises(RegproxyError, match=f"^{re.escape(str(config))}: {message}") as caught:
+        load_pretrained(tmp_path / "m")
+    assert "\n" not in str(caught.value)
+
+
+def test_model_config_json_top_level_must_be_a_mapping(tmp_path, cli):
+    save_pretrained(build_model(TINY_VIT, 3), tmp_path / "m")
+    config = tmp_path / "m" / "config.json"
+    config.write_text(json.dumps([json.loads(config.read_text())]))
+    with pytest.raises(RegproxyError, match="config.json: expected a mapping of keys to values, got list"):
+        load_pretrained(tmp_path / "m")
+    config.write_text(json.dumps({**json.loads(config.read_text())[0], "std": [0, 0, 0]}))
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    result = cli("predict", str(image), "--model", str(tmp_path / "m"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: {config}: key std[0]: must be > 0, got 0.0"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_config_validation():

@@ -131,6 +131,7 @@ def test_predict_passes_every_option(monkeypatch, tmp_path):
     (segmenter, paths, out), options = files.only
     assert segmenter is model and paths == [image] and out == tmp_path / "out"
     del options["progress"]
+    assert isinstance(options.pop("report"), predict_cli.PredictReport)  # filled as images finish, for Ctrl-C
     assert options.pop("formats") == ["png", "cvat"]
     assert options == {"regions": True, "mode": "slide", "tta": True, "scale": 0.5, "batch_size": 2,
                        "precision": "bf16", "batch": 3, "polygon_tolerance": 0.5, "regions_by": "token",

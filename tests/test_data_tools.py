@@ -139,7 +139,8 @@ def test_what_predict_writes_imports_back_to_the_same_labels(tmp_path, source_fo
         for i, (name, labels) in enumerate(scenes.items()):
             writer.add(name, labels, _picture(pictures / f"{name}.png", seed=i))
     source = {"coco": out / "predictions.json", "labelme": out, "cvat": out / "cvat.zip"}[source_format]
-    extra = ["--classes", ",".join(CLASSES)] if source_format == "labelme" else ["--images", str(pictures)]
+    # labelme's imagePath climbs out of OUT ('../pictures/x.png'): pictures are looked up under --images by name
+    extra = ["--images", str(pictures)] + (["--classes", ",".join(CLASSES)] if source_format == "labelme" else [])
     result = runner.invoke(app, ["data", "import", "--from", source_format, str(source), str(tmp_path / "ds"),
                                  *extra, "--json"])
     assert result.exit_code == 0, (result.output, result.exception)

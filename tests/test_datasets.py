@@ -192,6 +192,17 @@ def test_folder_dataset_reduce_zero_label(tmp_path: Path) -> None:
     np.testing.assert_array_equal(D.FolderDataset(tmp_path)[0][1][:3, 0], [255, 0, 1])
 
 
+def test_reduce_zero_label_keeps_255_ignored() -> None:
+    raw = np.array([[0, 1, 2, 150, 254, 255]], dtype=np.uint8)
+    np.testing.assert_array_equal(D.reduce_zero_label(raw), [[255, 0, 1, 149, 253, 255]])
+
+
+def test_folder_dataset_reduce_zero_label_keeps_255_ignored(tmp_path: Path) -> None:
+    _folder(tmp_path, {"classes": ["a", "b"], "reduce_zero_label": True})
+    _mask(tmp_path / "masks" / "train" / "a.png", [0, 1, 2, 255])
+    np.testing.assert_array_equal(D.FolderDataset(tmp_path)[0][1][:4, 0], [255, 0, 1, 255])
+
+
 def test_folder_dataset_exif_orientation(tmp_path: Path) -> None:
     _folder(tmp_path)
     array = np.random.default_rng(0).integers(0, 256, size=(H, W, 3), dtype=np.uint8)

@@ -160,3 +160,58 @@ def test_the_page_shows_the_result_in_chromium(served, tmp_path):
     assert overlay_green.sum() > 2000, "the screenshot does not show the overlay of the example"
     assert "classes present" in text and "128×96 px, whole image" in text
     shutil.copy(shot, root / "page.png")  # kept next to the server log
+
+
+def test_the_demo_serves_copies_of_the_examples_only_and_removes_its_files(tmp_path, model):
+    """A secret beside an example is not reachable over HTTP; the example's copy is (the same route, so the refusal
+    is not an accident of the URL); after SIGTERM nothing of the demo is left in its temporary folder."""
+    import urllib.error
+    import urllib.request
+
+    from gradio_client import Client, handle_file
+
+    save_pretrained(model, tmp_path / "model")
+    examples = tmp_path / "examples"
+    (examples / "notes").mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 40, 3), np.uint8)).save(examples / "black.png")
+    (examples / ".env").write_text("API_KEY=hunter2")
+    (examples / "notes" / "secret.txt").write_text("hunter2")
+    system_tmp = tmp_path / "tmp"
+    system_tmp.mkdir()
+    port = _free_port()
+    env = {**os.environ, "TMPDIR": str(system_tmp), "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1"}
+    with open(tmp_path / "server.log", "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "regproxy_cli", "demo", "--model", str(tmp_path / "model"),
+                                   "--port", str(port), "--examples", str(examples), "--device", "cpu"],
+                                  stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while "(Ctrl+C stops it)" not in (tmp_path / "server.log").read_text():
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}/gradio_api/file="
+
+        def get(path) -> tuple[int, bytes]:
+            try:
+                with urllib.request.urlopen(f"{url}{path}", timeout=30) as answer:
+                    return answer.status, answer.read()
+            except urllib.error.HTTPError as error:
+                return error.code, b""
+
+        (scratch,) = system_tmp.glob("regproxy-demo-*")
+        (copy,) = scratch.glob("examples-*/*black.png")
+        assert get(copy) == (200, copy.read_bytes())
+        for secret in (examples / ".env", examples / "notes" / "secret.txt", examples / "black.png",
+                       copy.parent / ".." / ".." / ".." / "examples" / ".env"):
+            status, body = get(secret)
+            assert status != 200 and b"hunter2" not in body, secret
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp_path / "downloads"))
+        Image.fromarray(np.full((20, 24, 3), 7, np.uint8)).save(tmp_path / "upload.png")
+        client.predict(handle_file(str(tmp_path / "upload.png")), "whole", 0.5, api_name="/segment")
+        assert any((scratch / "gradio").rglob("*.png"))  # the upload and results: in the demo's own folder
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    # the copies, uploads and results are gone with the demo (regproxy-cache-*: the test suite's model cache)
+    assert [p.name for p in system_tmp.iterdir() if not p.name.startswith("regproxy-cache-")] == []
+    assert sorted(p.name for p in examples.rglob("*")) == [".env", "black.png", "notes", "secret.txt"]

@@ -1,6 +1,7 @@
 """The package's layering, read from the source: imports point down the layers and never round in a circle.
 
-foundations (errors, constants, files, images, classes) -> model -> data -> inference -> io, viz -> engine -> cli.
+foundations (errors, constants, files, images, classes, schema) -> model -> data -> inference -> io, viz -> engine
+-> cli.
 A module may import from its own package or from a lower layer (the foundations from each other); lazy imports
 inside functions count too.
 """
@@ -16,7 +17,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "regproxy_cli"
 
 LAYERS = {
-    "errors": 0, "constants": 0, "files": 0, "images": 0, "classes": 0,
+    "errors": 0, "constants": 0, "files": 0, "images": 0, "classes": 0, "schema": 0,
     "model": 1,
     "data": 2,
     "inference": 3,

@@ -1,5 +1,9 @@
 """`regproxy predict` and `model.predict` end to end on generated images of every mode and size."""
 
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -237,3 +241,109 @@ def test_tta_without_a_test_scale_applies_scale_to_the_image():
     # ratios 0.5 ... 1.75 times 0.5 of 40x60, halves rounded up; each size plain and mirrored
     expected = [(10, 15), (15, 23), (20, 30), (25, 38), (30, 45), (35, 53)]
     assert labels.shape == (40, 60) and seen == [size for size in expected for _ in range(2)]
+
+
+# ---------------------------------------------------------------------------------------------------- issue 27
+
+
+def test_colliding_input_names_give_distinct_outputs_and_a_true_count(tmp_path, model_dir, cli):
+    sizes = {"a/x.png": (20, 21), "a/x.jpg": (22, 23), "b/x.png": (24, 25), "a_x.png": (26, 27),
+             "x_overlay.png": (28, 29), "c/X.png": (30, 31)}
+    for name, (height, width) in sizes.items():
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_photo(height, width)).save(tmp_path / "in" / name, quality=95)
+    out = tmp_path / "out"
+    result = cli("predict", str(tmp_path / "in"), "--model", str(model_dir), "--out", str(out),
+                 "--format", "png", "--format", "labelme", env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {len(sizes)} label maps" in result.stdout
+    # a label map and an overlay per input, each at its input's own size: none overwrote another
+    pictures = sorted(out.glob("*.png"))
+    assert sorted(Image.open(p).size[::-1] for p in pictures) == sorted([*sizes.values()] * 2)
+    label_maps = [p for p in pictures if Image.open(p).mode == "P"]
+    assert len(label_maps) == len(sizes) and len(list(out.glob("*.json"))) == len(sizes)
+
+
+def test_output_names_are_distinct_even_against_each_others_files():
+    from regproxy_cli.cli.predict import OUTPUT_FILES, output_names
+
+    paths = [Path(p) for p in ("r/a/x.png", "r/a/x.jpg", "r/b/x.png", "r/a_x.png", "r/a/a_x.png", "r/x_overlay.png",
+                               "r/X.PNG", "r/c/x_regions.tif", "r/a/x.bmp", "r/a_x_png.png", "r/predictions.png")]
+    names = output_names(paths, ("category",))
+    assert len(names) == len(paths)
+    files = [template.format(name).casefold() for name in names.values()
+             for template in (*OUTPUT_FILES, "{}_category.png")]
+    assert len(files) == len(set(files))  # no two inputs share one output file, ignoring case
+    assert "predictions.json" not in files  # COCO's file of the whole run
+    assert output_names([Path("d/one.png"), Path("e/two.png")]) == {Path("d/one.png"): "one", Path("e/two.png"): "two"}
+
+
+def test_a_sliver_image_and_a_failing_image_are_one_line_each_and_the_rest_run(tmp_path, model_dir, cli,
+                                                                               monkeypatch):
+    Image.fromarray(np.full((1, 100000, 3), 128, np.uint8)).save(tmp_path / "a_sliver.png")
+    Image.fromarray(_photo(30, 40)).save(tmp_path / "b_good.png")
+    scaled = tmp_path / "scaled"  # a keep-ratio test scale: the sliver's short side would round to 0 pixels
+    shutil.copytree(model_dir, scaled)
+    config = json.loads((scaled / "config.json").read_text())
+    (scaled / "config.json").write_text(json.dumps({**config, "test_scale": [64, 32]}))
+    result = cli("predict", str(tmp_path / "a_sliver.png"), str(tmp_path / "b_good.png"), "--model", str(scaled),
+                 "--out", str(tmp_path / "out"), "--mode", "whole")
+    assert result.returncode == 0, result.stderr
+    assert np.asarray(Image.open(tmp_path / "out" / "a_sliver.png")).shape == (1, 100000)
+
+    from regproxy_cli.cli import predict as predict_module
+
+    real = predict_module.predict_label_batch
+
+    def fails_on_width_13(model, images, **options):  # a fault inside the network step, for one image only
+        if any(image.shape[1] == 13 for image in images):
+            raise RuntimeError("planted failure")
+        return real(model, images, **options)
+
+    monkeypatch.setattr(predict_module, "predict_label_batch", fails_on_width_13)
+    paths = []
+    for index, width in enumerate((20, 13, 21)):
+        paths.append(tmp_path / "in" / f"{index}.png")
+        paths[-1].parent.mkdir(exist_ok=True)
+        Image.fromarray(_photo(10, width)).save(paths[-1])
+    report = predict_module.predict_files(load_model(str(model_dir)), paths, tmp_path / "out2", workers=0)
+    assert [p.name for p in report.written] == ["0.png", "2.png"]
+    assert report.failed == [f"{paths[1]}: failed (RuntimeError: planted failure)"]
+
+
+@pytest.mark.parametrize("out", ["file", "file/sub", "/proc/regproxy-no-such/out"])
+def test_an_out_that_is_a_file_or_unwritable_is_one_line(tmp_path, model_dir, cli, out):
+    (tmp_path / "file").write_text("keep me")
+    Image.fromarray(_photo(20, 20)).save(tmp_path / "a.png")
+    target = out if out.startswith("/") else str(tmp_path / out)
+    result = cli("predict", str(tmp_path / "a.png"), "--model", str(model_dir), "--out", target)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith(f"error: --out {target}: ")
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+def test_ctrl_c_during_predict_says_how_many_were_written(tmp_path, model_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    for index in range(60):
+        (tmp_path / "in").mkdir(exist_ok=True)
+        Image.fromarray(_photo(200, 260, seed=index)).save(tmp_path / "in" / f"{index:02d}.png")
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "regproxy_cli", "predict", str(tmp_path / "in"), "--model",
+                                str(model_dir), "--out", str(out), "--regions"], stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "COLUMNS": "200"})
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("*_regions.png"))) < 2 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    line = next(line for line in stderr.splitlines() if line.startswith("interrupted:"))
+    written = int(line.split()[1])
+    assert line == (f"interrupted: {written} of 60 images written to {out} (each file complete); run the same "
+                    "command again to segment them all")
+    assert 1 <= written < 60 and "Traceback" not in stderr

@@ -67,7 +67,7 @@ def test_zoo_recipes_follow_the_official_configs():
     ("colour: red\n", [], "unknown config key colour"),
     ("optim: [1, 2]\n", [], "config section optim: expected a mapping"),
     ("optim:\n  lr: [\n", [], "not valid YAML at line"),
-    ("", ["optim.iters=-1"], "must be positive"),
+    ("", ["optim.iters=-1"], "config key optim.iters: must be >= 1, got -1"),
     ("", ["iters=5"], "the key must be section.key"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, overrides, message):
@@ -75,6 +75,38 @@ def test_config_errors_name_the_key(tmp_path, text, overrides, message):
     path.write_text(text)
     with pytest.raises(RegproxyError, match=message):
         load_config(path, overrides)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=0", "config key optim.lr: must be > 0, got 0.0"),
+    ("optim.lr=-1e-4", "config key optim.lr: must be > 0, got -0.0001"),
+    ("optim.lr=.nan", "config key optim.lr: must be a finite number"),
+    ("data.crop=0", "config key data.crop: must be >= 1, got 0"),
+    ("data.crop=-512", "config key data.crop: must be >= 1, got -512"),
+    ("data.scale=[0, 0]", r"config key data.scale\[0\]: must be >= 1, got 0"),
+    ("data.scale=[512]", "config key data.scale: expected 2 values, got 1"),
+    ("data.workers=-1", "config key data.workers: must be >= 0, got -1"),
+    ("optim.warmup_iters=-5", "config key optim.warmup_iters: must be >= 0, got -5"),
+    ("optim.batch_size=true", "config key optim.batch_size: expected int, got True"),
+    ("data.ratio_range=[2.0, 0.5]", "config key data.ratio_range: .*low <= high"),
+    ("data.cat_max_ratio=0", "config key data.cat_max_ratio: must be > 0"),
+    ("optim.betas=[0.9, 1.5]", r"config key optim.betas\[1\]: must be < 1"),
+    ("run.seed=-1", "config key run.seed: must be >= 0"),
+])
+def test_bad_settings_are_one_line_naming_the_dotted_key(override, message):
+    with pytest.raises(RegproxyError, match=message) as caught:
+        load_config(None, [override])
+    assert "\n" not in str(caught.value)
+
+
+def test_bad_setting_stops_train_cli_with_one_line_and_no_run_folder(tmp_path, cli):
+    out = tmp_path / "runs" / "x"
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  kind: synthetic\n  root: {tmp_path / 'data'}\nrun:\n  out_dir: {out}\n")
+    result = cli("train", str(config), "--set", "optim.lr=0")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["error: config key optim.lr: must be > 0, got 0.0"]
+    assert not out.exists() and not (tmp_path / "runs").exists()
 
 
 def test_overrides_are_typed():
@@ -91,6 +123,25 @@ def test_poly_schedule_with_linear_warmup_matches_mmseg():
     assert lr_factor(1500, optim) == pytest.approx(1 - 1500 / 160000)
     assert lr_factor(80000, optim) == pytest.approx(0.5)
     assert lr_factor(160000, optim) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("power", [1.0, 0.9])
+def test_poly_schedule_with_min_lr_ends_exactly_at_min_lr(power):
+    # mmseg's PolyLrUpdaterHook: lr = (base - min) * (1 - t / T) ** power + min, here through a real optimiser
+    base, low, iters = 1e-3, 1e-4, 1000
+    optim = OptimSection(lr=base, min_lr=low, iters=iters, warmup_iters=0, schedule="poly", poly_power=power)
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=base)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, optim))
+    seen = {0: optimizer.param_groups[0]["lr"]}
+    for iteration in range(1, iters + 1):
+        optimizer.step()
+        scheduler.step()
+        seen[iteration] = optimizer.param_groups[0]["lr"]
+    assert seen[0] == pytest.approx(base, rel=1e-12)
+    assert seen[iters // 2] == pytest.approx((base - low) * 0.5 ** power + low, rel=1e-12)
+    assert seen[iters] == pytest.approx(low, rel=1e-12)
+    assert all(seen[i] > seen[i + 1] > low for i in range(iters - 1))  # falls towards min_lr, never below
 
 
 def test_cosine_restarts_match_mmseg():
@@ -168,6 +219,62 @@ def test_training_checkpoints_load_as_weights_only_on_the_cpu(tmp_path):
     torch.save({"iteration": 1, "payload": Path("x")}, tmp_path / "evil.pt")
     with pytest.raises(RegproxyError, match=r"evil.pt: not a readable training checkpoint"):
         train_module.read_checkpoint(tmp_path / "evil.pt")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_an_evil_pickle_is_refused_in_one_whole_sentence(tmp_path):
+    torch.save({"iteration": 1, "x": _RunsCode()}, tmp_path / "evil.pt")
+    with pytest.raises(RegproxyError) as caught:
+        train_module.read_checkpoint(tmp_path / "evil.pt")
+    message = str(caught.value)
+    assert "\n" not in message and not (tmp_path / "pwned").exists()
+    assert message == (f"{tmp_path / 'evil.pt'}: not a readable training checkpoint (Trying to load unsupported "
+                       "GLOBAL posix.system whose module posix is blocked)")
+
+
+def test_resume_cleans_stale_temporaries_and_truncates_the_log_to_the_checkpoint(tmp_path, monkeypatch):
+    config = load_config(tiny_config(tmp_path, optim={"iters": 4}, run={"eval_every": 4, "save_every": 2,
+                                                                        "log_every": 1}))
+    real_step = train_module.Trainer.step
+
+    def killed_after_iteration_3(self, batches, iteration=0):
+        if iteration == 3:  # iterations 1-3 logged, the checkpoint holds 2: as a kill at this moment leaves it
+            raise KeyboardInterrupt
+        return real_step(self, batches, iteration)
+
+    monkeypatch.setattr(train_module.Trainer, "step", killed_after_iteration_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, progress=False)
+    run = tmp_path / "run"
+    assert train_module.read_checkpoint(run / "last.pt")["iteration"] == 2
+    assert [json.loads(line)["iter"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    (run / ".last.pt.k1ll3d.tmp").write_bytes(b"")  # what a kill during a save leaves
+    with (run / "log.jsonl").open("a") as log:
+        log.write('{"iter": 4, "lo')  # and a line cut by the kill
+    monkeypatch.setattr(train_module.Trainer, "step", real_step)
+    train(config, resume=True, progress=False)
+    logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in logged if "loss" in r] == [1, 2, 3, 4]  # 3 once, not twice
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_a_failed_start_leaves_no_run_folder(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RegproxyError("the trainer cannot be built")
+
+    monkeypatch.setattr(train_module, "build_trainer", broken)
+    config = load_config(tiny_config(tmp_path, optim={"iters": 2}))
+    with pytest.raises(RegproxyError, match="cannot be built"):
+        train(config, progress=False)
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "run").mkdir()  # a folder the user made is theirs: it stays
+    with pytest.raises(RegproxyError, match="cannot be built"):
+        train(config, progress=False)
+    assert (tmp_path / "run").is_dir()
 
 
 def test_changed_keys_are_dotted_and_skip_speed_settings():

@@ -80,10 +80,41 @@ def test_cat_max_ratio_avoids_dominated_crops() -> None:
 
 
 def test_cat_max_ratio_ignores_ignored_pixels_and_gives_up() -> None:
-    label = np.full((32, 48), 255, dtype=np.uint8)
-    label[:, :4] = 2  # one real class only: no crop can pass, a crop is still returned
-    _, out = T.RandomCrop((16, 16), cat_max_ratio=0.75)(np.zeros((32, 48, 3), np.uint8), label)
-    assert tuple(out.shape) == (16, 16)
+    crop = T.RandomCrop((16, 16), cat_max_ratio=0.75)
+    one_class = torch.full((16, 16), 255, dtype=torch.int64)
+    one_class[:, :4] = 2
+    assert not crop._acceptable(one_class)  # one class plus ignored pixels: ignored is not a second class
+    dominated = torch.full((16, 16), 255, dtype=torch.int64)
+    dominated[:8, :8], dominated[0, 8:10] = 1, 2  # class 1 is 64 of 66 labelled pixels; ignored ones do not dilute
+    assert not crop._acceptable(dominated)
+    balanced = torch.zeros((16, 16), dtype=torch.int64)
+    balanced[:, 8:] = 1
+    assert crop._acceptable(balanced)
+
+    # acceptable crops are those left of x = 16 (about half): after a first draw that misses, the retries find one
+    label = np.full((32, 48), 3, dtype=np.uint8)
+    label[::2, :24:2] = label[1::2, 1:24:2] = 1  # a checkerboard of 1 and 3 on the left half
+    label[:2] = 255
+    image = np.zeros((32, 48, 3), np.uint8)
+    for seed in range(200):
+        first = T.RandomCrop((16, 16), generator=torch.Generator().manual_seed(seed))._random_box(32, 48)
+        if not crop._acceptable(torch.from_numpy(label[first[0]:first[0] + 16, first[1]:first[1] + 16]).long()):
+            break
+    else:
+        pytest.fail("no seed draws an unacceptable first crop")
+    _, out = T.RandomCrop((16, 16), 0.75, generator=torch.Generator().manual_seed(seed))(image, label)
+    assert crop._acceptable(out.long()), "an acceptable crop exists, and was not found"
+
+    # no acceptable crop at all: 1 draw + 10 retries, then that last crop is returned unchecked, as mmseg does
+    hopeless = np.full((32, 48), 255, dtype=np.uint8)
+    hopeless[:, :4] = 2
+    generator = torch.Generator().manual_seed(0)
+    _, out = T.RandomCrop((16, 16), 0.75, generator=generator)(image, hopeless)
+    replay = T.RandomCrop((16, 16), generator=torch.Generator().manual_seed(0))
+    boxes = [replay._random_box(32, 48) for _ in range(11)]
+    assert torch.equal(generator.get_state(), replay.generator.get_state())  # exactly 11 draws, no more
+    top, left = boxes[-1]
+    np.testing.assert_array_equal(out.numpy(), hopeless[top:top + 16, left:left + 16])
 
 
 def test_flip_flips_both() -> None:

@@ -163,11 +163,14 @@ def import_command(
                             ] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the train/val draw.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace DST when it is not empty.")] = False,
+    allow_outside_paths: Annotated[bool, typer.Option(
+        "--allow-outside-paths", help="Read pictures the export names by an absolute or '..' path where they point "
+        "(default: only under SRC or --images, by file name).")] = False,
     as_json: JsonOption = False,
 ) -> None:
     result = import_annotations(source_format.value, source, destination, images=images, classes=classes,
                                 background=background, val_fraction=val_fraction, seed=seed, force=force,
-                                progress=not as_json)
+                                progress=not as_json, allow_outside_paths=allow_outside_paths)
     if as_json:
         print_json(result.to_dict())
         return

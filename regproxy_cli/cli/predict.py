@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import glob
+import itertools
+import os
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import typer
@@ -34,15 +38,15 @@ from regproxy_cli.cli.options import (
     model_device,
     parse_device,
 )
-from regproxy_cli.cli.output import console, print_error
+from regproxy_cli.cli.output import console, err_console, print_error
 from regproxy_cli.cli.video import EVERY_HELP, FRAMES_HELP, predict_videos
 from regproxy_cli.constants import IMAGE_SUFFIXES
-from regproxy_cli.errors import RegproxyError
+from regproxy_cli.errors import RegproxyError, one_line
 from regproxy_cli.files import write_atomic
 from regproxy_cli.images import load_image, save_label_png, save_png_atomic
 from regproxy_cli.inference.confidence import ConfidenceMaps, predict_confidence
 from regproxy_cli.inference.pipeline import forward_batch, predict_label_batch, run_pipeline
-from regproxy_cli.io.annotations import AnnotationWriter, check_formats
+from regproxy_cli.io.annotations import COCO_FILE, AnnotationWriter, check_formats
 from regproxy_cli.io.video import is_video
 from regproxy_cli.io.zoo import load_model
 from regproxy_cli.model.classifiers import label_levels
@@ -60,6 +64,11 @@ output resolution (the working size divided by the output stride, 4 for /16 mode
 (nats) and, with --tta, `disagreement` at the image's size, plus `classes`.
 --format coco|labelme|cvat (repeatable) writes annotation-tool files instead or as well: OUT/predictions.json
 (COCO RLE, category_id = class id), OUT/<name>.json (labelme polygons), OUT/cvat.zip (CVAT Segmentation mask 1.1).
+
+<name> is the image's file stem. Inputs that share a stem are named <folder>_<stem>, and when that is taken too,
+<folder>_<stem>_<suffix>, then -2, -3, ...: the names are fixed before the first write, so no output overwrites
+another (compared ignoring case). An image that fails is one error line; the others still run, and the exit
+status is 1.
 
 --model takes a zoo name (see `regproxy models`), a Hub repo id, a model directory, an authors' .pth file or a
 `regproxy export`ed .onnx file (run by onnxruntime on --provider)."""
@@ -158,16 +167,24 @@ def predict(
     torch_device = parse_device(model_device(device, model))
     run_precision = check_precision(precision, torch_device)
     paths, problems = expand_inputs(inputs)
+    check_out_dir(out)  # an --out that is a file or cannot be written stops here, before the model loads
     segmenter = load_model(model, provider=provider.value).to(torch_device)
     check_onnx_options(segmenter, run_precision, compile_network, regions)
     compile_if(compile_network, segmenter, run_precision)
-    with tqdm(total=len(paths), unit="image", desc="segmenting", disable=not paths) as bar:
-        report = predict_files(segmenter, paths, out, regions=regions, progress=bar.update,
-                               formats=output_formats, polygon_tolerance=polygon_tolerance,
-                               regions_by=(regions_by or RegionsBy.cls).value, confidence=confidence,
-                               save_probs=save_probs, opacity=opacity,
-                               mode=mode.value if mode else None, tta=tta, scale=scale, batch_size=window_batch,
-                               precision=run_precision, batch=batch)
+    prepare_out_dir(out)  # created only once the model has loaded
+    partial = PredictReport()  # filled as images finish: what a Ctrl-C can report
+    try:
+        with tqdm(total=len(paths), unit="image", desc="segmenting", disable=not paths) as bar:
+            report = predict_files(segmenter, paths, out, regions=regions, progress=bar.update,
+                          formats=output_formats, polygon_tolerance=polygon_tolerance,
+                          regions_by=(regions_by or RegionsBy.cls).value, confidence=confidence,
+                          save_probs=save_probs, opacity=opacity,
+                          mode=mode.value if mode else None, tta=tta, scale=scale, batch_size=window_batch,
+                          precision=run_precision, batch=batch, report=partial)
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted: {len(partial.finished)} of {len(paths)} images written to {out} (each file "
+                          "complete); run the same command again to segment them all")
+        raise typer.Exit(130) from None
     for problem in problems + report.failed:
         print_error(problem)
     if report.written:
@@ -205,13 +222,74 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
                 problems.append(f"{item}: no images in this directory")
         else:
             paths.append(Path(item))  # a missing or bad file is reported when it is read
-    return paths, problems
+    unique = {os.path.realpath(p): p for p in reversed(paths)}  # one file named twice is segmented once
+    return [p for p in paths if unique.get(os.path.realpath(p)) is p], problems
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """One error line when ``out_dir`` is a file, or would be created under a file or a folder that cannot be
+    written; nothing is created (a model that then fails to load leaves no empty folder)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RegproxyError(f"--out {out_dir}: exists and is not a folder")
+    existing = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise RegproxyError(f"--out {out_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RegproxyError(f"--out {out_dir}: {existing} is not writable")
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    """Create ``out_dir``; one error line when it is a file or cannot be created or written."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RegproxyError(f"--out {out_dir}: exists and is not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RegproxyError(f"--out {out_dir}: cannot create the folder ({one_line(error)})") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise RegproxyError(f"--out {out_dir}: this folder is not writable")
+
+
+# The files one image may get, by name: every one is checked against every other image's before anything runs.
+OUTPUT_FILES = ("{}.png", "{}_overlay.png", "{}_regions.png", "{}_maxprob.png", "{}_entropy.png",
+                "{}_disagreement.png", "{}_probs.npz", "{}.json")
+
+
+def output_names(paths: list[Path], levels: tuple[str, ...] = ()) -> dict[Path, str]:
+    """Each input's output name, distinct by construction: the stem; for a stem several inputs share,
+    ``<folder>_<stem>``; when that (or one of its files, e.g. ``x_overlay.png`` of an input ``x_overlay``) is taken,
+    ``<folder>_<stem>_<suffix>``, then ``-2``, ``-3``, ... Names and file names are compared ignoring case (a
+    case-insensitive file system would merge them)."""
+    templates = OUTPUT_FILES + tuple(f"{{}}_{level}.png" for level in levels)
+    stems = Counter(p.stem.casefold() for p in paths)
+    taken = {COCO_FILE.casefold(), "cvat.zip"}  # the run's own files: an input named 'predictions' must not get them
+    names: dict[Path, str] = {}
+
+    def files(name: str) -> set[str]:
+        return {template.format(name).casefold() for template in templates}
+
+    def candidates(path: Path) -> Iterator[str]:
+        prefix = f"{path.parent.name}_{path.stem}" if path.parent.name else path.stem
+        if stems[path.stem.casefold()] == 1:
+            yield path.stem
+        yield prefix
+        if path.suffix:
+            yield f"{prefix}_{path.suffix.lstrip('.')}"
+        yield from (f"{prefix}-{number}" for number in itertools.count(2))
+
+    # inputs with a stem of their own first: they keep it whenever possible
+    for path in sorted(paths, key=lambda p: stems[p.stem.casefold()] > 1):
+        name = next(c for c in candidates(path) if not files(c) & taken)
+        taken |= files(name)
+        names[path] = name
+    return names
 
 
 @dataclass
 class PredictReport:
     written: list[Path] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    finished: list[Path] = field(default_factory=list)  # appended by the writer as each image's files are complete
     pixels: Counter = field(default_factory=Counter)  # class id -> pixel count over all images
     images: Counter = field(default_factory=Counter)  # class id -> number of images it appears in
 
@@ -231,6 +309,7 @@ def predict_files(
     confidence: bool = False,
     save_probs: bool = False,
     opacity: float = 0.5,
+    report: PredictReport | None = None,
     **options,
 ) -> PredictReport:
     """Segment each image, writing ``<stem>.png`` (class ids, palette), ``<stem>_overlay.png`` (colours at weight
@@ -244,16 +323,21 @@ def predict_files(
 
     Decoding and writing run on ``workers`` threads (0: all on this one) while this thread runs the network; on
     CUDA, up to ``batch`` consecutive same-size images share a forward pass
-    (:func:`regproxy_cli.inference.pipeline.run_pipeline`). Outputs and the report do not depend on ``workers``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (:func:`regproxy_cli.inference.pipeline.run_pipeline`). Outputs and the report do not depend on ``workers``.
+
+    Output names come from :func:`output_names` (distinct, fixed before the first write). Any exception while
+    segmenting or writing one image is that image's error line in ``report.failed``. ``report`` (filled as images
+    finish) may be passed in, so a caller still knows what was written when a Ctrl-C stops the run."""
+    prepare_out_dir(out_dir)
     palette = np.array(model.config.palette, dtype=np.uint8)
-    report = PredictReport()
-    stems = Counter(p.stem for p in paths)
+    report = PredictReport() if report is None else report
     png = "png" in check_formats(formats)
     annotations = AnnotationWriter(out_dir, formats, model.config.classes, model.config.palette,
                                    polygon_tolerance=polygon_tolerance)
     levels = level_maps(model)
+    names = output_names(paths, tuple(levels))
 
+    @_one_image
     def infer(images: list[np.ndarray]) -> list[tuple]:  # on this thread: the network
         if confidence or save_probs:
             maps = [predict_confidence(model, image, grid_probs=save_probs, **options) for image in images]
@@ -264,9 +348,10 @@ def predict_files(
                     for image in images]
         return list(zip(labels, pictures, maps))
 
+    @_one_image
     def write(path: Path, image: np.ndarray, result: tuple):  # on the pool
         labels, picture, maps = result
-        stem = path.stem if stems[path.stem] == 1 else f"{path.parent.name}_{path.stem}"
+        stem = names[path]
         written = _write_outputs(out_dir, stem, image, labels, palette, picture, png=png, opacity=opacity)
         for level, (lookup, level_palette) in levels.items():  # e.g. <stem>_category.png of an HSSN model
             if png:
@@ -274,12 +359,13 @@ def predict_files(
         if maps is not None:
             _write_confidence(out_dir, stem, maps, model.config.classes, pictures=confidence, probs=save_probs)
         annotations.add(stem, labels, path)
+        report.finished.append(written)  # list.append is atomic: what an interrupted run can truly claim
         return written, np.unique(labels, return_counts=True)
 
-    for _, done, error in run_pipeline(paths, load_image, infer, write, batch=forward_batch(model, batch),
-                                       workers=workers):
+    for path, done, error in run_pipeline(paths, load_image, infer, write, batch=forward_batch(model, batch),
+                                          workers=workers):
         if error is not None:
-            report.failed.append(error)
+            report.failed.append(error if error.startswith(str(path)) else f"{path}: {error}")
         else:
             written, (ids, counts) = done
             report.written.append(written)
@@ -289,6 +375,21 @@ def predict_files(
             progress()
     annotations.close()  # COCO's predictions.json and the CVAT zip, once
     return report
+
+
+def _one_image(step: Callable) -> Callable:
+    """``step`` with any exception but an interrupt turned into a RegproxyError: the pipeline then fails that image
+    (a group is retried image by image) and goes on with the next, instead of ending the run."""
+    @functools.wraps(step)
+    def guarded(*args: Any) -> Any:
+        try:
+            return step(*args)
+        except RegproxyError:
+            raise
+        except Exception as error:
+            raise RegproxyError(f"failed ({type(error).__name__}: {one_line(error)})") from error
+
+    return guarded
 
 
 def level_maps(model: nn.Module) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -66,11 +66,12 @@ def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, 
         scale: (long_max, short_max), e.g. (2048, 512) for ADE20K; the order does not matter, as in mmcv.
 
     Returns:
-        (new_height, new_width).
+        (new_height, new_width), each at least 1.
     """
     long_edge, short_edge = max(scale), min(scale)
     factor = min(long_edge / max(height, width), short_edge / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
+    # a sliver (1 x 100000) would round its short side to 0 pixels, which nothing can resize to
+    return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
 
 
 def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,16 +18,20 @@ from regproxy_cli.data.open import SyntheticSpec, open_dataset
 from regproxy_cli.engine.losses import MEAN_OVER, get_loss, list_losses
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.model.classifiers import list_classifiers
+from regproxy_cli.schema import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Rule, build, rule
+
+DATA_KINDS = ("ade20k", "cityscapes", "pascal-context", "pascal-context-59", "camvid", "folder", "synthetic")
+SCALE = rule(length=2, each=Rule(low=1, high=1 << 16))  # (long, short) sides in pixels
 
 
 @dataclass
 class ModelSection:
     backbone: str = "s16"
-    m: int | None = None  # token-head depth; None = the backbone's default
-    region_res: int = 4
+    m: int | None = field(default=None, metadata=NON_NEGATIVE)  # token-head depth; None = the backbone's default
+    region_res: int = field(default=4, metadata=rule(low=1, high=16))
     baseline: bool = False
     pretrained: bool = True  # start from the backbone's ImageNet weights (Hub)
-    drop_path_rate: float = 0.1
+    drop_path_rate: float = field(default=0.1, metadata=rule(low=0, below=1))
     # start from another model (anything --model accepts): matching tensors loaded, position embeddings resized,
     # classifier rows kept by class name (regproxy_cli.engine.finetune); model.pretrained is then not used
     init_from: str | None = None
@@ -41,21 +43,21 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    kind: str = "ade20k"  # ade20k | cityscapes | pascal-context | pascal-context-59 | folder | synthetic
+    kind: str = field(default="ade20k", metadata=rule(choices=DATA_KINDS))
     root: str = "data/ade"
     train_split: str = "train"
     val_split: str = "val"
-    crop: int = 512
-    scale: list[int] = field(default_factory=lambda: [2048, 512])  # mmseg (long, short) resize scale
-    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
-    cat_max_ratio: float = 0.75
+    crop: int = field(default=512, metadata=AT_LEAST_1)
+    scale: list[int] = field(default_factory=lambda: [2048, 512], metadata=SCALE)  # mmseg (long, short) resize scale
+    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0], metadata=rule(length=2, each=Rule(above=0)))
+    cat_max_ratio: float = field(default=0.75, metadata=rule(above=0, high=1))
     photometric: bool = True
-    workers: int = 4
+    workers: int = field(default=4, metadata=NON_NEGATIVE)
     # synthetic only: scenes generated into `root` when missing
-    synthetic_train: int = 400
-    synthetic_val: int = 50
-    synthetic_size: int = 128
-    synthetic_classes: int = 5
+    synthetic_train: int = field(default=400, metadata=AT_LEAST_1)
+    synthetic_val: int = field(default=50, metadata=AT_LEAST_1)
+    synthetic_size: int = field(default=128, metadata=rule(low=8, high=8192))
+    synthetic_classes: int = field(default=5, metadata=rule(low=1, high=255))
     synthetic_generator: str = "scenes"  # scenes | streets (regproxy_cli.data.streets: street-like, 7 classes)
 
     def open(self, split: str) -> SegmentationDataset:
@@ -67,53 +69,54 @@ class DataSection:
 
 @dataclass
 class TestSection:
-    mode: str = "slide"  # slide | whole
-    stride: int | None = None  # sliding-window stride; None = the crop
-    scale: list[int] | None = field(default_factory=lambda: [2048, 512])  # keep-ratio test scale; None = as is
+    mode: str = field(default="slide", metadata=rule(choices=("slide", "whole")))
+    stride: int | None = field(default=None, metadata=AT_LEAST_1)  # sliding-window stride; None = the crop
+    scale: list[int] | None = field(default_factory=lambda: [2048, 512], metadata=SCALE)  # keep-ratio; None = as is
 
 
 @dataclass
 class OptimSection:
-    lr: float = 6e-5
-    weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    batch_size: int = 16  # total over all processes and accumulation steps
-    accum_steps: int = 1
-    iters: int = 160000
-    warmup_iters: int = 1500
-    warmup_ratio: float = 1e-6
-    schedule: str = "poly"  # poly | cosine_restart
-    poly_power: float = 1.0
-    min_lr: float = 0.0
-    restart_periods: list[int] = field(default_factory=lambda: [20000, 40000, 100000])
-    restart_weights: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])
+    lr: float = field(default=6e-5, metadata=POSITIVE)
+    weight_decay: float = field(default=0.01, metadata=NON_NEGATIVE)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=rule(length=2, each=Rule(low=0, below=1)))
+    batch_size: int = field(default=16, metadata=AT_LEAST_1)  # total over all processes and accumulation steps
+    accum_steps: int = field(default=1, metadata=AT_LEAST_1)
+    iters: int = field(default=160000, metadata=AT_LEAST_1)
+    warmup_iters: int = field(default=1500, metadata=NON_NEGATIVE)
+    warmup_ratio: float = field(default=1e-6, metadata=rule(low=0, high=1))
+    schedule: str = field(default="poly", metadata=rule(choices=("poly", "cosine_restart")))
+    poly_power: float = field(default=1.0, metadata=NON_NEGATIVE)
+    min_lr: float = field(default=0.0, metadata=NON_NEGATIVE)
+    restart_periods: list[int] = field(default_factory=lambda: [20000, 40000, 100000], metadata=rule(each=Rule(low=1)))
+    restart_weights: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25], metadata=rule(each=Rule(low=0)))
 
 
 @dataclass
 class LossSection:
     # what the summed cross-entropy is divided by: "all" = every pixel of the batch, ignored ones included
     # (mmseg 0.17's CrossEntropyLoss, so the paper's); "labelled" = only the pixels that carry a label
-    mean_over: str = "all"
+    mean_over: str = field(default="all", metadata=rule(choices=MEAN_OVER))
     kind: str = "ce"  # ce | focal | dice | ce+dice | lovasz | hssn | protoseg, or an installed plugin
     # none | auto (median-frequency balancing from the training masks' pixel counts) | [w0, w1, ...]
     class_weight: str | list[float] | None = "none"
-    focal_gamma: float = 2.0
+    focal_gamma: float = field(default=2.0, metadata=NON_NEGATIVE)
     options: dict = field(default_factory=dict)  # the kind's own settings, e.g. hssn: {triplet_weight: 0.5}
 
 
 @dataclass
 class RunSection:
     out_dir: str = "runs/run"
-    seed: int = 0
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 on CUDA only)
+    seed: int = field(default=0, metadata=rule(low=0, below=2**63))
+    precision: str = field(default="fp32", metadata=rule(choices=("fp32", "bf16", "fp16")))  # fp16 on CUDA only
     device: str = "auto"  # auto | cpu | cuda
-    eval_every: int = 4000
-    save_every: int = 4000
-    log_every: int = 50
-    threads: int | None = None  # CPU threads per process; None = torch's default
+    eval_every: int = field(default=4000, metadata=AT_LEAST_1)
+    save_every: int = field(default=4000, metadata=AT_LEAST_1)
+    log_every: int = field(default=50, metadata=AT_LEAST_1)
+    threads: int | None = field(default=None, metadata=AT_LEAST_1)  # CPU threads per process; None = torch's default
     deterministic: bool = False  # torch.use_deterministic_algorithms: bit-exact resume on GPUs, somewhat slower
     tf32: bool = False  # TF32 in matmuls and cuDNN convolutions on Ampere+ GPUs: faster fp32, ~1e-3 relative error
-    backend: str = "auto"  # torchrun's process group: auto (nccl on GPUs, gloo on CPUs) | nccl | gloo (GPUs shared)
+    # torchrun's process group: auto (nccl on GPUs, gloo on CPUs) | nccl | gloo (several processes may share a GPU)
+    backend: str = field(default="auto", metadata=rule(choices=("auto", "nccl", "gloo")))
 
 
 @dataclass
@@ -129,68 +132,13 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-_CHOICES = {
-    "data.kind": ("ade20k", "cityscapes", "pascal-context", "pascal-context-59", "camvid", "folder", "synthetic"),
-    "test.mode": ("slide", "whole"),
-    "optim.schedule": ("poly", "cosine_restart"),
-    "loss.mean_over": MEAN_OVER,
-    "run.precision": ("fp32", "bf16", "fp16"),
-    "run.backend": ("auto", "nccl", "gloo"),
-}
+_SECTIONS = {"model": ModelSection, "data": DataSection, "test": TestSection, "optim": OptimSection,
+             "loss": LossSection, "run": RunSection}
 
 
-def _check_value(key: str, value: object, annotation: object) -> object:
-    """Return ``value`` converted to the annotated type, or raise an error naming ``key``."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing) | {"list": list})  # postponed annotations of this module
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        for option in options[:-1]:  # the first type the value fits (str | list[float]: "auto" or [1, 2])
-            try:
-                return _check_value(key, value, option)
-            except RegproxyError:
-                pass
-        return _check_value(key, value, options[-1])
-    if annotation is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise RegproxyError(f"config key {key}: expected a mapping of names to values, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise RegproxyError(f"config key {key}: expected a list, got {value!r}")
-        return [_check_value(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is float and isinstance(value, str):  # YAML 1.1 reads 6e-5 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if annotation in (int, float, str, bool) and (type(value) is not annotation):
-        raise RegproxyError(f"config key {key}: expected {annotation.__name__}, got {value!r}")
-    if key in _CHOICES and value not in _CHOICES[key]:
-        raise RegproxyError(f"config key {key}: {value!r} is not one of {', '.join(_CHOICES[key])}")
-    return value
-
-
-def _build(cls: type, data: dict, prefix: str) -> object:
-    if not isinstance(data, dict):
-        raise RegproxyError(f"config section {prefix or 'top level'}: expected a mapping, got {data!r}")
-    hints = {f.name: f.type for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(hints))
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise RegproxyError(f"unknown config key {where}{unknown[0]}; known: {', '.join(sorted(hints))}")
-    values = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        sub = {"model": ModelSection, "data": DataSection, "test": TestSection, "optim": OptimSection,
-               "loss": LossSection, "run": RunSection}.get(name) if cls is TrainConfig else None
-        values[name] = _build(sub, value, key) if sub else _check_value(key, value, hints[name])
-    return cls(**values)
+def _build(data: dict) -> TrainConfig:
+    """The YAML mapping (after ``--set``) as a TrainConfig: every key's type and range checked by the schema."""
+    return build(TrainConfig, data, what="config key", sections=_SECTIONS)
 
 
 def _set(data: dict, assignment: str) -> None:
@@ -225,21 +173,19 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             raise RegproxyError(f"{path}: not valid YAML{where}") from None
     for assignment in overrides:
         _set(data, assignment)
-    config = _build(TrainConfig, data, "")
+    config = _build(data)
     _validate(config)
     return config
 
 
 def _validate(config: TrainConfig) -> None:
-    o, r = config.optim, config.run
-    if o.iters < 1 or o.batch_size < 1 or o.accum_steps < 1:
-        raise RegproxyError("config: optim.iters, optim.batch_size and optim.accum_steps must be positive")
+    """What a single key's type and range cannot say (ranges live in the fields' ``rule`` metadata)."""
+    o = config.optim
     if o.schedule == "cosine_restart" and (len(o.restart_periods) != len(o.restart_weights) or not o.restart_periods):
-        raise RegproxyError("config: optim.restart_periods and optim.restart_weights must have the same length")
-    if min(r.eval_every, r.save_every, r.log_every) < 1:
-        raise RegproxyError("config: run.eval_every, run.save_every and run.log_every must be positive")
-    if not 1 <= config.model.region_res <= 16:
-        raise RegproxyError("config key model.region_res: must be 1..16")
+        raise RegproxyError("config key optim.restart_periods: needs as many entries as optim.restart_weights")
+    low, high = config.data.ratio_range
+    if low > high:
+        raise RegproxyError(f"config key data.ratio_range: [low, high] with low <= high, got {[low, high]}")
     if not _FREEZE.fullmatch(config.model.freeze):
         raise RegproxyError(f"config key model.freeze: {config.model.freeze!r} is not none, backbone or blocks:N "
                             "(N >= 1)")
@@ -263,8 +209,6 @@ def _validate(config: TrainConfig) -> None:
     if isinstance(loss.class_weight, list) and (not loss.class_weight or min(loss.class_weight) < 0
                                                 or not sum(loss.class_weight) > 0):
         raise RegproxyError("config key loss.class_weight: a list needs one weight >= 0 per class, not all zero")
-    if loss.focal_gamma < 0:
-        raise RegproxyError("config key loss.focal_gamma: must be >= 0")
 
 
 _FREEZE = re.compile(r"none|backbone|blocks:[1-9][0-9]*")

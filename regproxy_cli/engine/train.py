@@ -16,6 +16,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from regproxy_cli.engine.distributed import (Runtime, all_gather_objects, all_re
 from regproxy_cli.engine.evaluate import evaluate
 from regproxy_cli.engine.finetune import apply_freeze, frozen_modules, init_from, load_init_source, train_mode
 from regproxy_cli.engine.losses import Loss, LossContext, build_loss
-from regproxy_cli.errors import RegproxyError, listed, one_line
+from regproxy_cli.errors import RegproxyError, listed, unpickling_reason
 from regproxy_cli.files import write_atomic
 from regproxy_cli.io.checkpoint import save_pretrained
 from regproxy_cli.model.classifiers import get_classifier
@@ -242,7 +243,31 @@ def read_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise RegproxyError(f"{path}: not a readable training checkpoint ({one_line(exc)[:200]})") from None
+        raise RegproxyError(f"{path}: not a readable training checkpoint ({unpickling_reason(exc)})") from None
+
+
+def clean_stale_temporaries(out_dir: Path) -> list[Path]:
+    """Remove the hidden ``.<name>.*.tmp`` files ``write_atomic`` leaves when a run is killed mid-save."""
+    stale = [p for p in out_dir.glob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def truncate_log(path: Path, iteration: int) -> None:
+    """Drop the log lines after ``iteration`` (the checkpoint a resume starts from): the iterations between it and
+    the kill are run again, and would otherwise be logged twice."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            logged = json.loads(line).get("iter", 0)
+        except (ValueError, AttributeError):
+            continue  # a line cut by the kill
+        if isinstance(logged, int) and logged <= iteration:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    write_atomic(path, lambda tmp: Path(tmp).write_text("".join(kept)))
 
 
 def changed_keys(saved: dict, current: dict, defaults: dict | None = None, prefix: str = "") -> list[str]:
@@ -396,6 +421,23 @@ def train(config: TrainConfig, *, resume: bool = False, allow_config_change: boo
                                   else m.m, baseline=m.baseline)
 
     torch.manual_seed(r.seed)
+    created = not out_dir.exists()
+    begun: list[bool] = []  # set once the first iteration runs
+    try:
+        return _train(config, runtime, checkpoint, source, begun, resume=resume, progress=progress)
+    except BaseException:
+        # a start that fails removes the run folder it made (config.yaml, an empty log): no empty run is left
+        if created and not begun and runtime.main and out_dir.is_dir():
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _train(config: TrainConfig, runtime: Runtime, checkpoint: dict | None, source, begun: list[bool], *,
+           resume: bool, progress: bool) -> Path:
+    o, r, m = config.optim, config.run, config.model
+    out_dir = Path(r.out_dir)
+    last_path = out_dir / "last.pt"
+    per_process = o.batch_size // (runtime.world * o.accum_steps)
     if runtime.main:
         config.data.open(config.data.train_split)  # generates synthetic scenes once, before the others read them
     barrier()
@@ -415,6 +457,9 @@ def train(config: TrainConfig, *, resume: bool = False, allow_config_change: boo
     model = trainer.model
     start, best = (trainer.restore(checkpoint, runtime.rank) if checkpoint is not None
                    else (0, {"mIoU": -1.0, "iter": 0}))
+    if runtime.main and checkpoint is not None:
+        clean_stale_temporaries(out_dir)
+        truncate_log(out_dir / "log.jsonl", start)
     if runtime.main:
         write_atomic(out_dir / "config.yaml", lambda tmp: Path(tmp).write_text(dump_config(config)))
         _announce(out_dir, report, frozen, model, weights_record, weights, train_set)
@@ -432,6 +477,7 @@ def train(config: TrainConfig, *, resume: bool = False, allow_config_change: boo
     bar = tqdm(total=o.iters, initial=start, desc="training", unit="it", disable=not (progress and runtime.main),
                dynamic_ncols=True)
     trainer.train_mode()
+    begun.append(True)
     images_seen, started = 0, time.perf_counter()
     for iteration in range(start, o.iters):
         loss, images = _step(trainer, batches, iteration, r.deterministic)

@@ -30,6 +30,7 @@ import tempfile
 import threading
 import weakref
 import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -39,7 +40,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from regproxy_cli.constants import IGNORE_INDEX, VERSION
-from regproxy_cli.errors import RegproxyError, listed
+from regproxy_cli.errors import RegproxyError, listed, one_line
 from regproxy_cli.files import write_atomic
 
 if TYPE_CHECKING:
@@ -51,6 +52,9 @@ LABELME_VERSION = "5.5.0"  # the labelme release whose JSON layout these files f
 CVAT_HEADER = "# label:color_rgb:parts:actions"
 CVAT_BACKGROUND = "background"  # CVAT's exporter adds it, black, when a task has no label of that name
 _NEEDS = {"coco": "pycocotools.mask", "labelme": "cv2"}  # cvat needs only PIL and zipfile
+# What a damaged or hostile zip raises on reading: bad headers, a corrupt deflate stream, an encrypted or
+# unsupported member (RuntimeError, NotImplementedError), text that is not UTF-8.
+ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, RuntimeError, NotImplementedError, ValueError)
 
 
 class LabelMaps(NamedTuple):
@@ -326,7 +330,7 @@ def read_cvat_zip(path: str | os.PathLike[str], classes: Sequence[str] | None = 
         with zipfile.ZipFile(path) as archive:
             if "labelmap.txt" not in archive.namelist():
                 raise RegproxyError(f"{path}: no labelmap.txt (not a CVAT Segmentation mask 1.1 zip)")
-            lines = _parse_labelmap(archive.read("labelmap.txt").decode("utf-8"), path)
+            lines = _parse_labelmap(archive.read("labelmap.txt").decode("utf-8"), path)  # UnicodeDecodeError: below
             names = [name for name, _ in lines]
             if classes is None:
                 targets, values = names, list(range(len(names)))
@@ -355,8 +359,8 @@ def read_cvat_zip(path: str | os.PathLike[str], classes: Sequence[str] | None = 
                     if code in lookup:
                         labels[codes == code] = lookup[code]
                 maps[file_name[: -len(".png")]] = labels
-    except (zipfile.BadZipFile, OSError) as error:
-        raise RegproxyError(f"{path}: cannot read the zip ({error})") from None
+    except ZIP_ERRORS as error:
+        raise RegproxyError(f"{path}: cannot read the zip ({one_line(error)})") from None
     return LabelMaps(targets, maps)
 
 
@@ -372,6 +376,8 @@ def _parse_labelmap(text: str, where: Any) -> list[tuple[str, tuple[int, int, in
             r, g, b = (int(c) for c in colour.split(","))
         except ValueError:
             raise RegproxyError(f"{where}: labelmap.txt line {line!r} has no r,g,b colour") from None
+        if not all(0 <= c <= 255 for c in (r, g, b)):
+            raise RegproxyError(f"{where}: labelmap.txt line {line!r}: colour values must be 0..255")
         lines.append((name, (r, g, b)))
     return lines
 

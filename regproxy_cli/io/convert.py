@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from regproxy_cli.errors import RegproxyError, listed
+from regproxy_cli.errors import RegproxyError, listed, unpickling_reason
 from regproxy_cli.io.checkpoint import load_state_dict_checked
 from regproxy_cli.model.config import ModelConfig
 from regproxy_cli.model.plugins import get_backbone, list_backbones
@@ -68,7 +68,7 @@ def read_authors_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], 
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise RegproxyError(f"{path}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0][:200]})") from None
+        raise RegproxyError(f"{path}: not a readable PyTorch checkpoint ({unpickling_reason(exc)})") from None
     if not isinstance(data, dict):
         raise RegproxyError(f"{path}: expected a dict checkpoint, found {type(data).__name__}")
     state = data.get("state_dict", data)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import glob
 import io
 import json
 import math
@@ -54,8 +55,16 @@ from regproxy_cli.classes import default_palette
 from regproxy_cli.constants import IGNORE_INDEX, IMAGE_SUFFIXES
 from regproxy_cli.data.datasets import load_mask, read_classes_file
 from regproxy_cli.errors import RegproxyError, listed, one_line
+from regproxy_cli.files import inside, leaves, path_under
 from regproxy_cli.images import READ_ERRORS, save_label_png
-from regproxy_cli.io.annotations import CVAT_BACKGROUND, _parse_labelmap, _require, read_cvat_zip, voc_colormap
+from regproxy_cli.io.annotations import (
+    CVAT_BACKGROUND,
+    ZIP_ERRORS,
+    _parse_labelmap,
+    _require,
+    read_cvat_zip,
+    voc_colormap,
+)
 
 IMPORT_FORMATS = ("labelme", "coco", "cvat", "voc")
 SPLITS = ("train", "val")
@@ -125,6 +134,7 @@ def import_annotations(
     seed: int = 0,
     force: bool = False,
     progress: bool = False,
+    allow_outside_paths: bool = False,
 ) -> ImportResult:
     """Convert an annotation-tool export into a folder dataset at ``destination``.
 
@@ -142,6 +152,10 @@ def import_annotations(
         seed: the seed of that draw.
         force: replace a non-empty ``destination``.
         progress: show a progress bar.
+        allow_outside_paths: let a picture named by an absolute or climbing path (labelme ``imagePath``, COCO
+            ``file_name``, CVAT image name) be read where it points; by default pictures are looked up under the
+            source's folder (or ``images``) only, by that name's file name. Names of outputs never leave
+            ``destination``, whatever this says.
 
     Raises:
         RegproxyError: one line naming the file, for anything the import cannot use.
@@ -164,7 +178,9 @@ def import_annotations(
         raise RegproxyError(f"--images {picture_dir}: not a folder")
     reader = {"labelme": read_labelme_source, "coco": read_coco_source, "cvat": read_cvat_source,
               "voc": read_voc_source}[source_format]
-    found = reader(source, wanted, picture_dir, background)
+    found = reader(source, wanted, picture_dir, background, allow_outside=allow_outside_paths)
+    if not 1 <= len(found.classes) <= IGNORE_INDEX:  # checked before a mask is drawn with their palette
+        raise RegproxyError(f"{source}: {len(found.classes)} classes; the folder format holds 1 to {IGNORE_INDEX}")
     palette = _choose_palette(found.classes, wanted_palette or found.palette)
     if not found.entries:
         raise RegproxyError(f"{source}: no annotated images found")
@@ -177,12 +193,15 @@ def import_annotations(
         unlabelled = []
         for entry in tqdm(found.entries, desc="importing", unit="image", disable=not progress, leave=False):
             split = entry.split or splits[entry.name]
-            labels = entry.labels()
+            try:
+                labels = entry.labels()
+            except (OverflowError, ValueError, TypeError) as error:  # coordinates PIL cannot draw
+                raise RegproxyError(f"{entry.where}: cannot draw its shapes ({one_line(error)})") from None
             if (labels == IGNORE_INDEX).all():
                 unlabelled.append(entry.name)
             _write_picture(entry, labels.shape, work / "images" / split)
             (work / "masks" / split).mkdir(parents=True, exist_ok=True)
-            save_label_png(work / "masks" / split / f"{entry.name}.png", labels, palette)
+            save_label_png(path_under(work / "masks" / split, f"{entry.name}.png", entry.where), labels, palette)
             counts[split] += 1
         _write_classes(work / "classes.yaml", found.classes, palette, source_format, source)
         _move_into_place(work, destination)
@@ -257,9 +276,19 @@ def _move_into_place(work: Path, destination: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def plain_name(name: str, where: str) -> str:
+    """``name`` when it can be an output file name as it is (no folder part, no ``..``), else one error line: names
+    from an archive, a list or a JSON never choose where in (or outside) the destination a file goes."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name or leaves(name):
+        raise RegproxyError(f"{where}: {name!r} is not a plain file name (it would be written outside its folder "
+                            "in the dataset); refused")
+    return name
+
+
 def _check_names(entries: list[Entry]) -> None:
     seen: dict[str, str] = {}
     for entry in entries:
+        plain_name(entry.name, entry.where)
         if entry.name in seen:
             raise RegproxyError(f"{entry.where} and {seen[entry.name]} would both be named {entry.name!r} in the "
                                 "dataset; rename one")
@@ -284,7 +313,10 @@ def _write_classes(path: Path, classes: list[str], palette: Palette, source_form
 
 def _write_picture(entry: Entry, shape: tuple[int, ...], folder: Path) -> None:
     """Copy the picture unchanged, after checking it is an image of the label map's size."""
-    picture = entry.picture()
+    try:
+        picture = entry.picture()
+    except ZIP_ERRORS as error:  # a damaged zip member, an unreadable file
+        raise RegproxyError(f"{entry.where}: cannot read its picture ({one_line(error)})") from None
     if isinstance(picture, Path):
         suffix, opener, what = picture.suffix.lower(), lambda: Image.open(picture), str(picture)
     else:
@@ -304,7 +336,7 @@ def _write_picture(entry: Entry, shape: tuple[int, ...], folder: Path) -> None:
         raise RegproxyError(f"{what} is {width}x{height} but {entry.where} annotates {shape[1]}x{shape[0]} "
                             "(width x height)")
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{entry.name}{suffix}"
+    target = path_under(folder, f"{entry.name}{suffix}", entry.where)
     if isinstance(picture, Path):
         shutil.copyfile(picture, target)
     else:
@@ -329,6 +361,18 @@ def _unknown(where: str, label: str, wanted: list[str] | None) -> RegproxyError:
     return RegproxyError(f"{where}: label {label!r} is not one of {among}")
 
 
+def _size(width: Any, height: Any, where: str) -> tuple[int, int]:
+    """An annotated image size, checked before a canvas is allocated: positive integers, and no more pixels than
+    PIL opens (``Image.MAX_IMAGE_PIXELS``, its decompression-bomb limit): a file cannot ask for gigabytes."""
+    for key, value in (("width", width), ("height", height)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RegproxyError(f"{where}: {key} must be a positive integer, got {value!r}")
+    limit = Image.MAX_IMAGE_PIXELS or 2**31
+    if width * height > limit:
+        raise RegproxyError(f"{where}: {width}x{height} is more than {limit} pixels")
+    return width, height
+
+
 def _number(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise RegproxyError(f"{where}: coordinate {value!r} is not a number")
@@ -348,17 +392,29 @@ def _points(raw: Any, where: str) -> list[tuple[float, float]]:
     return [(_number(x, where), _number(y, where)) for x, y in raw]
 
 
-def _find_picture(name: str, folders: Sequence[Path]) -> Path | None:
-    """``name`` (a relative path, '/' or '\\' separated) in the first folder that has it, whole or by file name."""
+def _find_picture(name: str, folders: Sequence[Path], allow_outside: bool = False) -> Path | None:
+    """``name`` (a relative path, '/' or '\\' separated) in the first folder that has it, whole or by file name.
+
+    A name that leaves the folder (absolute, ``..``, a symlink pointing out) is looked up by its file name under
+    the folder only, unless ``allow_outside``: whether a file exists elsewhere never changes the answer."""
     relative = Path(name.replace("\\", "/"))
     for folder in folders:
-        for candidate in (folder / relative, folder / relative.name):
+        candidates = [folder / relative.name]
+        if allow_outside or not leaves(name):
+            candidates.insert(0, folder / relative)
+        for candidate in candidates:
+            if not allow_outside and not inside(folder, candidate):
+                continue
             if candidate.is_file():
                 return candidate
     return None
 
 
 def _missing_picture(where: str, name: str, folders: Sequence[Path]) -> RegproxyError:
+    if leaves(name):  # the same line whether or not something exists where the name points
+        return RegproxyError(f"{where}: its image {name!r} is outside {' or '.join(str(f) for f in folders)} and "
+                             "no file of its name is inside; pictures are read from under the source or --images only: "
+                             "point --images at its folder, or pass --allow-outside-paths")
     return RegproxyError(f"{where}: its image {name!r} is not in {' or '.join(str(f) for f in folders)}; "
                          "point --images at the folder that holds it")
 
@@ -367,7 +423,7 @@ def _missing_picture(where: str, name: str, folders: Sequence[Path]) -> Regproxy
 
 
 def read_labelme_source(source: Path, wanted: list[str] | None, images: Path | None,
-                        background: str | None) -> Source:
+                        background: str | None, *, allow_outside: bool = False) -> Source:
     """A folder of labelme JSON files (or one file) -> the images to import."""
     files = [source] if source.is_file() else sorted(source.glob("*.json"))
     if not files:
@@ -384,7 +440,7 @@ def read_labelme_source(source: Path, wanted: list[str] | None, images: Path | N
             elif shape["label"] != LABELME_IGNORE and shape["label"] not in classes:
                 raise _unknown(str(path), shape["label"], wanted)
     fill = _fill(classes, background)
-    entries = [Entry(path.stem, str(path), _labelme_picture(path, document, images),
+    entries = [Entry(path.stem, str(path), _labelme_picture(path, document, images, allow_outside),
                      _labelme_labels(document, classes, fill, str(path)))
                for path, document in documents.items()]
     return Source(classes, None, entries, skipped)
@@ -399,11 +455,14 @@ def _labelme_document(path: Path) -> dict:
         value = document.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise RegproxyError(f"{path}: {key} must be a positive integer, got {value!r}")
+    _size(document["imageWidth"], document["imageHeight"], str(path))
     for number, shape in enumerate(document["shapes"], start=1):
         where = f"{path}: shape {number}"
         if not isinstance(shape, dict) or not isinstance(shape.get("label"), str):
             raise RegproxyError(f"{where}: no label")
         kind = shape.get("shape_type") or "polygon"
+        if not isinstance(kind, str):
+            raise RegproxyError(f"{where}: shape_type must be a string, got {kind!r}")
         shape["shape_type"] = kind
         where = f"{where} ({shape['label']!r}, {kind})"
         points = _points(shape.get("points"), where)
@@ -423,11 +482,14 @@ def _labelme_document(path: Path) -> dict:
     return document
 
 
-def _labelme_picture(path: Path, document: dict, images: Path | None) -> Callable[[], Picture]:
+def _labelme_picture(path: Path, document: dict, images: Path | None,
+                     allow_outside: bool = False) -> Callable[[], Picture]:
     def picture() -> Picture:
         name = document.get("imagePath") or ""
+        if not isinstance(name, str):
+            raise RegproxyError(f"{path}: imagePath must be a string, got {name!r}")
         folders = [images] if images is not None else [path.parent]
-        found = _find_picture(name, folders) if name else None
+        found = _find_picture(name, folders, allow_outside) if name else None
         if found is not None:
             return found
         if document.get("imageData"):
@@ -480,6 +542,9 @@ def _png_mask(text: str, where: str) -> np.ndarray:
 
 def _paste(picture: Image.Image, mask: np.ndarray, left: int, top: int, value: int) -> None:
     """Paint ``value`` where ``mask`` (placed with its top-left pixel at left, top) is set; off-image parts dropped."""
+    height, width = mask.shape
+    if not mask.size or left >= picture.width or top >= picture.height or left + width <= 0 or top + height <= 0:
+        return  # nothing of it on the image (and coordinates far outside would overflow PIL's C ints)
     if mask.size:
         stencil = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
         picture.paste(value, (left, top, left + mask.shape[1], top + mask.shape[0]), stencil)
@@ -512,7 +577,7 @@ def _read_json(path: Path) -> Any:
 
 
 def read_coco_source(source: Path, wanted: list[str] | None, images: Path | None,
-                     background: str | None) -> Source:
+                     background: str | None, *, allow_outside: bool = False) -> Source:
     """A COCO instances JSON -> the images to import (pictures under ``images``, default the JSON's folder)."""
     if not source.is_file():
         raise RegproxyError(f"{source}: --from coco reads a COCO JSON file, not a folder")
@@ -523,27 +588,31 @@ def read_coco_source(source: Path, wanted: list[str] | None, images: Path | None
         raise RegproxyError(f"{source}: not a COCO file (needs 'images', 'annotations' and 'categories' lists)")
     category_names = {}
     for category in document["categories"]:
-        if not isinstance(category, dict) or not isinstance(category.get("name"), str) or "id" not in category:
-            raise RegproxyError(f"{source}: a category without an id and a name: {category!r}")
+        if not isinstance(category, dict) or not isinstance(category.get("name"), str) or \
+                isinstance(category.get("id"), bool) or not isinstance(category.get("id"), int):
+            raise RegproxyError(f"{source}: a category without an integer id and a name: {category!r}")
         category_names[category["id"]] = category["name"]
     names = [category_names[i] for i in sorted(category_names)]
     classes = _class_ids(names, wanted, background)
     pictures, entries_by_id = [images] if images is not None else [source.parent], {}
     for image in document["images"]:
         where = f"{source}: image {image.get('file_name', image.get('id'))!r}" if isinstance(image, dict) else ""
-        if not isinstance(image, dict) or not isinstance(image.get("file_name"), str) or "id" not in image:
+        if not isinstance(image, dict) or not isinstance(image.get("file_name"), str) or \
+                not isinstance(image.get("id"), (int, str)):
             raise RegproxyError(f"{source}: an image without an id and a file_name: {image!r}")
         for key in ("height", "width"):
             if isinstance(image.get(key), bool) or not isinstance(image.get(key), int) or image[key] < 1:
                 raise RegproxyError(f"{where}: {key} must be a positive integer")
+        _size(image["width"], image["height"], where)
         entries_by_id[image["id"]] = (image, where, [])
     for annotation in document["annotations"]:
-        if not isinstance(annotation, dict) or annotation.get("image_id") not in entries_by_id:
+        if not isinstance(annotation, dict) or not isinstance(annotation.get("image_id"), (int, str)) or \
+                annotation["image_id"] not in entries_by_id:
             raise RegproxyError(f"{source}: annotation {_annotation_id(annotation)} names no image of the file")
         image, where, found = entries_by_id[annotation["image_id"]]
         what = f"{where}, annotation {_annotation_id(annotation)}"
         category = annotation.get("category_id")
-        if category not in category_names:
+        if isinstance(category, bool) or not isinstance(category, int) or category not in category_names:
             raise RegproxyError(f"{what}: category_id {category!r} is not among the categories")
         if category_names[category] not in classes:
             raise _unknown(what, category_names[category], wanted)
@@ -554,7 +623,7 @@ def read_coco_source(source: Path, wanted: list[str] | None, images: Path | None
     entries = []
     for image, where, found in entries_by_id.values():
         name = image["file_name"]
-        entries.append(Entry(Path(name.replace("\\", "/")).stem, where, _located(name, pictures, where),
+        entries.append(Entry(Path(name.replace("\\", "/")).stem, where, _located(name, pictures, where, allow_outside),
                              _coco_labels(mask_utils, image, found, fill)))
     return Source(classes, None, entries)
 
@@ -618,8 +687,9 @@ def _coco_labels(mask_utils: Any, image: dict, found: list, fill: int) -> Callab
     return labels
 
 
-def _located(name: str, folders: Sequence[Path], where: str) -> Callable[[], Picture]:
-    found = _find_picture(name, folders)  # looked up now: a missing picture stops the import before it writes
+def _located(name: str, folders: Sequence[Path], where: str, allow_outside: bool = False) -> Callable[[], Picture]:
+    # looked up now: a missing picture stops the import before it writes
+    found = _find_picture(name, folders, allow_outside)
     if found is None:
         raise _missing_picture(where, name, folders)
     return lambda: found
@@ -629,22 +699,24 @@ def _located(name: str, folders: Sequence[Path], where: str) -> Callable[[], Pic
 
 
 def read_cvat_source(source: Path, wanted: list[str] | None, images: Path | None,
-                     background: str | None) -> Source:
+                     background: str | None, *, allow_outside: bool = False) -> Source:
     """CVAT for images 1.1 (annotations.xml, a folder or zip holding it) or a Segmentation mask 1.1 zip."""
     if source.is_dir():
         xml = source / "annotations.xml"
         if not xml.is_file():
             raise RegproxyError(f"{source}: no annotations.xml (CVAT for images 1.1)")
-        return _read_cvat_xml(xml.read_bytes(), str(xml), wanted, images or source, None, background)
+        return _read_cvat_xml(xml.read_bytes(), str(xml), wanted, images or source, None, background, allow_outside)
     if source.suffix.lower() == ".xml":
-        return _read_cvat_xml(source.read_bytes(), str(source), wanted, images or source.parent, None, background)
+        return _read_cvat_xml(source.read_bytes(), str(source), wanted, images or source.parent, None, background,
+                              allow_outside)
     try:
         with zipfile.ZipFile(source) as archive:
             members = archive.namelist()
             if "annotations.xml" in members:  # its pictures: in the zip, unless --images says where
                 return _read_cvat_xml(archive.read("annotations.xml"), f"{source}:annotations.xml", wanted,
-                                      images or source.parent, source if images is None else None, background)
-    except (zipfile.BadZipFile, OSError) as error:
+                                      images or source.parent, source if images is None else None, background,
+                                      allow_outside)
+    except ZIP_ERRORS as error:
         raise RegproxyError(f"{source}: not a CVAT export (an annotations.xml, or a zip: {one_line(error)})") from None
     if "labelmap.txt" in members:
         return _read_cvat_masks(source, members, wanted, images or source.parent, background)
@@ -653,7 +725,7 @@ def read_cvat_source(source: Path, wanted: list[str] | None, images: Path | None
 
 
 def _read_cvat_xml(data: bytes, where: str, wanted: list[str] | None, folder: Path, archive: Path | None,
-                   background: str | None) -> Source:
+                   background: str | None, allow_outside: bool = False) -> Source:
     try:
         root = ElementTree.fromstring(data)
     except ElementTree.ParseError as error:
@@ -683,6 +755,7 @@ def _read_cvat_xml(data: bytes, where: str, wanted: list[str] | None, folder: Pa
             width, height = int(image.get("width", "")), int(image.get("height", ""))
         except ValueError:
             raise RegproxyError(f"{what}: width and height must be integers") from None
+        _size(width, height, what)
         shapes = []
         for order, shape in enumerate(image):
             if shape.tag in LINE_SHAPES:
@@ -698,7 +771,7 @@ def _read_cvat_xml(data: bytes, where: str, wanted: list[str] | None, folder: Pa
                 raise RegproxyError(f"{shape_where}: z_order must be an integer") from None
             shapes.append((z_order, order, classes.index(label), _cvat_shape(shape, shape_where)))
         shapes.sort(key=lambda s: s[:2])  # CVAT paints higher z_order on top; file order breaks ties
-        picture = _zip_or_folder(name, zipped, archive, folders, what)
+        picture = _zip_or_folder(name, zipped, archive, folders, what, allow_outside)
         entries.append(Entry(Path(name.replace("\\", "/")).stem, what, picture,
                              _cvat_labels(width, height, [(v, s) for _, _, v, s in shapes], fill)))
     return Source(classes, palette, entries, skipped)
@@ -746,7 +819,8 @@ def _cvat_shape(shape: ElementTree.Element, where: str) -> tuple[str, Any]:
             width, height = int(shape.get("width", "")), int(shape.get("height", ""))
         except ValueError:
             raise RegproxyError(f"{where}: rle, left, top, width and height must be integers") from None
-        if min(runs) < 0 or sum(runs) != width * height or width < 1 or height < 1:
+        _size(width, height, where)
+        if min(runs) < 0 or sum(runs) != width * height:
             raise RegproxyError(f"{where}: the rle runs add up to {sum(runs)}, not width x height = "
                                 f"{width * height}")
         values = np.arange(len(runs)) % 2  # runs alternate, background first
@@ -786,7 +860,7 @@ def _zip_pictures(archive: Path) -> dict[str, str]:
 
 
 def _zip_or_folder(name: str, zipped: dict[str, str], archive: Path | None, folders: list[Path],
-                   where: str) -> Callable[[], Picture]:
+                   where: str, allow_outside: bool = False) -> Callable[[], Picture]:
     """A picture from the zip (``archive``, when there is one) or else from the folders; looked up now."""
     relative = name.replace("\\", "/")
     member = None
@@ -798,14 +872,17 @@ def _zip_or_folder(name: str, zipped: dict[str, str], archive: Path | None, fold
                 return Path(member).suffix.lower(), opened.read(member)
 
         return from_zip
-    return _located(name, folders, where)
+    return _located(name, folders, where, allow_outside)
 
 
 def _read_cvat_masks(source: Path, members: list[str], wanted: list[str] | None, folder: Path,
                      background: str | None) -> Source:
     """A Segmentation mask 1.1 zip: labelmap colours -> classes (``background`` -> 255 unless it is a class)."""
-    with zipfile.ZipFile(source) as archive:
-        lines = _parse_labelmap(archive.read("labelmap.txt").decode("utf-8"), source)
+    try:
+        with zipfile.ZipFile(source) as archive:
+            lines = _parse_labelmap(archive.read("labelmap.txt").decode("utf-8"), source)
+    except ZIP_ERRORS as error:
+        raise RegproxyError(f"{source}: cannot read labelmap.txt ({one_line(error)})") from None
     names = [name for name, _ in lines if name != CVAT_BACKGROUND]
     classes = _class_ids(names, wanted, background)
     # CVAT's "background" line (its unlabelled pixels) reads as 255 unless it is one of the classes
@@ -817,6 +894,7 @@ def _read_cvat_masks(source: Path, members: list[str], wanted: list[str] | None,
     entries = []
     for stem, raw in maps.labels.items():
         what = f"{source}: SegmentationClass/{stem}.png"
+        plain_name(stem, what)  # a member 'SegmentationClass/../../x.png' names no file of the dataset
         values = np.where(raw == IGNORE_INDEX, fill, raw)  # unlabelled -> the background class, when one is named
         if stem in zipped:
             member = zipped[stem]
@@ -831,8 +909,9 @@ def _read_cvat_masks(source: Path, members: list[str], wanted: list[str] | None,
 
 
 def _by_stem(stem: str, folder: Path, where: str) -> Callable[[], Picture]:
-    found = sorted(p for p in folder.glob(f"{stem}.*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() \
-        else []
+    plain_name(stem, where)
+    found = sorted(p for p in folder.glob(f"{glob.escape(stem)}.*") if p.suffix.lower() in IMAGE_SUFFIXES
+                   and inside(folder, p)) if folder.is_dir() else []
     if not found:
         raise RegproxyError(f"{where}: no image named {stem}.* in {folder}; point --images at the folder that holds "
                             "it")
@@ -843,7 +922,7 @@ def _by_stem(stem: str, folder: Path, where: str) -> Callable[[], Picture]:
 
 
 def read_voc_source(source: Path, wanted: list[str] | None, images: Path | None,
-                    background: str | None) -> Source:
+                    background: str | None, *, allow_outside: bool = False) -> Source:
     """Pascal VOC: ``JPEGImages/``, ``SegmentationClass/*.png`` and the ``ImageSets/Segmentation`` lists."""
     candidates = [source, source / "VOC2012", source / "VOCdevkit" / "VOC2012",
                   *sorted(source.glob("VOCdevkit/VOC*")), *sorted(source.glob("VOC*"))]
@@ -857,8 +936,13 @@ def read_voc_source(source: Path, wanted: list[str] | None, images: Path | None,
     if all((lists / f"{split}.txt").is_file() for split in SPLITS):
         named = []
         for split in SPLITS:
-            stems = [line.strip() for line in (lists / f"{split}.txt").read_text().splitlines() if line.strip()]
-            named += [(stem, split) for stem in stems]
+            listed_in = lists / f"{split}.txt"
+            try:
+                text = listed_in.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as error:
+                raise RegproxyError(f"{listed_in}: cannot read the list ({one_line(error)})") from None
+            stems = [line.strip() for line in text.splitlines() if line.strip()]
+            named += [(plain_name(stem, f"{listed_in}: line {stem!r}"), split) for stem in stems]
     else:  # no lists: every mask, split by the seeded draw
         named = [(p.stem, None) for p in sorted((base / "SegmentationClass").glob("*.png"))]
     folders = [images] if images is not None else [base / "JPEGImages"]

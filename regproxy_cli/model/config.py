@@ -7,8 +7,11 @@ from dataclasses import asdict, dataclass, field, fields
 from regproxy_cli.classes import default_palette
 from regproxy_cli.constants import IMAGENET_MEAN, IMAGENET_STD
 from regproxy_cli.errors import RegproxyError
+from regproxy_cli.schema import AT_LEAST_1, Rule, build, rule
 
 FORMAT_VERSION = 1
+MAX_CLASSES = 65535  # a label PNG holds 16 bits; more would only build huge name and colour lists
+SIDE = Rule(low=1, high=1 << 16)  # a size in pixels
 
 
 @dataclass
@@ -16,25 +19,29 @@ class ModelConfig:
     """How to rebuild a model and how to run it (preprocessing and inference protocol)."""
 
     backbone: str
-    num_classes: int
-    m: int
-    region_res: tuple[int, int] = (4, 4)
+    num_classes: int = field(metadata=rule(low=1, high=MAX_CLASSES))
+    m: int = field(metadata=rule(low=0, high=64))
+    region_res: tuple[int, int] = field(default=(4, 4), metadata=rule(each=Rule(low=1, high=16)))
     baseline: bool = False
     # the token classifier plugin (regproxy_cli.model.classifiers) and its resolved options (e.g. a hierarchy)
     classifier: str = "linear"
     classifier_options: dict = field(default_factory=dict)
-    crop_size: int = 512
-    classes: list[str] = field(default_factory=list)
-    palette: list[list[int]] = field(default_factory=list)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    inference_mode: str = "slide"  # 'slide' or 'whole'
-    window_stride: int | None = None  # sliding-window stride; None = crop_size
-    test_scale: tuple[int, int] | None = (2048, 512)  # mmseg keep-ratio (long, short) bound; None = as given
+    crop_size: int = field(default=512, metadata=rule(low=1, high=1 << 16))
+    classes: list[str] = field(default_factory=list, metadata=rule(max_length=MAX_CLASSES))
+    palette: list[list[int]] = field(default_factory=list, metadata=rule(
+        max_length=MAX_CLASSES, each=Rule(length=3, each=Rule(low=0, high=255))))
+    mean: tuple[float, float, float] = field(default=IMAGENET_MEAN, metadata=rule(each=Rule(low=-1e6, high=1e6)))
+    # std divides: 0 would make every pixel infinite and the whole image one class
+    std: tuple[float, float, float] = field(default=IMAGENET_STD, metadata=rule(each=Rule(above=0, high=1e6)))
+    inference_mode: str = field(default="slide", metadata=rule(choices=("slide", "whole")))
+    # sliding-window stride; None = crop_size
+    window_stride: int | None = field(default=None, metadata=rule(low=1, high=1 << 16))
+    # mmseg keep-ratio (long, short) bound; None = as given
+    test_scale: tuple[int, int] | None = field(default=(2048, 512), metadata=rule(each=SIDE))
     dataset: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, int | float] = field(default_factory=dict)
     source: str | None = None  # where the weights came from
-    format_version: int = FORMAT_VERSION
+    format_version: int = field(default=FORMAT_VERSION, metadata=AT_LEAST_1)
 
     def __post_init__(self) -> None:
         self.region_res = tuple(self.region_res)
@@ -60,15 +67,22 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict, where: str = "config") -> ModelConfig:
+    def from_dict(cls, data: object, where: str = "config") -> ModelConfig:
+        """A config read from a file, validated once here: every key's type and range (one line naming the key)."""
+        if not isinstance(data, dict):
+            raise RegproxyError(f"{where}: expected a mapping of keys to values, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(str(k) for k in set(data) - known)
         if unknown:
             raise RegproxyError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        missing = [name for name in ("backbone", "num_classes", "m") if name not in data]
+        if missing:
+            raise RegproxyError(f"{where}: missing key(s) {', '.join(missing)}")
         version = data.get("format_version", FORMAT_VERSION)
-        if version > FORMAT_VERSION:
+        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
             raise RegproxyError(f"{where}: format version {version} is newer than this regproxy ({FORMAT_VERSION})")
         try:
-            return cls(**data)
-        except TypeError as exc:
-            raise RegproxyError(f"{where}: {exc}") from None
+            return build(cls, data, where=f"{where}: ", what="key")
+        except RegproxyError as exc:  # __post_init__'s cross-key checks do not know the file
+            message = str(exc)
+            raise RegproxyError(message if message.startswith(f"{where}: ") else f"{where}: {message}") from None

@@ -12,9 +12,14 @@ itself. Gradio is optional (``pip install 'regproxy[demo]'``) and imported only 
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import signal
 import socket
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,13 +52,30 @@ CONFIDENCE_RAMP = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201
 
 
 def import_gradio() -> Any:
-    """The gradio module, with its analytics off; one error line naming the extra when it is not installed."""
+    """The gradio module, with its analytics off; one error line naming the extra when it is not installed.
+
+    Gradio's temporary files (uploads, results, its own folders) go to this process's :func:`demo_folder`, which
+    is removed at exit, unless ``GRADIO_TEMP_DIR`` already names a place."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read once, at import: no usage reports, no version check
+    if "gradio" not in sys.modules:
+        os.environ.setdefault("GRADIO_TEMP_DIR", str(demo_folder() / "gradio"))  # some modules read it at import
     try:
         import gradio
     except ImportError:
         raise RegproxyError(f"regproxy demo needs Gradio: {INSTALL_HINT}") from None
     return gradio
+
+
+_FOLDER: list[Path] = []
+
+
+def demo_folder() -> Path:
+    """This process's temporary folder for the demo (created once, removed at exit, SIGTERM included while
+    :func:`serve` runs)."""
+    if not _FOLDER:
+        _FOLDER.append(Path(tempfile.mkdtemp(prefix="regproxy-demo-")))
+        atexit.register(shutil.rmtree, _FOLDER[0], ignore_errors=True)
+    return _FOLDER[0]
 
 
 @dataclass
@@ -170,8 +192,11 @@ def summary_line(result: Segmentation, original: tuple[int, int]) -> str:
 
 def example_images(folder: str | os.PathLike | None, scratch: str | os.PathLike,
                    count: int = GENERATED_EXAMPLES) -> list[Path]:
-    """The images offered as examples: those in ``folder`` (sorted, at most :data:`MAX_EXAMPLES`), or ``count``
-    generated synthetic scenes written to ``scratch``."""
+    """The images offered as examples, as files in ``scratch`` (the only folder the page serves): copies of those
+    in ``folder`` (sorted, at most :data:`MAX_EXAMPLES`), or ``count`` generated synthetic scenes.
+
+    Copies, never the folder itself: whatever else lies beside an example (``.env``, notes) stays unreachable."""
+    Path(scratch).mkdir(parents=True, exist_ok=True)
     if folder is not None:
         folder = Path(folder)
         if not folder.is_dir():
@@ -179,7 +204,12 @@ def example_images(folder: str | os.PathLike | None, scratch: str | os.PathLike,
         found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not found:
             raise RegproxyError(f"--examples {folder}: no images in this directory")
-        return found[:MAX_EXAMPLES]
+        copies = []
+        for index, path in enumerate(found[:MAX_EXAMPLES]):
+            copy = Path(scratch) / f"{index:02d}_{path.name}"  # numbered: two folders may hold one name
+            shutil.copyfile(path, copy)
+            copies.append(copy)
+        return copies
     scenes = SyntheticScenes(count, size=(256, 256), num_classes=5, seed=0, split="demo")
     paths = []
     for index in range(count):
@@ -281,20 +311,32 @@ def serve(
     it answers."""
     import_gradio()
     check_port(host, port)
-    with tempfile.TemporaryDirectory(prefix="regproxy-demo-") as scratch:
-        paths = example_images(examples, scratch)
-        blocks = build_demo(model, paths, title)
-        allowed = sorted({str(Path(scratch).resolve()), *(str(p.parent.resolve()) for p in paths)})
-        try:
-            blocks.launch(server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=True,
-                          quiet=True, ssr_mode=False, mcp_server=False, footer_links=["api", "settings"],
-                          allowed_paths=allowed, show_error=True)
-        except OSError as exc:
-            raise RegproxyError(f"cannot serve on {host}:{port}: {exc}") from None
-        try:
-            if ready is not None:
-                ready(f"http://{host}:{port}/")
-            while blocks.is_running:
-                time.sleep(0.2)
-        finally:
-            blocks.close()
+    # Everything the demo writes (example copies, uploads, results) lives in one temporary folder, removed when it
+    # stops, by Ctrl+C or SIGTERM; the page serves the example copies and Gradio's own cache in it, nothing else.
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set a signal handler
+    previous_term = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
+    try:
+        with tempfile.TemporaryDirectory(prefix="examples-", dir=demo_folder()) as scratch:
+            paths = example_images(examples, scratch)
+            blocks = build_demo(model, paths, title)
+            try:
+                blocks.launch(server_name=host, server_port=port, share=False, inbrowser=False,
+                              prevent_thread_lock=True, quiet=True, ssr_mode=False, mcp_server=False,
+                              footer_links=["api", "settings"], allowed_paths=[str(paths[0].parent.resolve())],
+                              show_error=True)
+            except OSError as exc:
+                raise RegproxyError(f"cannot serve on {host}:{port}: {exc}") from None
+            try:
+                if ready is not None:
+                    ready(f"http://{host}:{port}/")
+                while blocks.is_running:
+                    time.sleep(0.2)
+            finally:
+                blocks.close()
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous_term)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks and atexit: the temporary folder goes
