@@ -335,7 +335,9 @@ def test_ctrl_c_during_predict_says_how_many_were_written(tmp_path, model_dir):
     out = tmp_path / "out"
     process = subprocess.Popen([sys.executable, "-m", "regproxy_cli", "predict", str(tmp_path / "in"), "--model",
                                 str(model_dir), "--out", str(out), "--regions"], stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "COLUMNS": "200"})
+                               env={**os.environ, "COLUMNS": "200"},
+                               # a test run before this one may have left SIGINT ignored, which a child inherits
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while len(list(out.glob("*_regions.png"))) < 2 and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
