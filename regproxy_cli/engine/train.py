@@ -38,7 +38,7 @@ from regproxy_cli.engine.distributed import (Runtime, all_gather_objects, all_re
 from regproxy_cli.engine.evaluate import evaluate
 from regproxy_cli.engine.finetune import apply_freeze, frozen_modules, init_from, load_init_source, train_mode
 from regproxy_cli.engine.losses import Loss, LossContext, build_loss
-from regproxy_cli.errors import RegproxyError, listed, unpickling_reason
+from regproxy_cli.errors import RegproxyError, listed, one_line, unpickling_reason
 from regproxy_cli.files import write_atomic
 from regproxy_cli.io.checkpoint import save_pretrained
 from regproxy_cli.model.classifiers import get_classifier
