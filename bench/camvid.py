@@ -15,7 +15,7 @@ class-aware boundary F-score (2 px tolerance). Variants:
 The default variants are the first three (issue 16's study); the plugin study is
 ``--variants regproxy,hssn,hssn-flat,protoseg``.
 
-    python bench/camvid.py [--seeds 3] [--iters 1000] [--variants regproxy,baseline,finetune]
+    python -m bench.camvid [--seeds 3] [--iters 1000] [--variants regproxy,baseline,finetune]
 
 Runs go to ``runs/camvid/VARIANT-sSEED`` (git-ignored). A finished run is scored again, not retrained; an
 interrupted one resumes; delete the folder to retrain. A seed whose run folder is gone (a fresh machine) but which
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import REPO, machine, repo_relative, score_dataset
+from .common import REPO, machine, repo_relative, score_dataset
 
 from regproxy_cli.engine.config import load_config
 from regproxy_cli.engine.train import read_checkpoint, train

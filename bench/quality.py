@@ -19,7 +19,7 @@ recall of poles and signs binned by width (:func:`regproxy_cli.data.streets.reca
 each figure as mean, sample standard deviation and the individual seeds' values, and each RegProxy variant's
 paired difference from the baseline of the same seed.
 
-    python bench/quality.py [--seeds 3] [--generators scenes,streets] [--iters 600] [--threads 1] [--out F]
+    python -m bench.quality [--seeds 3] [--generators scenes,streets] [--iters 600] [--threads 1] [--out F]
 
 Run outputs go to ``runs/quality/`` (git-ignored; replaced run by run), generated data to ``data/quality-*``
 (``--data-dir``). The
@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import machine, repo_relative
 
 from regproxy_cli.data.streets import object_recall, read_sidecar, recall_by_width
 from regproxy_cli.engine.config import TrainConfig, load_config
@@ -48,6 +47,8 @@ from regproxy_cli.files import write_text_atomic
 from regproxy_cli.inference.predictor import predict_labels
 from regproxy_cli.io.checkpoint import load_pretrained
 from regproxy_cli.model.flops import count_flops
+
+from .common import machine, repo_relative
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = ROOT / "configs" / "demo.yaml"

@@ -17,8 +17,8 @@ Two subcommands:
 ``demo16`` is ViT-Demo/8's twin with 16 px patches (same width, depth, heads and M). Unless a plugin of that name is
 installed, this script registers it for its own process only (models trained with it reload only here).
 
-    python bench/thin_objects.py sweep [--seeds 1] [--iters 600] [--threads 1] [--out docs/thin_objects.json]
-    python bench/thin_objects.py analyse --model runs/thin_objects/seed0/base/best
+    python -m bench.thin_objects sweep [--seeds 1] [--iters 600] [--threads 1] [--out docs/thin_objects.json]
+    python -m bench.thin_objects analyse --model runs/thin_objects/seed0/base/best
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import machine
-from quality import BASE_CONFIG, DATA_DIR, ROOT, data_overrides, run_config, score, spread, train_fresh, write_json
 
 from regproxy_cli.data.open import open_dataset
 from regproxy_cli.data.streets import STREET_CLASSES, WIDTH_BINS, decode_runs, read_sidecar, width_bin
@@ -46,6 +44,9 @@ from regproxy_cli.io.checkpoint import load_pretrained
 from regproxy_cli.model import plugins
 from regproxy_cli.model.plugins import BackboneSpec
 from regproxy_cli.model.timm_vit import create_timm_vit
+
+from .common import machine
+from .quality import BASE_CONFIG, DATA_DIR, ROOT, data_overrides, run_config, score, spread, train_fresh, write_json
 
 VIT_DEMO16 = BackboneSpec(
     name="demo16", title="ViT-Demo/16", stride=16, m=2, width=96, depth=4, heads=3, num_prefix_tokens=1,
