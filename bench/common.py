@@ -20,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+from regproxy_cli.inference.runtime import synchronize
+from regproxy_cli.model.attention import cpu_info
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 
@@ -31,16 +34,8 @@ def repo_relative(path: Path) -> str:
 
 def machine() -> dict:
     """CPU model, cores, threads and library versions, for the report's header."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-        isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
-    except (OSError, StopIteration):
-        isa = []
+    cpu, flags = cpu_info()
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for module in ("timm", "transformers", "onnxruntime"):
         try:
@@ -51,11 +46,6 @@ def machine() -> dict:
         "cpu": cpu, "isa": isa, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "versions": versions,
     }
-
-
-def sync(device: torch.device | str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def interleaved(
@@ -82,16 +72,16 @@ def interleaved(
     for _ in range(warmup):
         for name in names:
             contenders[name]()
-    sync(device)
+    synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in names}
     started = time.perf_counter()
     for round_index in range(rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            sync(device)
+            synchronize(device)
             begin = time.perf_counter()
             contenders[name]()
-            sync(device)
+            synchronize(device)
             times[name].append(time.perf_counter() - begin)
         if budget_s is not None and round_index >= 1 and time.perf_counter() - started > budget_s:
             break
@@ -110,10 +100,10 @@ def matmul_gflops(size: int = 2048, repeats: int = 9, dtype: torch.dtype = torch
     a @ b
     times = []
     for _ in range(repeats):
-        sync(device)
+        synchronize(device)
         begin = time.perf_counter()
         a @ b
-        sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - begin)
     return 2 * size**3 / median(times) / 1e9
 

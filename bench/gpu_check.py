@@ -59,21 +59,16 @@ class Check:
 # --- helpers (imported lazily: --list and the parent process need no torch) ------------------------------------
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _seconds_per_call(fn: Callable[[], object], device, repeats: int, warmup: int = 2) -> float:
+    from regproxy_cli.inference.runtime import synchronize
+
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     started = time.perf_counter()
     for _ in range(repeats):
         fn()
-    _sync(device)
+    synchronize(device)
     return (time.perf_counter() - started) / repeats
 
 
@@ -393,6 +388,7 @@ def check_memory_l16(ctx: Context) -> dict:
 
     from regproxy_cli import build_model
     from regproxy_cli.inference.predictor import predict_labels
+    from regproxy_cli.inference.runtime import synchronize
 
     torch.manual_seed(0)
     name, (height, width), crop, stride = ("demo8", (256, 512), 128, 96) if ctx.quick else (
@@ -405,7 +401,7 @@ def check_memory_l16(ctx: Context) -> dict:
         _reset_peak(ctx.device)
         started = time.perf_counter()
         predict_labels(model, image, mode="slide", precision=precision)
-        _sync(ctx.device)
+        synchronize(ctx.device)
         result[precision] = {"seconds": round(time.perf_counter() - started, 3), "peak_mib": _peak_mib(ctx.device)}
     return {"status": "pass", **result}
 
