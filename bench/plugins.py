@@ -38,7 +38,7 @@ from regproxy_cli.engine.metrics import ConfusionMatrix
 from regproxy_cli.files import write_text_atomic
 from regproxy_cli.inference.predictor import normalise
 
-from .common import machine, score_dataset
+from .common import machine, score
 from .quality import ROOT, data_overrides, run_config, train_fresh
 
 STREETS_HIERARCHY = ROOT / "configs" / "hierarchies" / "streets.yaml"
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 model, seconds = train_fresh(config, not args.no_progress)
                 dataset = config.data.open(config.data.val_split)
                 row = {"study": study, "variant": variant, "seed": seed, "train_s": round(seconds, 1),
-                       **score_dataset(model, dataset, model.config.num_classes)}
+                       **score(model, dataset)}
                 if study == "hssn":
                     row |= level_agreement(model, dataset)
                 runs.append(row)

@@ -14,7 +14,8 @@ Generators (``--generators``):
   wide, signs 3-7 px; 7 classes), written separately to check that a result is not one generator's artefact.
 
 Every run is scored on the validation split with mIoU (mmseg semantics), per-class IoU, the class-aware boundary
-F-score (:class:`regproxy_cli.engine.metrics.BoundaryFScore`, 2 px tolerance) and, on streets, the per-object
+F-score (:class:`regproxy_cli.engine.metrics.BoundaryFScore`, 2 px tolerance; all through
+:func:`bench.common.score`) and, on streets, the per-object
 recall of poles and signs binned by width (:func:`regproxy_cli.data.streets.recall_by_width`). The summary gives
 each figure as mean, sample standard deviation and the individual seeds' values, and each RegProxy variant's
 paired difference from the baseline of the same seed.
@@ -36,19 +37,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from regproxy_cli.data.streets import object_recall, read_sidecar, recall_by_width
 from regproxy_cli.engine.config import TrainConfig, load_config
-from regproxy_cli.engine.metrics import BoundaryFScore, ConfusionMatrix
 from regproxy_cli.engine.train import train
 from regproxy_cli.files import write_text_atomic
-from regproxy_cli.inference.predictor import predict_labels
 from regproxy_cli.io.checkpoint import load_pretrained
 from regproxy_cli.model.flops import count_flops
 
-from .common import machine, repo_relative
+from .common import TOLERANCE_PX, machine, repo_relative, score
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = ROOT / "configs" / "demo.yaml"
@@ -63,8 +60,6 @@ VARIANTS = [  # (name, baseline, region_res)
 BASELINE = "linear baseline"
 GENERATORS = ("scenes", "streets")
 THIN_CLASSES = {"scenes": ("line",), "streets": ("pole", "sign")}  # the sub-token structures of each generator
-OBJECT_KINDS = ("pole", "sign")  # streets objects whose recall by width is reported
-TOLERANCE_PX = 2
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -105,36 +100,6 @@ def train_fresh(config: TrainConfig, progress: bool) -> tuple[torch.nn.Module, f
     return load_pretrained(best_dir).eval(), time.perf_counter() - started
 
 
-def percent(values) -> list[float | None]:
-    return [None if np.isnan(v) else round(100 * float(v), 2) for v in values]
-
-
-def score(model: torch.nn.Module, dataset, num_classes: int, sidecars: Path | None = None) -> dict:
-    """mIoU, per-class IoU and boundary F over the dataset (percent), one prediction per image; with ``sidecars``
-    (a streets ``instances/{split}`` folder) also the per-object recall of poles and signs by width."""
-    matrix = ConfusionMatrix(num_classes)
-    boundary = BoundaryFScore(num_classes, tolerance_px=TOLERANCE_PX)
-    objects: list[dict] = []
-    for index in range(len(dataset)):
-        image, label, name = dataset[index]
-        prediction = predict_labels(model, image)
-        target = torch.from_numpy(np.asarray(label, dtype=np.int64))
-        matrix.update(torch.from_numpy(prediction), target)
-        boundary.update(torch.from_numpy(prediction), target)
-        if sidecars is not None:
-            objects += object_recall(prediction, read_sidecar(sidecars / f"{name}.json"))
-    iou, bf = matrix.compute(), boundary.compute()
-    result = {"mIoU": round(100 * iou["mIoU"], 2), "aAcc": round(100 * iou["aAcc"], 2), "IoU": percent(iou["IoU"]),
-              "BF": round(100 * bf["BF"], 2), "mBF": round(100 * bf["mBF"], 2),
-              "boundary_precision": round(100 * bf["precision"], 2),
-              "boundary_recall": round(100 * bf["recall"], 2), "BF_per_class": percent(bf["F"])}
-    if sidecars is not None:
-        result["object_recall"] = {kind: recall_by_width([o for o in objects if o["kind"] == kind])
-                                   for kind in OBJECT_KINDS}
-        result["object_recall"]["pole+sign"] = recall_by_width([o for o in objects if o["kind"] in OBJECT_KINDS])
-    return result
-
-
 def run_variant(generator: str, seed: int, name: str, baseline: bool, region_res: int, args, dataset) -> dict:
     run_dir = args.runs / generator / f"seed{seed}" / name.replace(" ", "_").replace("=", "")
     config = run_config(run_dir, args.iters, [
@@ -145,7 +110,7 @@ def run_variant(generator: str, seed: int, name: str, baseline: bool, region_res
     model, train_s = train_fresh(config, not args.no_progress)
     classes = list(model.config.classes)
     sidecars = Path(config.data.root) / "instances" / config.data.val_split if generator == "streets" else None
-    scores = score(model, dataset, len(classes), sidecars)
+    scores = score(model, dataset, sidecars=sidecars)
     flops = count_flops(config.model.backbone, size=config.data.crop, classes=len(classes), region_res=region_res,
                         baseline=baseline)
     return {"generator": generator, "seed": seed, "model": name, "baseline": baseline,

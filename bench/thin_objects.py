@@ -45,8 +45,8 @@ from regproxy_cli.model import plugins
 from regproxy_cli.model.plugins import BackboneSpec
 from regproxy_cli.model.timm_vit import create_timm_vit
 
-from .common import machine
-from .quality import BASE_CONFIG, DATA_DIR, ROOT, data_overrides, run_config, score, spread, train_fresh, write_json
+from .common import machine, score
+from .quality import BASE_CONFIG, DATA_DIR, ROOT, data_overrides, run_config, spread, train_fresh, write_json
 
 VIT_DEMO16 = BackboneSpec(
     name="demo16", title="ViT-Demo/16", stride=16, m=2, width=96, depth=4, heads=3, num_prefix_tokens=1,
@@ -149,12 +149,12 @@ def entropy_report(model: torch.nn.Module, dataset, sidecars: Path) -> dict | No
 
 
 def analyse(model: torch.nn.Module, dataset, sidecars: Path) -> dict:
-    """Everything ``analyse`` reports for one model: :func:`quality.score` (mIoU, BF, per-object recall by width)
+    """Everything ``analyse`` reports for one model: :func:`bench.common.score` (mIoU, BF, per-object recall by width)
     and :func:`entropy_report`."""
     if tuple(model.config.classes) != STREET_CLASSES:
         raise RegproxyError(f"the model's classes {list(model.config.classes)} are not the street scenes' "
                             f"{list(STREET_CLASSES)}: train it on data.synthetic_generator=streets")
-    result = score(model, dataset, len(STREET_CLASSES), sidecars)
+    result = score(model, dataset, sidecars=sidecars)
     result["affinity_entropy"] = entropy_report(model, dataset, sidecars)
     return result
 
