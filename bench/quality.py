@@ -179,7 +179,8 @@ def _pct(cell: dict | None) -> float | None:
     return None if cell is None else round(100 * cell["mean_recall"], 2)
 
 
-def _cell(s: dict) -> str:
+def cell(s: dict) -> str:
+    """A :func:`spread` as a table cell: the mean ± sd to one decimal ("-" without values)."""
     if s["mean"] is None:
         return "-"
     return f"{s['mean']:.1f}" + (f" ± {s['sd']:.1f}" if s["sd"] is not None else "")
@@ -197,10 +198,10 @@ def markdown(summary: dict[str, list[dict]]) -> str:
         out.append("|" + "---|" * (7 + len(thin)))
         for e in entries:
             d = e.get("delta_vs_baseline")
-            out.append(f"| {e['model']} | {e['output_stride']} | {_cell(e['mIoU'])} | "
-                       f"{_cell(d['mIoU']) if d else '-'} | {_cell(e['BF'])} | "
-                       + " | ".join(_cell(e["thin_IoU"][c]) for c in thin)
-                       + f" | {e['true_GMACs']:.3f} | {_cell(e['train_s'])} s |")
+            out.append(f"| {e['model']} | {e['output_stride']} | {cell(e['mIoU'])} | "
+                       f"{cell(d['mIoU']) if d else '-'} | {cell(e['BF'])} | "
+                       + " | ".join(cell(e["thin_IoU"][c]) for c in thin)
+                       + f" | {e['true_GMACs']:.3f} | {cell(e['train_s'])} s |")
         if entries and "object_recall" in entries[0]:
             bins = list(entries[0]["object_recall"]["pole+sign"])
             counts = ", ".join(f"{b}: {entries[0]['object_recall']['pole+sign'][b]['objects']}" for b in bins)
@@ -209,7 +210,7 @@ def markdown(summary: dict[str, list[dict]]) -> str:
             out.append("|" + "---|" * (1 + len(bins)))
             for e in entries:
                 cells = e["object_recall"]["pole+sign"]
-                out.append(f"| {e['model']} | " + " | ".join(_cell(cells[b]["mean_recall"]) for b in bins) + " |")
+                out.append(f"| {e['model']} | " + " | ".join(cell(cells[b]["mean_recall"]) for b in bins) + " |")
     return "\n".join(out) + "\n"
 
 

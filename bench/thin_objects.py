@@ -28,6 +28,7 @@ import itertools
 import json
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -43,22 +44,23 @@ from regproxy_cli.inference.predictor import normalise
 from regproxy_cli.io.checkpoint import load_pretrained
 from regproxy_cli.model import plugins
 from regproxy_cli.model.plugins import BackboneSpec
-from regproxy_cli.model.timm_vit import create_timm_vit
 
 from .common import machine, score
-from .quality import BASE_CONFIG, DATA_DIR, ROOT, data_overrides, run_config, spread, train_fresh, write_json
+from .quality import (BASE_CONFIG, DATA_DIR, ROOT, cell, data_overrides, run_config, spread, train_fresh,
+                      write_json)
 
-VIT_DEMO16 = BackboneSpec(
-    name="demo16", title="ViT-Demo/16", stride=16, m=2, width=96, depth=4, heads=3, num_prefix_tokens=1,
-    pretrained=None, crop_size=128,
-    factory=partial(create_timm_vit, "vit_tiny_patch16_384", stride=16, patch_size=16, embed_dim=96, depth=4,
-                    num_heads=3),
-)
 DEFAULT_AXES = ["model.m=0,1,2,3,4", "model.region_res=1,2,4,8", "model.backbone=demo8,demo16",
                 "optim.iters=300,600,1200,2400"]
 BASELINE_AXES = ("model.backbone", "optim.iters")  # axes the linear baseline is trained along too
 THIN_KINDS = ("pole", "sign")
 LN9 = float(np.log(9))
+
+
+def demo16() -> BackboneSpec:
+    """ViT-Demo/8's spec (the installed ``demo8``) with 16 px patches: the token stride doubles, the rest stays."""
+    demo8 = plugins.get_backbone("demo8")
+    return replace(demo8, name="demo16", title="ViT-Demo/16", stride=16,
+                   factory=partial(demo8.factory, stride=16, patch_size=16))
 
 
 class _InProcessEntryPoint:
@@ -79,7 +81,7 @@ def register_demo16() -> None:
     """
     if "demo16" not in plugins.list_backbones():
         found = plugins.discover(plugins.ENTRY_POINT_GROUP, "backbone")  # the cached dict every lookup reads
-        found["demo16"] = ("bench/thin_objects.py", _InProcessEntryPoint(VIT_DEMO16))
+        found["demo16"] = ("bench.thin_objects", _InProcessEntryPoint(demo16()))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,11 +203,6 @@ def iterations(overrides: list[str], default: int) -> int:
 
 
 def row_cells(entry: dict) -> list[str]:
-    def cell(s: dict) -> str:
-        if s["mean"] is None:
-            return "-"
-        return f"{s['mean']:.1f}" + (f" ± {s['sd']:.1f}" if s["sd"] is not None else "")
-
     return [cell(entry["mIoU"]), cell(entry["BF"]), cell(entry["pole_IoU"]), cell(entry["sign_IoU"]),
             *[cell(entry["recall_by_width"][b]) for b in entry["recall_by_width"]],
             *[cell(entry["entropy"][k]) for k in ("thin", "boundary", "interior")], cell(entry["train_s"])]
