@@ -15,7 +15,7 @@ class-aware boundary F-score (2 px tolerance). Variants:
 The default variants are the first three (issue 16's study); the plugin study is
 ``--variants regproxy,hssn,hssn-flat,protoseg``.
 
-    python bench/camvid.py [--seeds 3] [--iters 1000] [--variants regproxy,baseline,finetune]
+    python -m bench.camvid [--seeds 3] [--iters 1000] [--variants regproxy,baseline,finetune]
 
 Runs go to ``runs/camvid/VARIANT-sSEED`` (git-ignored). A finished run is scored again, not retrained; an
 interrupted one resumes; delete the folder to retrain. A seed whose run folder is gone (a fresh machine) but which
@@ -34,12 +34,12 @@ import time
 from pathlib import Path
 
 import torch
-from common import REPO, machine, repo_relative, score_dataset
 
 from regproxy_cli.engine.config import load_config
 from regproxy_cli.engine.train import read_checkpoint, train
 from regproxy_cli.io.checkpoint import load_pretrained
-from regproxy_cli.model.classifiers import label_levels
+
+from .common import REPO, machine, repo_relative, score
 
 VARIANTS = ("regproxy", "baseline", "finetune", "hssn", "hssn-flat", "protoseg")
 DEFAULT_VARIANTS = VARIANTS[:3]
@@ -91,16 +91,6 @@ def earlier_rows(out: Path, config_path: Path, iters: int) -> dict[tuple[str, in
         row.setdefault("machine", earlier["setup"]["machine"])  # studies before per-row machines
         rows[(row["variant"], row["seed"])] = row
     return rows
-
-
-def category_scores(model, dataset) -> dict:
-    """A hierarchical model's category mIoU (its label levels, as ``regproxy eval`` reports them); {} otherwise."""
-    from regproxy_cli.engine.evaluate import evaluate
-
-    if not label_levels(model):
-        return {}
-    levels = evaluate(model, dataset, progress=False)["levels"]
-    return {f"{level}_mIoU": round(scores["mIoU"], 2) for level, scores in levels.items()}
 
 
 def mean_spread(values: list[float]) -> dict:
@@ -194,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model = load_pretrained(run_dir / "final").eval()
             for split, dataset in datasets.items():
-                row[split] = score_dataset(model, dataset, len(classes))
-                row[split].update(category_scores(model, dataset))
+                row[split] = score(model, dataset, levels=True)  # HSSN's category mIoU too
             cached.write_text(json.dumps({split: row[split] for split in SPLITS}) + "\n")
         seconds = run_dir / "train_seconds.txt"
         row["train_s"] = float(seconds.read_text()) if seconds.is_file() else None

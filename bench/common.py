@@ -1,4 +1,5 @@
-"""What every benchmark script shares: the machine's description, interleaved timing, memory and matmul rate.
+"""What the benchmarks share: the machine's description, interleaved timing, memory, matmul rate and the studies'
+scores (through :func:`regproxy_cli.engine.evaluate.evaluate`, so a study's mIoU is ``regproxy eval``'s).
 
 Timing protocol: every contender runs in the same process, one call each per round, in a rotating order, so that
 slow drifts of the machine (turbo, other load) hit all of them alike; a contender's figure is the median of its
@@ -18,10 +19,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from regproxy_cli.data.streets import object_recall, read_sidecar, recall_by_width
+from regproxy_cli.engine.evaluate import evaluate
+from regproxy_cli.engine.report import ReportCollector
+from regproxy_cli.inference.runtime import synchronize
+from regproxy_cli.model.attention import cpu_info
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
+TOLERANCE_PX = 2  # the boundary F-score's matching distance in every study
+OBJECT_KINDS = ("pole", "sign")  # streets objects whose recall by width is reported
 
 
 def repo_relative(path: Path) -> str:
@@ -31,16 +41,8 @@ def repo_relative(path: Path) -> str:
 
 def machine() -> dict:
     """CPU model, cores, threads and library versions, for the report's header."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-        isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
-    except (OSError, StopIteration):
-        isa = []
+    cpu, flags = cpu_info()
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for module in ("timm", "transformers", "onnxruntime"):
         try:
@@ -51,11 +53,6 @@ def machine() -> dict:
         "cpu": cpu, "isa": isa, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "versions": versions,
     }
-
-
-def sync(device: torch.device | str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def interleaved(
@@ -82,16 +79,16 @@ def interleaved(
     for _ in range(warmup):
         for name in names:
             contenders[name]()
-    sync(device)
+    synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in names}
     started = time.perf_counter()
     for round_index in range(rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            sync(device)
+            synchronize(device)
             begin = time.perf_counter()
             contenders[name]()
-            sync(device)
+            synchronize(device)
             times[name].append(time.perf_counter() - begin)
         if budget_s is not None and round_index >= 1 and time.perf_counter() - started > budget_s:
             break
@@ -110,10 +107,10 @@ def matmul_gflops(size: int = 2048, repeats: int = 9, dtype: torch.dtype = torch
     a @ b
     times = []
     for _ in range(repeats):
-        sync(device)
+        synchronize(device)
         begin = time.perf_counter()
         a @ b
-        sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - begin)
     return 2 * size**3 / median(times) / 1e9
 
@@ -137,30 +134,48 @@ def current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def score_dataset(model: torch.nn.Module, dataset, num_classes: int, tolerance_px: int = 2) -> dict:
-    """mIoU, aAcc, per-class IoU and the boundary F-score over ``dataset`` (percent), one prediction per image."""
-    import numpy as np
+class StudyScores(ReportCollector):
+    """What :func:`regproxy_cli.engine.evaluate.evaluate` hands a report, kept for a study: the boundary counts and,
+    with ``sidecars`` (a streets ``instances/{split}`` folder), every pole's and sign's recall."""
 
-    from regproxy_cli.engine.metrics import BoundaryFScore, ConfusionMatrix
-    from regproxy_cli.inference.predictor import predict_labels
+    def __init__(self, num_classes: int, sidecars: Path | None = None, tolerance_px: int = TOLERANCE_PX) -> None:
+        super().__init__(num_classes, worst=0, tolerance_px=tolerance_px)
+        self.sidecars = sidecars
+        self.objects: list[dict] = []
 
-    matrix = ConfusionMatrix(num_classes)
-    boundary = BoundaryFScore(num_classes, tolerance_px=tolerance_px)
-    for index in range(len(dataset)):
-        image, label, _ = dataset[index]
-        prediction = torch.from_numpy(predict_labels(model, image))
-        target = torch.from_numpy(np.asarray(label, dtype=np.int64))
-        matrix.update(prediction, target)
-        boundary.update(prediction, target)
-    iou, bf = matrix.compute(), boundary.compute()
+    def add(self, index: int, name: str, prediction: np.ndarray, label: np.ndarray) -> None:
+        super().add(index, name, prediction, label)
+        if self.sidecars is not None:
+            self.objects += object_recall(prediction, read_sidecar(self.sidecars / f"{name}.json"))
 
-    def percent(values) -> list[float | None]:
-        return [None if np.isnan(v) else round(100 * float(v), 2) for v in values]
 
-    return {"mIoU": round(100 * iou["mIoU"], 2), "aAcc": round(100 * iou["aAcc"], 2), "IoU": percent(iou["IoU"]),
-            "BF": round(100 * bf["BF"], 2), "mBF": round(100 * bf["mBF"], 2),
-            "boundary_precision": round(100 * bf["precision"], 2), "boundary_recall": round(100 * bf["recall"], 2),
-            "BF_per_class": percent(bf["F"])}
+def score(model: torch.nn.Module, dataset, *, sidecars: Path | None = None, levels: bool = False) -> dict:
+    """A study's scores of ``model`` on ``dataset`` (percent, 2 decimals), from one :func:`evaluate` pass (``regproxy
+    eval``'s mIoU, the model's own protocol): mIoU, aAcc, per-class IoU and the boundary F-score (2 px).
+
+    Args:
+        sidecars: a streets ``instances/{split}`` folder: also the per-object recall of poles and signs by width.
+        levels: also a hierarchical model's mIoU at each coarser label level, as ``{level}_mIoU``.
+    """
+    collected = StudyScores(model.config.num_classes, sidecars)
+    result = evaluate(model, dataset, progress=False, report=collected)
+    bf = collected.boundary.compute()
+    scores = {"mIoU": round(result["mIoU"], 2), "aAcc": round(result["aAcc"], 2), "IoU": _rounded(result["IoU"]),
+              "BF": round(100 * bf["BF"], 2), "mBF": round(100 * bf["mBF"], 2),
+              "boundary_precision": round(100 * bf["precision"], 2), "boundary_recall": round(100 * bf["recall"], 2),
+              "BF_per_class": _rounded([None if np.isnan(v) else 100 * float(v) for v in bf["F"]])}
+    if sidecars is not None:
+        objects = collected.objects
+        scores["object_recall"] = {kind: recall_by_width([o for o in objects if o["kind"] == kind])
+                                   for kind in OBJECT_KINDS}
+        scores["object_recall"]["pole+sign"] = recall_by_width([o for o in objects if o["kind"] in OBJECT_KINDS])
+    if levels:
+        scores |= {f"{level}_mIoU": round(each["mIoU"], 2) for level, each in result.get("levels", {}).items()}
+    return scores
+
+
+def _rounded(values: list[float | None]) -> list[float | None]:
+    return [None if v is None else round(v, 2) for v in values]
 
 
 def run_json(args: list[str], timeout: float = 1800) -> dict:

@@ -1,7 +1,7 @@
 """`regproxy predict` on a folder: the sequential loop against the pipelined one (reading and writing on threads).
 
-    python bench/folder_throughput.py --images /tmp/camvid200       # Ti/16, S/16, demo8, Ti/16 on 1 torch thread
-    python bench/folder_throughput.py --images DIR --backbones demo8 --rounds 3 --no-write
+    python -m bench.folder_throughput --images /tmp/camvid200       # Ti/16, S/16, demo8, Ti/16 on 1 torch thread
+    python -m bench.folder_throughput --images DIR --backbones demo8 --rounds 3 --no-write
 
 Both run ``predict_files`` (what ``regproxy predict`` calls) on the same images in one process, on chunks of
 images that both paths run back to back in alternating order; ``workers=0`` is the sequential path, ``workers=N``
@@ -25,12 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import REPO, interleaved, machine, median
-
-sys.path.insert(0, str(REPO))  # the source tree's regproxy_cli, not an installed copy
-
 from regproxy_cli.cli.predict import expand_inputs, predict_files
 from regproxy_cli.images import load_image, save_label_png, save_png_atomic
 from regproxy_cli.inference.predictor import predict_labels
@@ -38,6 +32,8 @@ from regproxy_cli.io.checkpoint import save_pretrained
 from regproxy_cli.io.zoo import load_model
 from regproxy_cli.model.regproxy import build_model
 from regproxy_cli.viz import overlay
+
+from .common import REPO, interleaved, machine, median
 
 REPORT = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- folder-throughput -->", "<!-- /folder-throughput -->"
@@ -119,7 +115,7 @@ def section(rows: list[dict], info: dict, source: str, seconds: float, load: tup
         BEGIN,
         "## Folder throughput (`regproxy predict`)",
         "",
-        (f"`python bench/folder_throughput.py` on {source}: `predict_files` (what `regproxy predict` runs: decode, "
+        (f"`python -m bench.folder_throughput` on {source}: `predict_files` (what `regproxy predict` runs: decode, "
          f"segment ({rows[0]['mode']}) at the image's own size, write the label PNG and the overlay PNG) sequentially "
          "(`workers=0`) against the pipelined path (decoding on worker threads, PNG writing on a writer thread, "
          f"the network on the main thread), timed in one process on chunks of {rows[0]['chunk']} images, each chunk by "

@@ -1,6 +1,6 @@
 """What the CPU test suite cannot check, in one command that a one-GPU machine finishes in under 8 minutes.
 
-    python bench/gpu_check.py [--json gpu_check.json] [--work DIR] [--only a,b] [--quick] [--list]
+    python -m bench.gpu_check [--json gpu_check.json] [--work DIR] [--only a,b] [--quick] [--list]
 
 Each check runs in its own subprocess under a hard time limit, inside an overall budget of 7.5 minutes (4x both
 when the checks run on a CPU): a check that crashes, hangs or runs out of time is a failed row, never the end of
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+MODULE = "bench.gpu_check"  # the children run this module again: python -m bench.gpu_check --run-check NAME
 BUDGET_S = 450  # the whole run, under 8 minutes with the interpreter starts
 CPU_SLOWER = 4  # limits and budget when the checks run on a CPU (CI): no 8-minute promise there
 PAPER_FPS = {"t16": 38.9, "s16": 32.1, "b16": 20.1, "l16": 6.6}  # Table 4, one V100, 512x512, image -> label
@@ -58,21 +59,16 @@ class Check:
 # --- helpers (imported lazily: --list and the parent process need no torch) ------------------------------------
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _seconds_per_call(fn: Callable[[], object], device, repeats: int, warmup: int = 2) -> float:
+    from regproxy_cli.inference.runtime import synchronize
+
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     started = time.perf_counter()
     for _ in range(repeats):
         fn()
-    _sync(device)
+    synchronize(device)
     return (time.perf_counter() - started) / repeats
 
 
@@ -300,8 +296,8 @@ def check_ddp_one_gpu(ctx: Context) -> dict:
     import torch
 
     steps = 2 if ctx.quick else 4
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    worker = [str(Path(__file__).resolve()), "--ddp-worker", "--device", ctx.device.type, "--steps", str(steps)]
+    env = _child_env(OMP_NUM_THREADS="1")
+    worker = ["-m", MODULE, "--ddp-worker", "--device", ctx.device.type, "--steps", str(steps)]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           *worker, "--work", str(ctx.work / "ddp2.pt")], capture_output=True, text=True, env=env)
     one = subprocess.run([sys.executable, *worker, "--work", str(ctx.work / "ddp1.pt")], capture_output=True,
@@ -392,6 +388,7 @@ def check_memory_l16(ctx: Context) -> dict:
 
     from regproxy_cli import build_model
     from regproxy_cli.inference.predictor import predict_labels
+    from regproxy_cli.inference.runtime import synchronize
 
     torch.manual_seed(0)
     name, (height, width), crop, stride = ("demo8", (256, 512), 128, 96) if ctx.quick else (
@@ -404,7 +401,7 @@ def check_memory_l16(ctx: Context) -> dict:
         _reset_peak(ctx.device)
         started = time.perf_counter()
         predict_labels(model, image, mode="slide", precision=precision)
-        _sync(ctx.device)
+        synchronize(ctx.device)
         result[precision] = {"seconds": round(time.perf_counter() - started, 3), "peak_mib": _peak_mib(ctx.device)}
     return {"status": "pass", **result}
 
@@ -558,10 +555,10 @@ def _run_one(name: str, work: Path, result: Path, device: str, quick: bool) -> N
 def _spawn(check: Check, work: Path, device: str, quick: bool, limit: float) -> dict:
     result = work / f"{check.name}.result.json"
     result.unlink(missing_ok=True)
-    command = [sys.executable, str(Path(__file__).resolve()), "--run-check", check.name, "--work", str(work),
-               "--device", device] + (["--quick"] if quick else [])
+    command = [sys.executable, "-m", MODULE, "--run-check", check.name, "--work", str(work), "--device", device,
+               *(["--quick"] if quick else [])]
     # its own process group, so that a timeout also ends what it started (torchrun's workers, trainings)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(),
                                start_new_session=True)
     try:
         _, err = process.communicate(timeout=limit)
@@ -572,6 +569,13 @@ def _spawn(check: Check, work: Path, device: str, quick: bool, limit: float) -> 
     if result.is_file():
         return json.loads(result.read_text())
     return {"status": "fail", "why": f"exit {process.returncode}: {_last_line(err)}"}
+
+
+def _child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child run as ``python -m bench.gpu_check``: the repository first on PYTHONPATH, so it
+    finds ``bench`` (and the same ``regproxy_cli`` as this process) from any working folder."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 def _device(requested: str | None) -> tuple[str, str | None]:

@@ -17,7 +17,7 @@ returns before the argmax), so a timing covers everything between the normalised
   this size for every model), class probabilities without the null class are combined with mask sigmoids,
   sum over queries, and the (B, K, 384, 384) result is resized to the input size.
 
-    python bench/peers.py [--size 512] [--classes 150] [--repeats 2]
+    python -m bench.peers [--size 512] [--classes 150] [--repeats 2]
 
 prints parameters, true GMACs and one CPU fp32 forward time per peer.
 """

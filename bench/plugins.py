@@ -14,7 +14,7 @@ for the same iterations and batch; the seed sets the weights and the data order.
   ProtoSeg with M = 1 and M = 2 prototypes per class (its loss: CE + 0.01 PPC + 0.001 PPD, momentum prototypes).
   ProtoSeg's claim is that several prototypes per class capture a class's modes.
 
-    python bench/plugins.py [--studies hssn,protoseg] [--seeds 3] [--iters 600] [--threads 1]
+    python -m bench.plugins [--studies hssn,protoseg] [--seeds 3] [--iters 600] [--threads 1]
 
 Runs go to ``runs/plugins/`` and data to ``data/plugins-*`` (git-ignored); the result is ``docs/plugins.json``,
 rewritten after every run.
@@ -31,14 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from common import machine, score_dataset
 from PIL import Image
-from quality import ROOT, data_overrides, run_config, train_fresh
 
 from regproxy_cli.data.synthetic import write_synthetic_dataset
 from regproxy_cli.engine.metrics import ConfusionMatrix
 from regproxy_cli.files import write_text_atomic
 from regproxy_cli.inference.predictor import normalise
+
+from .common import machine, score
+from .quality import ROOT, data_overrides, run_config, train_fresh
 
 STREETS_HIERARCHY = ROOT / "configs" / "hierarchies" / "streets.yaml"
 STUDIES = {
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 model, seconds = train_fresh(config, not args.no_progress)
                 dataset = config.data.open(config.data.val_split)
                 row = {"study": study, "variant": variant, "seed": seed, "train_s": round(seconds, 1),
-                       **score_dataset(model, dataset, model.config.num_classes)}
+                       **score(model, dataset)}
                 if study == "hssn":
                     row |= level_agreement(model, dataset)
                 runs.append(row)

@@ -14,12 +14,13 @@ Generators (``--generators``):
   wide, signs 3-7 px; 7 classes), written separately to check that a result is not one generator's artefact.
 
 Every run is scored on the validation split with mIoU (mmseg semantics), per-class IoU, the class-aware boundary
-F-score (:class:`regproxy_cli.engine.metrics.BoundaryFScore`, 2 px tolerance) and, on streets, the per-object
+F-score (:class:`regproxy_cli.engine.metrics.BoundaryFScore`, 2 px tolerance; all through
+:func:`bench.common.score`) and, on streets, the per-object
 recall of poles and signs binned by width (:func:`regproxy_cli.data.streets.recall_by_width`). The summary gives
 each figure as mean, sample standard deviation and the individual seeds' values, and each RegProxy variant's
 paired difference from the baseline of the same seed.
 
-    python bench/quality.py [--seeds 3] [--generators scenes,streets] [--iters 600] [--threads 1] [--out F]
+    python -m bench.quality [--seeds 3] [--generators scenes,streets] [--iters 600] [--threads 1] [--out F]
 
 Run outputs go to ``runs/quality/`` (git-ignored; replaced run by run), generated data to ``data/quality-*``
 (``--data-dir``). The
@@ -36,18 +37,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from common import machine, repo_relative
 
-from regproxy_cli.data.streets import object_recall, read_sidecar, recall_by_width
 from regproxy_cli.engine.config import TrainConfig, load_config
-from regproxy_cli.engine.metrics import BoundaryFScore, ConfusionMatrix
 from regproxy_cli.engine.train import train
 from regproxy_cli.files import write_text_atomic
-from regproxy_cli.inference.predictor import predict_labels
 from regproxy_cli.io.checkpoint import load_pretrained
 from regproxy_cli.model.flops import count_flops
+
+from .common import TOLERANCE_PX, machine, repo_relative, score
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = ROOT / "configs" / "demo.yaml"
@@ -62,8 +60,6 @@ VARIANTS = [  # (name, baseline, region_res)
 BASELINE = "linear baseline"
 GENERATORS = ("scenes", "streets")
 THIN_CLASSES = {"scenes": ("line",), "streets": ("pole", "sign")}  # the sub-token structures of each generator
-OBJECT_KINDS = ("pole", "sign")  # streets objects whose recall by width is reported
-TOLERANCE_PX = 2
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,36 +100,6 @@ def train_fresh(config: TrainConfig, progress: bool) -> tuple[torch.nn.Module, f
     return load_pretrained(best_dir).eval(), time.perf_counter() - started
 
 
-def percent(values) -> list[float | None]:
-    return [None if np.isnan(v) else round(100 * float(v), 2) for v in values]
-
-
-def score(model: torch.nn.Module, dataset, num_classes: int, sidecars: Path | None = None) -> dict:
-    """mIoU, per-class IoU and boundary F over the dataset (percent), one prediction per image; with ``sidecars``
-    (a streets ``instances/{split}`` folder) also the per-object recall of poles and signs by width."""
-    matrix = ConfusionMatrix(num_classes)
-    boundary = BoundaryFScore(num_classes, tolerance_px=TOLERANCE_PX)
-    objects: list[dict] = []
-    for index in range(len(dataset)):
-        image, label, name = dataset[index]
-        prediction = predict_labels(model, image)
-        target = torch.from_numpy(np.asarray(label, dtype=np.int64))
-        matrix.update(torch.from_numpy(prediction), target)
-        boundary.update(torch.from_numpy(prediction), target)
-        if sidecars is not None:
-            objects += object_recall(prediction, read_sidecar(sidecars / f"{name}.json"))
-    iou, bf = matrix.compute(), boundary.compute()
-    result = {"mIoU": round(100 * iou["mIoU"], 2), "aAcc": round(100 * iou["aAcc"], 2), "IoU": percent(iou["IoU"]),
-              "BF": round(100 * bf["BF"], 2), "mBF": round(100 * bf["mBF"], 2),
-              "boundary_precision": round(100 * bf["precision"], 2),
-              "boundary_recall": round(100 * bf["recall"], 2), "BF_per_class": percent(bf["F"])}
-    if sidecars is not None:
-        result["object_recall"] = {kind: recall_by_width([o for o in objects if o["kind"] == kind])
-                                   for kind in OBJECT_KINDS}
-        result["object_recall"]["pole+sign"] = recall_by_width([o for o in objects if o["kind"] in OBJECT_KINDS])
-    return result
-
-
 def run_variant(generator: str, seed: int, name: str, baseline: bool, region_res: int, args, dataset) -> dict:
     run_dir = args.runs / generator / f"seed{seed}" / name.replace(" ", "_").replace("=", "")
     config = run_config(run_dir, args.iters, [
@@ -144,7 +110,7 @@ def run_variant(generator: str, seed: int, name: str, baseline: bool, region_res
     model, train_s = train_fresh(config, not args.no_progress)
     classes = list(model.config.classes)
     sidecars = Path(config.data.root) / "instances" / config.data.val_split if generator == "streets" else None
-    scores = score(model, dataset, len(classes), sidecars)
+    scores = score(model, dataset, sidecars=sidecars)
     flops = count_flops(config.model.backbone, size=config.data.crop, classes=len(classes), region_res=region_res,
                         baseline=baseline)
     return {"generator": generator, "seed": seed, "model": name, "baseline": baseline,
@@ -213,7 +179,8 @@ def _pct(cell: dict | None) -> float | None:
     return None if cell is None else round(100 * cell["mean_recall"], 2)
 
 
-def _cell(s: dict) -> str:
+def cell(s: dict) -> str:
+    """A :func:`spread` as a table cell: the mean ± sd to one decimal ("-" without values)."""
     if s["mean"] is None:
         return "-"
     return f"{s['mean']:.1f}" + (f" ± {s['sd']:.1f}" if s["sd"] is not None else "")
@@ -231,10 +198,10 @@ def markdown(summary: dict[str, list[dict]]) -> str:
         out.append("|" + "---|" * (7 + len(thin)))
         for e in entries:
             d = e.get("delta_vs_baseline")
-            out.append(f"| {e['model']} | {e['output_stride']} | {_cell(e['mIoU'])} | "
-                       f"{_cell(d['mIoU']) if d else '-'} | {_cell(e['BF'])} | "
-                       + " | ".join(_cell(e["thin_IoU"][c]) for c in thin)
-                       + f" | {e['true_GMACs']:.3f} | {_cell(e['train_s'])} s |")
+            out.append(f"| {e['model']} | {e['output_stride']} | {cell(e['mIoU'])} | "
+                       f"{cell(d['mIoU']) if d else '-'} | {cell(e['BF'])} | "
+                       + " | ".join(cell(e["thin_IoU"][c]) for c in thin)
+                       + f" | {e['true_GMACs']:.3f} | {cell(e['train_s'])} s |")
         if entries and "object_recall" in entries[0]:
             bins = list(entries[0]["object_recall"]["pole+sign"])
             counts = ", ".join(f"{b}: {entries[0]['object_recall']['pole+sign'][b]['objects']}" for b in bins)
@@ -243,7 +210,7 @@ def markdown(summary: dict[str, list[dict]]) -> str:
             out.append("|" + "---|" * (1 + len(bins)))
             for e in entries:
                 cells = e["object_recall"]["pole+sign"]
-                out.append(f"| {e['model']} | " + " | ".join(_cell(cells[b]["mean_recall"]) for b in bins) + " |")
+                out.append(f"| {e['model']} | " + " | ".join(cell(cells[b]["mean_recall"]) for b in bins) + " |")
     return "\n".join(out) + "\n"
 
 

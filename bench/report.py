@@ -227,10 +227,10 @@ def train_md(s: dict) -> str:
 def quality_md(q: dict) -> str:
     runs, setup = q.get("runs", []), q.get("setup", {})
     if not runs:
-        return "No quality results yet: run `python bench/quality.py`."
+        return "No quality results yet: run `python -m bench.quality`."
     rows = [[r["model"], r["output_stride"], f"{r['mIoU']:.1f}", f"{r['BF']:.1f}", f"{r['line_IoU']:.1f}",
              f"{r['true_GMACs']:.3f}", f"{r['params'] / 1e6:.3f}"] for r in runs]
-    return (f"`python bench/quality.py`: {setup.get('backbone')} from scratch, every model trained with the same "
+    return (f"`python -m bench.quality`: {setup.get('backbone')} from scratch, every model trained with the same "
             f"seed, data and budget ({setup.get('iters')} iterations of batch {setup.get('batch_size')}, "
             f"{setup.get('train_images')} training scenes), scored on {setup.get('val_images')} validation "
             f"scenes at {setup.get('image_size')}²; boundary F with a {setup.get('boundary_tolerance_px')} px "
@@ -260,8 +260,8 @@ def write_report(results: dict, path: Path) -> None:
     parts = [
         "# Benchmarks",
         "",
-        ("Regenerate: `pip install \".[bench]\" ./backbones && python bench/run.py` (every section, about 40 minutes "
-        "on 2 CPU cores; `--sections overhead fastpath` for a part). Quality: `python bench/quality.py`."),
+        ("Regenerate: `pip install \".[bench]\" ./backbones && python -m bench.run` (every section, about 40 minutes "
+        "on 2 CPU cores; `--sections overhead fastpath` for a part). Quality: `python -m bench.quality`."),
         "",
         *[(f"Machine{' (the last run)' if i == 0 and len(ms) > 1 else ''}: {x['cpu']} ({', '.join(x['isa'])}), "
            f"{x['cores']} cores, {x['torch_threads']} torch threads{', GPU ' + x['gpu'] if x['gpu'] else ', no GPU'}"

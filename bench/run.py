@@ -1,8 +1,8 @@
 """Regenerate docs/benchmarks.md: RegProxy against its linear baseline and its peers, side by side in one process.
 
     pip install ".[bench]" ./backbones      # adds transformers, onnx, onnxruntime
-    python bench/run.py                     # every section, about 40 minutes on 2 CPU cores
-    python bench/run.py --sections overhead fastpath --quick
+    python -m bench.run                     # every section, about 40 minutes on 2 CPU cores
+    python -m bench.run --sections overhead fastpath --quick
 
 Sections (each writes its rows into docs/benchmarks.json; the markdown is rebuilt from all stored sections):
 
@@ -14,12 +14,12 @@ Sections (each writes its rows into docs/benchmarks.json; the markdown is rebuil
 * ``memory``    peak RSS (CPU) or max allocated (GPU) of one forward, each contender in a fresh process
 * ``fastpath``  S/16 fp32 eager against bf16 autocast, ONNX Runtime and (``--compile``) torch.compile, with the
                 label agreement against fp32
-* ``agreement`` bf16 against fp32 labels on trained models: the demo RegProxy (``python bench/quality.py`` first)
+* ``agreement`` bf16 against fp32 labels on trained models: the demo RegProxy (``python -m bench.quality`` first)
                 and an S/16 trained here from scratch on the generated scenes (once, about 6 minutes)
 * ``postprocess`` logits -> label map and painting, formulations side by side
 * ``precision`` fp32 against bf16 for RegProxy-S/16 and SegFormer-B1: 512^2 at batch 1 and 8, and sliding windows
 * ``train``     training step throughput (images/s) at the paper's 512^2 crop
-* ``quality``   read from docs/quality.json (``python bench/quality.py`` trains the runs)
+* ``quality``   read from docs/quality.json (``python -m bench.quality`` trains the runs)
 
 Random weights are used for speed (the cost of a forward does not depend on the values).
 """
@@ -39,15 +39,13 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import REPO, current_rss_mb, interleaved, machine, matmul_gflops, median, peak_rss_mb, run_json
-
 from regproxy_cli.inference.protocol import slide_logits
 from regproxy_cli.inference.runtime import autocast
 from regproxy_cli.model.flops import count_model
 from regproxy_cli.model.ops import NEIGHBOURS
 from regproxy_cli.model.regproxy import build_model
+
+from .common import REPO, current_rss_mb, interleaved, machine, matmul_gflops, median, peak_rss_mb, run_json
 
 RESULTS = REPO / "docs" / "benchmarks.json"
 REPORT = REPO / "docs" / "benchmarks.md"
@@ -66,7 +64,7 @@ def build(name: str, device: torch.device, num_classes: int = CLASSES) -> torch.
     if kind in ("regproxy", "linear") and backbone in OURS:
         model = build_model(backbone, num_classes, baseline=kind == "linear")
     else:
-        from peers import build_peer
+        from .peers import build_peer
 
         model = build_peer(name, num_classes)
     return model.eval().to(device)
@@ -80,7 +78,7 @@ def true_gmacs(name: str, size: int, num_classes: int = CLASSES) -> float:
         with torch.device("meta"):
             model = build_model(backbone, num_classes, baseline=kind == "linear")
         return count_model(model, size, size).true_macs / 1e9
-    from peers import peer_flops
+    from .peers import peer_flops
 
     return peer_flops(name, (size, size), num_classes)
 
@@ -245,7 +243,7 @@ def section_memory(args, device) -> dict:
     rows = []
     for size, batch in configs:
         for name in names:
-            row = run_json(["bench/run.py", "--memory-one", name, str(size), str(batch), "--device", str(device)])
+            row = run_json(["-m", "bench.run", "--memory-one", name, str(size), str(batch), "--device", str(device)])
             rows.append({"model": name, "size": size, "batch": batch, **row})
         _progress(f"memory {size}^2 batch {batch} done")
     return {"rows": rows}
@@ -447,7 +445,7 @@ def section_agreement(args, device) -> dict:
     if demo.exists():
         models["ViT-Demo/8 RegProxy h=w=4 (bench/quality.py)"] = demo
     else:
-        _progress(f"agreement: {demo} is missing (`python bench/quality.py` trains it); S/16 only")
+        _progress(f"agreement: {demo} is missing (`python -m bench.quality` trains it); S/16 only")
     count = 8 if args.quick else 50
     rows = []
     for name, path in models.items():
@@ -469,7 +467,7 @@ def section_agreement(args, device) -> dict:
 
 def _scene_trained_s16(iters: int) -> tuple[str, Path]:
     """RegProxy-S/16 trained from scratch on the demo's generated scenes (128^2 crops, batch 8), once."""
-    from quality import run_config
+    from .quality import run_config
 
     from regproxy_cli.engine.train import train
 
@@ -530,7 +528,7 @@ def main() -> None:
         store(name, SECTIONS[name](args, device), time.perf_counter() - begin)
         _progress(f"{name} done in {time.perf_counter() - begin:.0f} s")
     if not args.quick or args.out:
-        from report import write_report
+        from .report import write_report
 
         write_report(results, REPORT if out == RESULTS else out.with_suffix(".md"))
 

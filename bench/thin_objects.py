@@ -17,8 +17,8 @@ Two subcommands:
 ``demo16`` is ViT-Demo/8's twin with 16 px patches (same width, depth, heads and M). Unless a plugin of that name is
 installed, this script registers it for its own process only (models trained with it reload only here).
 
-    python bench/thin_objects.py sweep [--seeds 1] [--iters 600] [--threads 1] [--out docs/thin_objects.json]
-    python bench/thin_objects.py analyse --model runs/thin_objects/seed0/base/best
+    python -m bench.thin_objects sweep [--seeds 1] [--iters 600] [--threads 1] [--out docs/thin_objects.json]
+    python -m bench.thin_objects analyse --model runs/thin_objects/seed0/base/best
 """
 
 from __future__ import annotations
@@ -28,14 +28,13 @@ import itertools
 import json
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import machine
-from quality import BASE_CONFIG, DATA_DIR, ROOT, data_overrides, run_config, score, spread, train_fresh, write_json
 
 from regproxy_cli.data.open import open_dataset
 from regproxy_cli.data.streets import STREET_CLASSES, WIDTH_BINS, decode_runs, read_sidecar, width_bin
@@ -45,19 +44,23 @@ from regproxy_cli.inference.predictor import normalise
 from regproxy_cli.io.checkpoint import load_pretrained
 from regproxy_cli.model import plugins
 from regproxy_cli.model.plugins import BackboneSpec
-from regproxy_cli.model.timm_vit import create_timm_vit
 
-VIT_DEMO16 = BackboneSpec(
-    name="demo16", title="ViT-Demo/16", stride=16, m=2, width=96, depth=4, heads=3, num_prefix_tokens=1,
-    pretrained=None, crop_size=128,
-    factory=partial(create_timm_vit, "vit_tiny_patch16_384", stride=16, patch_size=16, embed_dim=96, depth=4,
-                    num_heads=3),
-)
+from .common import machine, score
+from .quality import (BASE_CONFIG, DATA_DIR, ROOT, cell, data_overrides, run_config, spread, train_fresh,
+                      write_json)
+
 DEFAULT_AXES = ["model.m=0,1,2,3,4", "model.region_res=1,2,4,8", "model.backbone=demo8,demo16",
                 "optim.iters=300,600,1200,2400"]
 BASELINE_AXES = ("model.backbone", "optim.iters")  # axes the linear baseline is trained along too
 THIN_KINDS = ("pole", "sign")
 LN9 = float(np.log(9))
+
+
+def demo16() -> BackboneSpec:
+    """ViT-Demo/8's spec (the installed ``demo8``) with 16 px patches: the token stride doubles, the rest stays."""
+    demo8 = plugins.get_backbone("demo8")
+    return replace(demo8, name="demo16", title="ViT-Demo/16", stride=16,
+                   factory=partial(demo8.factory, stride=16, patch_size=16))
 
 
 class _InProcessEntryPoint:
@@ -78,7 +81,7 @@ def register_demo16() -> None:
     """
     if "demo16" not in plugins.list_backbones():
         found = plugins.discover(plugins.ENTRY_POINT_GROUP, "backbone")  # the cached dict every lookup reads
-        found["demo16"] = ("bench/thin_objects.py", _InProcessEntryPoint(VIT_DEMO16))
+        found["demo16"] = ("bench.thin_objects", _InProcessEntryPoint(demo16()))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -148,12 +151,12 @@ def entropy_report(model: torch.nn.Module, dataset, sidecars: Path) -> dict | No
 
 
 def analyse(model: torch.nn.Module, dataset, sidecars: Path) -> dict:
-    """Everything ``analyse`` reports for one model: :func:`quality.score` (mIoU, BF, per-object recall by width)
+    """Everything ``analyse`` reports for one model: :func:`bench.common.score` (mIoU, BF, per-object recall by width)
     and :func:`entropy_report`."""
     if tuple(model.config.classes) != STREET_CLASSES:
         raise RegproxyError(f"the model's classes {list(model.config.classes)} are not the street scenes' "
                             f"{list(STREET_CLASSES)}: train it on data.synthetic_generator=streets")
-    result = score(model, dataset, len(STREET_CLASSES), sidecars)
+    result = score(model, dataset, sidecars=sidecars)
     result["affinity_entropy"] = entropy_report(model, dataset, sidecars)
     return result
 
@@ -200,11 +203,6 @@ def iterations(overrides: list[str], default: int) -> int:
 
 
 def row_cells(entry: dict) -> list[str]:
-    def cell(s: dict) -> str:
-        if s["mean"] is None:
-            return "-"
-        return f"{s['mean']:.1f}" + (f" ± {s['sd']:.1f}" if s["sd"] is not None else "")
-
     return [cell(entry["mIoU"]), cell(entry["BF"]), cell(entry["pole_IoU"]), cell(entry["sign_IoU"]),
             *[cell(entry["recall_by_width"][b]) for b in entry["recall_by_width"]],
             *[cell(entry["entropy"][k]) for k in ("thin", "boundary", "interior")], cell(entry["train_s"])]

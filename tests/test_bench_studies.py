@@ -1,7 +1,8 @@
-"""The quality studies in bench/ run end to end at toy size and write the JSON that docs/studies.md quotes.
+"""The quality studies (``python -m bench.quality``, ``bench.thin_objects``) run end to end at toy size and write the
+JSON that docs/studies.md quotes.
 
-They are scripts, not package code, so nothing else imports them: without this a refactor of the package can break
-them silently (it did once: thin_objects.py reached for a private helper that had been renamed).
+They are entry points, not library code, so nothing else imports them: without this a refactor of the package can
+break them silently (it did once: thin_objects.py reached for a private helper that had been renamed).
 """
 
 import json
@@ -11,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+ROOT = Path(__file__).resolve().parent.parent
 TOY = ["--threads", "1", "--no-progress"]
 TOY_SCENES = ["--train-images", "12", "--val-images", "3", "--size", "64"]
 
 
-def _run(script: str, *args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, str(BENCH / script), *args], check=False, capture_output=True, text=True,
-                          timeout=900)
+def _run(module: str, *args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", f"bench.{module}", *args], check=False, capture_output=True,
+                          text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -27,7 +28,7 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
 def quality(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("quality")
     out = root / "quality.json"
-    _run("quality.py", "--iters", "4", *TOY_SCENES, "--seeds", "2", "--variants", "linear baseline,RegProxy h=w=4",
+    _run("quality", "--iters", "4", *TOY_SCENES, "--seeds", "2", "--variants", "linear baseline,RegProxy h=w=4",
          *TOY, "--out", str(out), "--runs", str(root / "runs"), "--data-dir", str(root / "data"))
     return out
 
@@ -55,7 +56,7 @@ def test_quality_study_covers_both_generators_with_paired_differences(quality: P
 def test_thin_object_sweep_pairs_the_baseline_grows_by_seed_and_plots(quality: Path, tmp_path: Path) -> None:
     out, common = tmp_path / "thin.json", [*TOY_SCENES, *TOY, "--runs", str(tmp_path / "runs"),
                                            "--data-dir", str(quality.parent / "data")]
-    _run("thin_objects.py", "sweep", "--iters", "4", "--axis", "optim.iters=4,6", "--axis",
+    _run("thin_objects", "sweep", "--iters", "4", "--axis", "optim.iters=4,6", "--axis",
          "model.backbone=demo8,demo16", "--out", str(out), *common)
     result = json.loads(out.read_text())
     by_name = {r["variant"]: r for r in result["runs"]}
@@ -71,7 +72,7 @@ def test_thin_object_sweep_pairs_the_baseline_grows_by_seed_and_plots(quality: P
             assert all(0 <= entropy[k]["of_ln9"] <= 1 for k in ("thin", "boundary", "interior"))
 
     # a second seed of one axis joins the study; seed 0's runs (the backbone axis too) stay
-    _run("thin_objects.py", "sweep", "--iters", "4", "--axis", "optim.iters=4,6", "--first-seed", "1", "--out",
+    _run("thin_objects", "sweep", "--iters", "4", "--axis", "optim.iters=4,6", "--first-seed", "1", "--out",
          str(out), *common)
     grown = json.loads(out.read_text())
     assert sorted((r["variant"], r["seed"]) for r in grown["runs"]) == sorted(
@@ -81,5 +82,5 @@ def test_thin_object_sweep_pairs_the_baseline_grows_by_seed_and_plots(quality: P
     assert next(e for e in grown["summary"] if e["variant"] == "base")["seeds"] == [0, 1]
 
     picture = tmp_path / "thin.png"
-    _run("thin_objects.py", "plot", "--quality", str(quality), "--sweep", str(out), "--out", str(picture))
+    _run("thin_objects", "plot", "--quality", str(quality), "--sweep", str(out), "--out", str(picture))
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000

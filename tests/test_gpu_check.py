@@ -1,7 +1,7 @@
-"""bench/gpu_check.py: --list names every check, a CPU run writes its table and JSON, a check past its limit is a
-failed row."""
+"""python -m bench.gpu_check: --list names every check, a CPU run writes its table and JSON, a check past its limit
+is a failed row."""
 
-import importlib.util
+import importlib
 import json
 import subprocess
 import sys
@@ -9,21 +9,18 @@ from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = [sys.executable, "-m", "bench.gpu_check"]
 CHECKS = ["parity", "train_precisions", "resume", "ddp_one_gpu", "torchrun_eval", "eval_modes", "predict_batch",
           "memory_l16", "compile", "resize_argmax", "table4", "speed"]
 
 
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("bench.gpu_check")
 
 
 def test_list_names_every_check_without_running_any():
-    listed = subprocess.run([sys.executable, str(SCRIPT), "--list"], capture_output=True, text=True, timeout=60)
+    listed = subprocess.run([*SCRIPT, "--list"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert listed.returncode == 0
     assert [line.split()[0] for line in listed.stdout.splitlines()] == CHECKS
     assert "Table 4" in listed.stdout and "gloo" in listed.stdout
@@ -31,8 +28,8 @@ def test_list_names_every_check_without_running_any():
 
 def test_a_cpu_run_writes_the_table_and_json(tmp_path):
     out = tmp_path / "gpu_check.json"
-    done = subprocess.run([sys.executable, str(SCRIPT), "--only", "parity,resize_argmax", "--quick", "--work",
-                           str(tmp_path / "work"), "--json", str(out)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*SCRIPT, "--only", "parity,resize_argmax", "--quick", "--work", str(tmp_path / "work"),
+                           "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
     assert list(report["checks"]) == ["parity", "resize_argmax"]

@@ -11,7 +11,7 @@ from torch import nn
 
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.inference.predictor import device_of
-from regproxy_cli.inference.runtime import autocast
+from regproxy_cli.inference.runtime import autocast, synchronize
 from regproxy_cli.model.attention import cpu_info
 
 
@@ -47,11 +47,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return cpu_info()[0] or device.type
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
@@ -94,10 +89,10 @@ def benchmark_labels(
         kernel = getattr(model.backbone, "attention_kernel", None)
         attention = kernel(height, width) if kernel is not None else None
         for step in range(warmup + iters):
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             model.labels(x)
-            _sync(device)
+            synchronize(device)
             if step >= warmup:
                 times.append(time.perf_counter() - start)
     total = sum(times)

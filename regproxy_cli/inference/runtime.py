@@ -58,6 +58,15 @@ def set_tf32(enabled: bool | None = None) -> bool:
     return enabled
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on ``device`` (a GPU's kernels run asynchronously); nothing to wait for on a CPU.
+
+    Timings call it before reading the clock, so a call's time is its whole work.
+    """
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def tf32_state() -> dict[str, bool]:
     """Whether TF32 is allowed now, for matmuls and for cuDNN (what a benchmark should record)."""
     return {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}

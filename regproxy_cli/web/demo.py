@@ -37,6 +37,7 @@ from regproxy_cli.errors import RegproxyError
 from regproxy_cli.images import load_image, save_png_atomic
 from regproxy_cli.inference.predictor import TTA_RATIOS, device_of, normalise, to_rgb_array
 from regproxy_cli.inference.protocol import segment_probs
+from regproxy_cli.inference.runtime import synchronize
 from regproxy_cli.viz import overlay, predict_regions
 
 INSTALL_HINT = "pip install 'regproxy[demo]'"
@@ -151,8 +152,7 @@ def segment(model: nn.Module, image: np.ndarray, mode: str = "whole") -> Segment
     image = fit_size(to_rgb_array(image))
     labels, confidence = segment_with_confidence(model, image, mode)
     regions = region_picture(model, image)
-    if device_of(model).type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device_of(model))
     return Segmentation(image, labels, confidence, regions, mode, time.perf_counter() - start)
 
 
