@@ -31,7 +31,7 @@ from common import REPO, interleaved, machine, median
 
 sys.path.insert(0, str(REPO))  # the source tree's regproxy_cli, not an installed copy
 
-from regproxy_cli.cli.predict import expand_inputs, predict_files
+from regproxy_cli.engine.runner import expand_inputs, predict_files
 from regproxy_cli.images import load_image, save_label_png, save_png_atomic
 from regproxy_cli.inference.predictor import predict_labels
 from regproxy_cli.io.checkpoint import save_pretrained
