@@ -198,10 +198,10 @@ def test_export_passes_size_batch_opset_and_static(monkeypatch, tmp_path):
 
 
 def test_flops_passes_every_option(monkeypatch):
-    from regproxy_cli.cli import flops as flops_cli
+    from regproxy_cli.model import flops as flops_module
 
     counted = Recorder(FlopCount(params=1, true_macs=2, paper_macs=1, stem_true_macs=0, stem_paper_macs=0, windows=8))
-    monkeypatch.setattr(flops_cli, "count_flops", counted)
+    monkeypatch.setattr(flops_module, "count_flops", counted)
     rows = json.loads(invoke("flops", "-b", "t16", "--size", "768", "--classes", "19", "--region-res", "2x8",
                              "--baseline", "--slide-image", "1024x2048", "--slide-stride", "512", "--json").output)
     (spec,), options = counted.only
