@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from regproxy_cli.cli.predict import expand_inputs, predict_files
+from regproxy_cli.engine.runner import expand_inputs, predict_files
 from regproxy_cli.images import load_image, save_label_png, save_png_atomic
 from regproxy_cli.inference.predictor import predict_labels
 from regproxy_cli.io.checkpoint import save_pretrained

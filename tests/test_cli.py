@@ -84,6 +84,7 @@ def test_train_passes_the_config_overrides_and_resume(monkeypatch, tmp_path):
 
 def test_eval_passes_every_option(monkeypatch, tmp_path):
     from regproxy_cli.cli import eval as eval_cli
+    from regproxy_cli.engine import runner as engine_runner
 
     dataset, model = object(), FakeModel()
     opened = Recorder(dataset)
@@ -91,7 +92,7 @@ def test_eval_passes_every_option(monkeypatch, tmp_path):
     evaluated = Recorder({"mIoU": 50.0, "mAcc": 60.0, "aAcc": 70.0, "images": 3, "IoU": [40.0, None],
                           "Acc": [50.0, None]})
     monkeypatch.setattr(eval_cli, "open_eval_dataset", opened)
-    monkeypatch.setattr(eval_cli, "load_model", loaded)
+    monkeypatch.setattr(engine_runner, "load_model", loaded)
     monkeypatch.setattr(eval_cli, "evaluate", evaluated)
     result = invoke("eval", "-m", "runs/x/best", "--data", "cfg.yaml", "--split", "test", "--mode", "whole", "--tta",
                     "--device", "cpu", "--window-batch", "3", "--precision", "bf16", "--save-predictions",
@@ -114,15 +115,16 @@ def test_eval_passes_every_option(monkeypatch, tmp_path):
 
 def test_predict_passes_every_option(monkeypatch, tmp_path):
     from regproxy_cli.cli import predict as predict_cli
+    from regproxy_cli.engine import runner as engine_runner
 
     image = tmp_path / "a.png"
     image.write_bytes(b"")
     model = FakeModel()
-    monkeypatch.setattr(predict_cli, "load_model", Recorder(model))
-    files = Recorder(predict_cli.PredictReport(written=[tmp_path / "out" / "a.png"]))
+    monkeypatch.setattr(engine_runner, "load_model", Recorder(model))
+    files = Recorder(engine_runner.PredictReport(written=[tmp_path / "out" / "a.png"]))
     monkeypatch.setattr(predict_cli, "predict_files", files)
     loaded = Recorder(model)
-    monkeypatch.setattr(predict_cli, "load_model", loaded)
+    monkeypatch.setattr(engine_runner, "load_model", loaded)
     invoke("predict", str(image), "-m", "s16-ade", "-o", str(tmp_path / "out"), "--mode", "slide", "--scale", "0.5",
            "--tta", "--regions", "--device", "cpu", "--window-batch", "2", "--precision", "bf16", "--batch", "3",
            "--format", "png", "--format", "cvat", "--polygon-tolerance", "0.5", "--regions-by", "token",
@@ -131,7 +133,7 @@ def test_predict_passes_every_option(monkeypatch, tmp_path):
     (segmenter, paths, out), options = files.only
     assert segmenter is model and paths == [image] and out == tmp_path / "out"
     del options["progress"]
-    assert isinstance(options.pop("report"), predict_cli.PredictReport)  # filled as images finish, for Ctrl-C
+    assert isinstance(options.pop("report"), engine_runner.PredictReport)  # filled as images finish, for Ctrl-C
     assert options.pop("formats") == ["png", "cvat"]
     assert options == {"regions": True, "mode": "slide", "tta": True, "scale": 0.5, "batch_size": 2,
                        "precision": "bf16", "batch": 3, "polygon_tolerance": 0.5, "regions_by": "token",
@@ -196,10 +198,10 @@ def test_export_passes_size_batch_opset_and_static(monkeypatch, tmp_path):
 
 
 def test_flops_passes_every_option(monkeypatch):
-    from regproxy_cli.cli import flops as flops_cli
+    from regproxy_cli.model import flops as flops_module
 
     counted = Recorder(FlopCount(params=1, true_macs=2, paper_macs=1, stem_true_macs=0, stem_paper_macs=0, windows=8))
-    monkeypatch.setattr(flops_cli, "count_flops", counted)
+    monkeypatch.setattr(flops_module, "count_flops", counted)
     rows = json.loads(invoke("flops", "-b", "t16", "--size", "768", "--classes", "19", "--region-res", "2x8",
                              "--baseline", "--slide-image", "1024x2048", "--slide-stride", "512", "--json").output)
     (spec,), options = counted.only

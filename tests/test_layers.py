@@ -146,3 +146,15 @@ def test_every_dotted_path_in_the_docs_and_docstrings_exists():
                       for dotted in re.findall(r"regproxy_cli(?:\.\w+)+", path.read_text())
                       if not _resolves(dotted.rstrip("."))})
     assert not missing, missing
+
+
+def test_nothing_outside_the_cli_imports_the_cli():
+    """The CLI parses and renders; library code (and bench/) lives below it, so nothing reaches up into it. The one
+    exception is ``python -m regproxy_cli``, which starts the CLI."""
+    bench = {f"bench/{p.relative_to(PACKAGE.parent / 'bench')}": _imports(p)
+             for p in sorted((PACKAGE.parent / "bench").rglob("*.py"))}
+    found = sorted(f"{module}: {target}" for module, imports in {**GRAPH, **bench}.items()
+                   for _, target in imports
+                   if target.startswith("regproxy_cli.cli") and not module.startswith("regproxy_cli.cli")
+                   and module != "regproxy_cli.__main__")
+    assert not found, found

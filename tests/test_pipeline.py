@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from regproxy_cli.cli import benchmark as benchmark_cli
-from regproxy_cli.cli import predict as predict_cli
+from regproxy_cli.engine import runner
 from regproxy_cli.cli.app import app, main
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.images import load_image, save_label_png, save_png_atomic
@@ -86,11 +86,11 @@ def test_pipelined_outputs_and_report_equal_a_plain_loop(model, inputs, tmp_path
         return batched(model, images, **options)
 
     # batch on the CPU too (the network still runs image by image there, so the labels must not change)
-    monkeypatch.setattr(predict_cli, "forward_batch", lambda model, batch: batch)
-    monkeypatch.setattr(predict_cli, "predict_label_batch", recording)
+    monkeypatch.setattr(runner, "forward_batch", lambda model, batch: batch)
+    monkeypatch.setattr(runner, "predict_label_batch", recording)
     ticks = []
     out = tmp_path / "out"
-    report = predict_cli.predict_files(model, inputs, out, regions=True, progress=lambda: ticks.append(1),
+    report = runner.predict_files(model, inputs, out, regions=True, progress=lambda: ticks.append(1),
                                        batch=batch, workers=workers)
     assert len(ticks) == len(inputs)
     reference = sorted(p.name for p in (tmp_path / "reference").iterdir())
@@ -184,8 +184,8 @@ def test_what_is_in_flight_is_bounded(batch):
 def test_predict_files_keeps_few_decoded_images(model, inputs, tmp_path, monkeypatch):
     lock = threading.Lock()
     state = {"waiting": 0, "max": 0}
-    loader = predict_cli.load_image
-    batched = predict_cli.predict_label_batch
+    loader = runner.load_image
+    batched = runner.predict_label_batch
 
     def counting_load(path):
         image = loader(path)
@@ -200,9 +200,9 @@ def test_predict_files_keeps_few_decoded_images(model, inputs, tmp_path, monkeyp
         time.sleep(0.02)
         return batched(model, images, **options)
 
-    monkeypatch.setattr(predict_cli, "load_image", counting_load)
-    monkeypatch.setattr(predict_cli, "predict_label_batch", slow_batch)
-    report = predict_cli.predict_files(model, inputs * 3, tmp_path / "out")
+    monkeypatch.setattr(runner, "load_image", counting_load)
+    monkeypatch.setattr(runner, "predict_label_batch", slow_batch)
+    report = runner.predict_files(model, inputs * 3, tmp_path / "out")
     assert len(report.written) == 21 and len(report.failed) == 6
     assert 2 <= state["max"] <= pipeline.AHEAD + 1
 

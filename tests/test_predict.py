@@ -265,7 +265,7 @@ def test_colliding_input_names_give_distinct_outputs_and_a_true_count(tmp_path, 
 
 
 def test_output_names_are_distinct_even_against_each_others_files():
-    from regproxy_cli.cli.predict import OUTPUT_FILES, output_names
+    from regproxy_cli.engine.runner import OUTPUT_FILES, output_names
 
     paths = [Path(p) for p in ("r/a/x.png", "r/a/x.jpg", "r/b/x.png", "r/a_x.png", "r/a/a_x.png", "r/x_overlay.png",
                                "r/X.PNG", "r/c/x_regions.tif", "r/a/x.bmp", "r/a_x_png.png", "r/predictions.png")]
@@ -291,7 +291,7 @@ def test_a_sliver_image_and_a_failing_image_are_one_line_each_and_the_rest_run(t
     assert result.returncode == 0, result.stderr
     assert np.asarray(Image.open(tmp_path / "out" / "a_sliver.png")).shape == (1, 100000)
 
-    from regproxy_cli.cli import predict as predict_module
+    from regproxy_cli.engine import runner as predict_module
 
     real = predict_module.predict_label_batch
 

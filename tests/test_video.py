@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from regproxy_cli import RegproxyError
-from regproxy_cli.cli.video import expand_videos, predict_video, predict_videos
+from regproxy_cli.cli.video import predict_videos
+from regproxy_cli.engine.video import expand_videos, predict_video
 from regproxy_cli.inference.predictor import predict_labels
 from regproxy_cli.io.video import MISSING_EXTRA, VideoReader, is_video, read_video, write_video
 from regproxy_cli.viz import overlay

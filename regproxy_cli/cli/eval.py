@@ -21,10 +21,8 @@ from regproxy_cli.cli.options import (
     ProviderOption,
     TtaOption,
     WindowBatchOption,
-    check_onnx_options,
     check_precision,
     check_window_batch,
-    compile_if,
     model_device,
     start_runtime,
 )
@@ -32,8 +30,8 @@ from regproxy_cli.cli.output import console, err_console, print_json
 from regproxy_cli.engine.distributed import shutdown
 from regproxy_cli.engine.evaluate import evaluate, open_eval_dataset
 from regproxy_cli.engine.report import ReportCollector, check_report_dir, write_report
+from regproxy_cli.engine.runner import open_model
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.io.zoo import load_model
 from regproxy_cli.plots import require_matplotlib
 
 SUMMARY = "Evaluate a model on a dataset: mIoU, mAcc, aAcc as mmsegmentation computes them."
@@ -91,9 +89,8 @@ def eval_command(
     runtime = start_runtime(model_device(device, model))  # under torchrun: the process group, and this process's GPU
     dataset = open_eval_dataset(data, split)
     run_precision = check_precision(precision, runtime.device)
-    segmenter = load_model(model, provider=provider.value).to(runtime.device)
-    check_onnx_options(segmenter, run_precision, compile_network)
-    compile_if(compile_network, segmenter, run_precision)
+    segmenter = open_model(model, runtime.device, precision=run_precision, provider=provider.value,
+                           compile_network=compile_network, status=err_console.status)
     collector = None if report is None else ReportCollector(segmenter.config.num_classes, 8 if worst is None else worst)
     result = evaluate(segmenter, dataset, mode=mode.value if mode else None, tta=tta, batch_size=window_batch,
                       precision=run_precision, save_dir=save_predictions, progress=not as_json, report=collector)

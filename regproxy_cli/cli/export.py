@@ -12,7 +12,7 @@ import torch
 import typer
 from rich.table import Table
 
-from regproxy_cli.cli.options import DeviceOption, ModelOption, parse_device, parse_size
+from regproxy_cli.cli.options import DeviceOption, ModelOption, check_batch, parse_device, parse_size
 from regproxy_cli.cli.output import console, err_console
 from regproxy_cli.engine.evaluate import evaluate
 from regproxy_cli.errors import RegproxyError
@@ -83,8 +83,7 @@ def export(
     device: DeviceOption = "cpu",
 ) -> None:
     height, width = parse_size("--size", size, square=True) if size else (None, None)
-    if batch < 1:
-        raise RegproxyError(f"--batch must be at least 1, got {batch}")
+    check_batch(batch)
     if (quantize is None) != (calibration is None):
         raise RegproxyError("--quantize int8 and --calibration DIR go together: the calibration images set the "
                             "int8 ranges")

@@ -15,8 +15,7 @@ from regproxy_cli.cli.options import JsonOption, parse_size
 from regproxy_cli.cli.output import console, print_json
 from regproxy_cli.engine.report import flops_points, plot_flops
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.model.flops import count_flops, paper_figure
-from regproxy_cli.model.plugins import get_backbone, list_backbones
+from regproxy_cli.model.flops import flops_rows
 from regproxy_cli.model.regproxy import parse_region_res
 
 SUMMARY = "Count parameters and FLOPs, next to the paper's figures."
@@ -47,7 +46,6 @@ class ZooDataset(str, Enum):
     ade20k = "ade20k"
     cityscapes = "cityscapes"
     none = "none"
-
 
 
 def flops(
@@ -83,32 +81,12 @@ def flops(
     for option, given in (("--run", bool(run)), ("--zoo", zoo != ZooDataset.ade20k), ("--log-x", log_x)):
         if given:
             raise RegproxyError(f"{option} needs --plot FILE")
-    names = backbone or list_backbones()
     region = parse_region_res(region_res)
     image = parse_size("--slide-image", slide_image) if slide_image else None
     if classes < 1:
         raise RegproxyError(f"--classes must be at least 1, got {classes}")
-    rows = []
-    specs = [get_backbone(name) for name in names]
-    if not backbone:  # the paper's order: by stride, then size
-        specs.sort(key=lambda s: (s.stride, s.width))
-    for spec in specs:
-        crop = spec.crop_size if size is None else size
-        count = count_flops(
-            spec, size=crop, classes=classes, region_res=region, baseline=baseline,
-            slide_image=image, slide_stride=slide_stride,
-        )
-        ref = paper_figure(spec.name, crop, classes, region, baseline, image, count.windows)
-        rows.append({
-            "backbone": spec.name,
-            "title": spec.title,
-            "model": "linear baseline" if baseline else f"RegProxy {region[0]}x{region[1]}",
-            "size": crop,
-            "classes": classes,
-            **count.as_dict(),
-            "paper": None if ref is None else {"gflops": ref.gflops, "mparams": ref.mparams, "source": ref.source,
-                                               "note": ref.note},
-        })
+    rows = flops_rows(backbone, size=size, classes=classes, region_res=region, baseline=baseline, slide_image=image,
+                      slide_stride=slide_stride)
     if as_json:
         print_json(rows)
         return

@@ -9,11 +9,9 @@ from typing import Annotated
 import torch
 import typer
 
-from regproxy_cli.cli.output import err_console
 from regproxy_cli.engine.distributed import Runtime, setup_runtime
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.inference.runtime import autocast, compile_backbone, resolve_device, set_tf32
-from regproxy_cli.io.onnx_model import OnnxModel
+from regproxy_cli.inference.runtime import autocast, resolve_device, set_tf32
 
 
 class Mode(str, Enum):
@@ -58,6 +56,8 @@ WindowBatchOption = Annotated[int, typer.Option("--window-batch", help=WINDOW_BA
 CompileOption = Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)]
 ProviderOption = Annotated[Provider, typer.Option("--provider", help=PROVIDER_HELP)]
 TtaOption = Annotated[bool, typer.Option("--tta", help="The paper's multi-scale (0.5-1.75) + flip test.")]
+OPACITY_HELP = "Weight of the class colours in the overlay, 0 (photo only) to 1 (colours only)."
+OpacityOption = Annotated[float, typer.Option("--opacity", help=OPACITY_HELP)]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON (stdout) instead of tables.")]
 
 
@@ -78,17 +78,6 @@ def model_device(device: str, model: str) -> str:
     return "cpu" if device == "auto" and Path(model).suffix.lower() == ".onnx" else device
 
 
-def check_onnx_options(model: torch.nn.Module, precision: str, compile_network: bool, regions: bool = False) -> None:
-    """An ONNX model runs its graph as exported: --precision, --compile and --regions need the PyTorch model."""
-    if not isinstance(model, OnnxModel):
-        return
-    for option, used in ((f"--precision {precision}", precision != "fp32"), ("--compile", compile_network),
-                         ("--regions", regions)):
-        if used:
-            raise RegproxyError(f"{option} needs a PyTorch model: {model.path.name} runs through onnxruntime as "
-                                f"exported; drop {option.split()[0]} or use the model it was exported from")
-
-
 def start_runtime(device: str) -> Runtime:
     """``--device`` for a command that runs under ``torchrun`` too: this process's device, the process group started."""
     try:
@@ -103,18 +92,16 @@ def check_window_batch(window_batch: int) -> int:
     return window_batch
 
 
+def check_batch(batch: int) -> int:
+    if batch < 1:
+        raise RegproxyError(f"--batch must be at least 1, got {batch}")
+    return batch
+
+
 def check_precision(precision: Precision, device: torch.device) -> str:
     """``--precision``: one this device runs, or one error line (before any image is read)."""
     autocast(device, precision.value)
     return precision.value
-
-
-def compile_if(enabled: bool, model: torch.nn.Module, precision: str) -> None:
-    """``--compile``: compile the backbone, warmed up at the model's crop size, behind a status line."""
-    if enabled:
-        crop = model.config.crop_size
-        with err_console.status(f"compiling the backbone ({crop}x{crop} warm-up)"):
-            compile_backbone(model, precision, size=(crop, crop))
 
 
 def parse_size(option: str, value: str, *, square: bool = False) -> tuple[int, int]:

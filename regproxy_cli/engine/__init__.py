@@ -1,1 +1,2 @@
-"""Training and evaluation: the YAML config, the training loop, evaluation and its metrics."""
+"""Training, evaluation and running a model over files: the YAML config, the training loop, evaluation and its
+metrics, and predict's runner (files, videos)."""

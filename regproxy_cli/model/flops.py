@@ -24,7 +24,7 @@ from torch import nn
 
 from regproxy_cli.classes import ADE20K_CLASSES, CITYSCAPES_CLASSES
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.model.plugins import BackboneSpec, get_backbone
+from regproxy_cli.model.plugins import BackboneSpec, get_backbone, list_backbones
 from regproxy_cli.model.regproxy import ProxyHead, build_model, parse_region_res
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -201,3 +201,37 @@ def paper_figure(
         return None
     region = (4, 4) if baseline else region_res
     return PAPER_FIGURES.get((backbone, size, classes, region, baseline, slide_image))
+
+
+def flops_rows(
+    backbones: list[str] | None = None,
+    *,
+    size: int | None = None,
+    classes: int = len(ADE20K_CLASSES),
+    region_res: tuple[int, int] = (4, 4),
+    baseline: bool = False,
+    slide_image: tuple[int, int] | None = None,
+    slide_stride: int | None = None,
+) -> list[dict]:
+    """``regproxy flops``' rows: for each backbone (default: every installed one, in the paper's order: by stride,
+    then width) its :class:`FlopCount` at ``size`` (default: its crop), beside the paper's figure when there is one."""
+    specs = [get_backbone(name) for name in backbones or list_backbones()]
+    if not backbones:
+        specs.sort(key=lambda s: (s.stride, s.width))
+    rows = []
+    for spec in specs:
+        crop = spec.crop_size if size is None else size
+        count = count_flops(spec, size=crop, classes=classes, region_res=region_res, baseline=baseline,
+                            slide_image=slide_image, slide_stride=slide_stride)
+        ref = paper_figure(spec.name, crop, classes, region_res, baseline, slide_image, count.windows)
+        rows.append({
+            "backbone": spec.name,
+            "title": spec.title,
+            "model": "linear baseline" if baseline else f"RegProxy {region_res[0]}x{region_res[1]}",
+            "size": crop,
+            "classes": classes,
+            **count.as_dict(),
+            "paper": None if ref is None else {"gflops": ref.gflops, "mparams": ref.mparams, "source": ref.source,
+                                               "note": ref.note},
+        })
+    return rows

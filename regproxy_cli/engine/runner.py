@@ -1,0 +1,312 @@
+"""Running a model over files: ``open_model`` (the one way every command opens a model to run), and
+``predict_files`` with its pieces (input expansion, output names, the writers) behind ``regproxy predict``.
+
+This is the engine layer, not ``inference/``: segmenting files writes annotation-tool files (``io.annotations``),
+overlays and region pictures (``viz``) and opens models through ``io.zoo``, all of which sit above ``inference``
+in the layering (tests/test_layers.py). The network calls themselves are ``inference``'s.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import itertools
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from regproxy_cli.constants import IMAGE_SUFFIXES
+from regproxy_cli.errors import RegproxyError, one_line
+from regproxy_cli.files import write_atomic
+from regproxy_cli.images import load_image, save_label_png, save_png_atomic
+from regproxy_cli.inference.confidence import ConfidenceMaps, predict_confidence
+from regproxy_cli.inference.pipeline import forward_batch, predict_label_batch, run_pipeline
+from regproxy_cli.inference.runtime import compile_backbone
+from regproxy_cli.io.annotations import COCO_FILE, AnnotationWriter, check_formats
+from regproxy_cli.io.onnx_model import OnnxModel
+from regproxy_cli.io.zoo import load_model
+from regproxy_cli.model.classifiers import label_levels
+from regproxy_cli.viz import confidence_pictures, overlay, predict_regions
+
+
+def open_model(
+    model: str,
+    device: torch.device,
+    *,
+    precision: str = "fp32",
+    provider: str = "cpu",
+    compile_network: bool = False,
+    regions: bool = False,
+    status: Callable[[str], AbstractContextManager] = lambda message: nullcontext(),
+) -> nn.Module:
+    """Load ``model`` (zoo name, Hub repo id, model directory, .pth or .onnx run on ``provider``) onto ``device``,
+    ready to run at ``precision`` (already checked against the device): an ONNX model refuses the options that need
+    PyTorch, and ``compile_network`` compiles the backbone, warmed up at the crop size, inside ``status(message)``."""
+    segmenter = load_model(model, provider=provider).to(device)
+    check_onnx_options(segmenter, precision, compile_network, regions)
+    if compile_network:
+        crop = segmenter.config.crop_size
+        with status(f"compiling the backbone ({crop}x{crop} warm-up)"):
+            compile_backbone(segmenter, precision, size=(crop, crop))
+    return segmenter
+
+
+def check_onnx_options(model: nn.Module, precision: str, compile_network: bool, regions: bool = False) -> None:
+    """An ONNX model runs its graph as exported: --precision, --compile and --regions need the PyTorch model."""
+    if not isinstance(model, OnnxModel):
+        return
+    for option, used in ((f"--precision {precision}", precision != "fp32"), ("--compile", compile_network),
+                         ("--regions", regions)):
+        if used:
+            raise RegproxyError(f"{option} needs a PyTorch model: {model.path.name} runs through onnxruntime as "
+                                f"exported; drop {option.split()[0]} or use the model it was exported from")
+
+
+def check_opacity(opacity: float) -> float:
+    """The overlay's colour weight: 0 (photo only) to 1 (colours only), or one error line."""
+    if not 0 <= opacity <= 1:
+        raise RegproxyError(f"--opacity must be between 0 and 1, got {opacity}")
+    return opacity
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """Files, directories (their images, sorted) and glob patterns -> (image paths, problems)."""
+    paths, problems = [], []
+    for item in inputs:
+        if glob.has_magic(item):
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
+            found = [p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+            paths += found
+            if not found:
+                problems.append(f"{item}: no images match")
+        elif Path(item).is_dir():
+            found = sorted(p for p in Path(item).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            paths += found
+            if not found:
+                problems.append(f"{item}: no images in this directory")
+        else:
+            paths.append(Path(item))  # a missing or bad file is reported when it is read
+    unique = {os.path.realpath(p): p for p in reversed(paths)}  # one file named twice is segmented once
+    return [p for p in paths if unique.get(os.path.realpath(p)) is p], problems
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """One error line when ``out_dir`` is a file, or would be created under a file or a folder that cannot be
+    written; nothing is created (a model that then fails to load leaves no empty folder)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RegproxyError(f"--out {out_dir}: exists and is not a folder")
+    existing = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise RegproxyError(f"--out {out_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RegproxyError(f"--out {out_dir}: {existing} is not writable")
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    """Create ``out_dir``; one error line when it is a file or cannot be created or written."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RegproxyError(f"--out {out_dir}: exists and is not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RegproxyError(f"--out {out_dir}: cannot create the folder ({one_line(error)})") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise RegproxyError(f"--out {out_dir}: this folder is not writable")
+
+
+# The files one image may get, by name: every one is checked against every other image's before anything runs.
+OUTPUT_FILES = ("{}.png", "{}_overlay.png", "{}_regions.png", "{}_maxprob.png", "{}_entropy.png",
+                "{}_disagreement.png", "{}_probs.npz", "{}.json")
+
+
+def output_names(paths: list[Path], levels: tuple[str, ...] = ()) -> dict[Path, str]:
+    """Each input's output name, distinct by construction: the stem; for a stem several inputs share,
+    ``<folder>_<stem>``; when that (or one of its files, e.g. ``x_overlay.png`` of an input ``x_overlay``) is taken,
+    ``<folder>_<stem>_<suffix>``, then ``-2``, ``-3``, ... Names and file names are compared ignoring case (a
+    case-insensitive file system would merge them)."""
+    templates = OUTPUT_FILES + tuple(f"{{}}_{level}.png" for level in levels)
+    stems = Counter(p.stem.casefold() for p in paths)
+    taken = {COCO_FILE.casefold(), "cvat.zip"}  # the run's own files: an input named 'predictions' must not get them
+    names: dict[Path, str] = {}
+
+    def files(name: str) -> set[str]:
+        return {template.format(name).casefold() for template in templates}
+
+    def candidates(path: Path) -> Iterator[str]:
+        prefix = f"{path.parent.name}_{path.stem}" if path.parent.name else path.stem
+        if stems[path.stem.casefold()] == 1:
+            yield path.stem
+        yield prefix
+        if path.suffix:
+            yield f"{prefix}_{path.suffix.lstrip('.')}"
+        yield from (f"{prefix}-{number}" for number in itertools.count(2))
+
+    # inputs with a stem of their own first: they keep it whenever possible
+    for path in sorted(paths, key=lambda p: stems[p.stem.casefold()] > 1):
+        name = next(c for c in candidates(path) if not files(c) & taken)
+        taken |= files(name)
+        names[path] = name
+    return names
+
+
+@dataclass
+class PredictReport:
+    """What a predict_files run wrote and found; filled as images finish."""
+
+    written: list[Path] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    finished: list[Path] = field(default_factory=list)  # appended by the writer as each image's files are complete
+    pixels: Counter = field(default_factory=Counter)  # class id -> pixel count over all images
+    images: Counter = field(default_factory=Counter)  # class id -> number of images it appears in
+
+
+def predict_files(
+    model: nn.Module,
+    paths: list[Path],
+    out_dir: Path,
+    *,
+    regions: bool = False,
+    progress=None,
+    formats: list[str] | tuple[str, ...] = ("png",),
+    polygon_tolerance: float = 1.0,
+    batch: int = 1,
+    workers: int = 2,
+    regions_by: str = "class",
+    confidence: bool = False,
+    save_probs: bool = False,
+    opacity: float = 0.5,
+    report: PredictReport | None = None,
+    **options,
+) -> PredictReport:
+    """Segment each image, writing ``<stem>.png`` (class ids, palette), ``<stem>_overlay.png`` (colours at weight
+    ``opacity``) and, with ``regions``, ``<stem>_regions.png`` (tinted ``regions_by`` class or token); the first
+    two only when ``formats`` has "png", and "coco", "labelme", "cvat" add those files
+    (:class:`regproxy_cli.io.annotations.AnnotationWriter`, ``polygon_tolerance`` for labelme). ``confidence``
+    adds ``<stem>_maxprob.png``, ``<stem>_entropy.png`` and with TTA ``<stem>_disagreement.png``, ``save_probs``
+    ``<stem>_probs.npz`` (labels then come from the same pass,
+    :func:`~regproxy_cli.inference.confidence.predict_confidence`, one image at a time). A bad input is recorded
+    and the rest still run.
+
+    Decoding and writing run on ``workers`` threads (0: all on this one) while this thread runs the network; on
+    CUDA, up to ``batch`` consecutive same-size images share a forward pass
+    (:func:`regproxy_cli.inference.pipeline.run_pipeline`). Outputs and the report do not depend on ``workers``.
+
+    Output names come from :func:`output_names` (distinct, fixed before the first write). Any exception while
+    segmenting or writing one image is that image's error line in ``report.failed``. ``report`` (filled as images
+    finish) may be passed in, so a caller still knows what was written when a Ctrl-C stops the run."""
+    prepare_out_dir(out_dir)
+    palette = np.array(model.config.palette, dtype=np.uint8)
+    report = PredictReport() if report is None else report
+    png = "png" in check_formats(formats)
+    annotations = AnnotationWriter(out_dir, formats, model.config.classes, model.config.palette,
+                                   polygon_tolerance=polygon_tolerance)
+    levels = level_maps(model)
+    names = output_names(paths, tuple(levels))
+
+    @_one_image
+    def infer(images: list[np.ndarray]) -> list[tuple]:  # on this thread: the network
+        if confidence or save_probs:
+            maps = [predict_confidence(model, image, grid_probs=save_probs, **options) for image in images]
+            labels = [one.labels for one in maps]
+        else:
+            maps, labels = [None] * len(images), predict_label_batch(model, images, **options)
+        pictures = [predict_regions(model, image, scale=options.get("scale", 1.0), by=regions_by) if regions else None
+                    for image in images]
+        return list(zip(labels, pictures, maps))
+
+    @_one_image
+    def write(path: Path, image: np.ndarray, result: tuple):  # on the pool
+        labels, picture, maps = result
+        stem = names[path]
+        written = _write_outputs(out_dir, stem, image, labels, palette, picture, png=png, opacity=opacity)
+        for level, (lookup, level_palette) in levels.items():  # e.g. <stem>_category.png of an HSSN model
+            if png:
+                save_label_png(out_dir / f"{stem}_{level}.png", lookup[labels], level_palette)
+        if maps is not None:
+            _write_confidence(out_dir, stem, maps, model.config.classes, pictures=confidence, probs=save_probs)
+        annotations.add(stem, labels, path)
+        report.finished.append(written)  # list.append is atomic: what an interrupted run can truly claim
+        return written, np.unique(labels, return_counts=True)
+
+    for path, done, error in run_pipeline(paths, load_image, infer, write, batch=forward_batch(model, batch),
+                                          workers=workers):
+        if error is not None:
+            report.failed.append(error if error.startswith(str(path)) else f"{path}: {error}")
+        else:
+            written, (ids, counts) = done
+            report.written.append(written)
+            report.pixels.update(dict(zip(ids.tolist(), counts.tolist())))
+            report.images.update(ids.tolist())
+        if progress is not None:
+            progress()
+    annotations.close()  # COCO's predictions.json and the CVAT zip, once
+    return report
+
+
+def _one_image(step: Callable) -> Callable:
+    """``step`` with any exception but an interrupt turned into a RegproxyError: the pipeline then fails that image
+    (a group is retried image by image) and goes on with the next, instead of ending the run."""
+    @functools.wraps(step)
+    def guarded(*args: Any) -> Any:
+        try:
+            return step(*args)
+        except RegproxyError:
+            raise
+        except Exception as error:
+            raise RegproxyError(f"failed ({type(error).__name__}: {one_line(error)})") from error
+
+    return guarded
+
+
+def level_maps(model: nn.Module) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """For each coarser label level of the model (:func:`~regproxy_cli.model.classifiers.label_levels`): the class ->
+    level lookup and the level's palette, each level class in the colour of its first class."""
+    palette = np.array(model.config.palette, dtype=np.uint8)
+    maps = {}
+    for name, (classes, to_level) in label_levels(model).items():
+        lookup = to_level.cpu().numpy().astype(np.int64)
+        first = [int(np.flatnonzero(lookup == index)[0]) for index in range(len(classes))]
+        maps[name] = (lookup, palette[first])
+    return maps
+
+
+def _write_outputs(out_dir: Path, stem: str, image: np.ndarray, labels: np.ndarray, palette: np.ndarray,
+                   regions_picture: np.ndarray | None, png: bool = True, opacity: float = 0.5) -> Path:
+    """One image's output files (called on the writer threads); returns the label map's path."""
+    if png:
+        save_label_png(out_dir / f"{stem}.png", labels, palette)
+        save_png_atomic(out_dir / f"{stem}_overlay.png", overlay(image, labels, palette, alpha=opacity))
+    if regions_picture is not None:
+        save_png_atomic(out_dir / f"{stem}_regions.png", regions_picture)
+    return out_dir / f"{stem}.png"
+
+
+def _write_confidence(out_dir: Path, stem: str, maps: ConfidenceMaps, classes: list[str], *, pictures: bool,
+                      probs: bool) -> None:
+    """The confidence heat maps (``pictures``) and the ``<stem>_probs.npz`` arrays (``probs``) of one image."""
+    if pictures:
+        for name, picture in confidence_pictures(maps, len(classes)).items():
+            save_png_atomic(out_dir / f"{stem}_{name}.png", picture)
+    if probs:
+        arrays = {"probs": maps.probs, "max_prob": maps.max_prob, "entropy": maps.entropy}
+        if maps.disagreement is not None:
+            arrays["disagreement"] = maps.disagreement
+        arrays = {name: value.astype(np.float16) for name, value in arrays.items()}
+        path = out_dir / f"{stem}_probs.npz"
+
+        def save(temporary: str) -> None:
+            with open(temporary, "wb") as file:  # a file object: np.savez would add .npz to the temporary name
+                np.savez_compressed(file, **arrays, classes=np.array(classes))
+
+        try:
+            write_atomic(path, save)
+        except OSError as error:
+            raise RegproxyError(f"{path}: cannot write ({error})") from None
