@@ -467,9 +467,9 @@ def section_agreement(args, device) -> dict:
 
 def _scene_trained_s16(iters: int) -> tuple[str, Path]:
     """RegProxy-S/16 trained from scratch on the demo's generated scenes (128^2 crops, batch 8), once."""
-    from .quality import run_config
-
     from regproxy_cli.engine.train import train
+
+    from .quality import run_config
 
     run_dir = REPO / "runs" / "agreement" / f"s16_{iters}"
     if not (run_dir / "best").exists():

@@ -46,8 +46,7 @@ from regproxy_cli.model import plugins
 from regproxy_cli.model.plugins import BackboneSpec
 
 from .common import machine, score
-from .quality import (BASE_CONFIG, DATA_DIR, ROOT, cell, data_overrides, run_config, spread, train_fresh,
-                      write_json)
+from .quality import BASE_CONFIG, DATA_DIR, ROOT, cell, data_overrides, run_config, spread, train_fresh, write_json
 
 DEFAULT_AXES = ["model.m=0,1,2,3,4", "model.region_res=1,2,4,8", "model.backbone=demo8,demo16",
                 "optim.iters=300,600,1200,2400"]

@@ -16,7 +16,7 @@ from regproxy_cli.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
-FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
+FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.DOTALL | re.MULTILINE)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 INLINE_CODE = re.compile(r"`([^`\n]+)`")
 
@@ -32,7 +32,7 @@ def _slug(heading: str) -> str:
 
 @cache
 def _anchors(page: Path) -> frozenset[str]:
-    return frozenset(_slug(h) for h in re.findall(r"^#+ (.+)$", _prose(page.read_text(encoding="utf-8")), re.M))
+    return frozenset(_slug(h) for h in re.findall(r"^#+ (.+)$", _prose(page.read_text(encoding="utf-8")), re.MULTILINE))
 
 
 def _name(page: Path) -> str:
@@ -165,7 +165,7 @@ def test_the_readmes_python_example_runs(model, tmp_path, monkeypatch, capsys):
 
     import regproxy_cli
 
-    (block,) = [b for b in re.findall(r"^```python\n(.*?)^```", (ROOT / "README.md").read_text(), re.S | re.M)]
+    (block,) = [b for b in re.findall(r"^```python\n(.*?)^```", (ROOT / "README.md").read_text(), re.DOTALL | re.MULTILINE)]
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(regproxy_cli, "load_model", lambda name: model if name == "s16-ade" else None)

@@ -48,6 +48,6 @@ def test_write_text_atomic_writes_utf8_over_the_old_file(tmp_path):
     path = tmp_path / "card.md"
     path.write_text("old")
     write_text_atomic(path, "h×w = 4×4\n")
-    assert path.read_bytes() == "h×w = 4×4\n".encode("utf-8")
+    assert path.read_bytes() == "h×w = 4×4\n".encode()
     assert [p.name for p in tmp_path.iterdir()] == ["card.md"]  # no temporary file left behind
 

@@ -24,8 +24,13 @@ from regproxy_cli.engine.evaluate import evaluate
 from regproxy_cli.inference.pipeline import run_pipeline
 from regproxy_cli.inference.runtime import resolve_device, set_tf32, tf32_state
 from regproxy_cli.model import resize
-from regproxy_cli.model.resize import (bilinear_resize_matmul, fused_resize_argmax, label_method, resize_and_crop,
-                                       resize_argmax)
+from regproxy_cli.model.resize import (
+    bilinear_resize_matmul,
+    fused_resize_argmax,
+    label_method,
+    resize_and_crop,
+    resize_argmax,
+)
 
 
 @pytest.fixture

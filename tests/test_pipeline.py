@@ -14,8 +14,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from regproxy_cli.cli import benchmark as benchmark_cli
-from regproxy_cli.engine import runner
 from regproxy_cli.cli.app import app, main
+from regproxy_cli.engine import runner
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.images import load_image, save_label_png, save_png_atomic
 from regproxy_cli.inference import pipeline

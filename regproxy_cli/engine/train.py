@@ -33,8 +33,15 @@ from regproxy_cli.data.class_weights import CLASS_WEIGHT_FORMULA, pixel_counts, 
 from regproxy_cli.data.datasets import SegmentationDataset
 from regproxy_cli.data.transforms import train_pipeline
 from regproxy_cli.engine.config import OptimSection, TrainConfig, dump_config
-from regproxy_cli.engine.distributed import (Runtime, all_gather_objects, all_reduce_sum, barrier, rank_world,
-                                              setup_runtime, shutdown)
+from regproxy_cli.engine.distributed import (
+    Runtime,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    rank_world,
+    setup_runtime,
+    shutdown,
+)
 from regproxy_cli.engine.evaluate import evaluate
 from regproxy_cli.engine.finetune import apply_freeze, frozen_modules, init_from, load_init_source, train_mode
 from regproxy_cli.engine.losses import Loss, LossContext, build_loss

@@ -123,7 +123,7 @@ def _infer_group(infer: Callable[[list], list], loaded: list) -> list[tuple[Any,
     out_of_memory = False
     try:
         results, error = _attempt(infer, loaded)
-    except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled; anything else propagates
+    except Exception as exc:
         if not _out_of_memory(exc):
             raise
         out_of_memory = True
