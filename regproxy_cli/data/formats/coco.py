@@ -85,32 +85,17 @@ def read_coco(source: str | os.PathLike[str] | dict, classes: Sequence[str] | No
     mask_utils = require("pycocotools.mask", "reading COCO RLE")
     document = source if isinstance(source, dict) else read_json(source)
     where = "COCO data" if isinstance(source, dict) else str(source)
-    categories = sorted(document.get("categories", []), key=lambda c: c["id"])
-    names = [c["name"] for c in categories]
+    names, images = _parse(document, where, None, None)
     targets = list(names) if classes is None else list(classes)
-    value_of = {}
-    for category in categories:
-        if category["name"] not in targets:
-            raise RegproxyError(f"{where}: category {category['name']!r} is not one of the classes")
-        value_of[category["id"]] = targets.index(category["name"])
-    images, maps = {}, {}
-    for image in document.get("images", []):
+    for name in names:  # every category, used or not, must be a class
+        if name not in targets:
+            raise RegproxyError(f"{where}: category {name!r} is not one of the classes")
+    maps = {}
+    for image, _, found in images:
         if image["file_name"] in maps:
             raise RegproxyError(f"{where}: two images are named {image['file_name']!r}")
-        images[image["id"]] = image
-        maps[image["file_name"]] = np.full((image["height"], image["width"]), IGNORE_INDEX, dtype=np.int64)
-    for annotation in document.get("annotations", []):
-        image = images[annotation["image_id"]]
-        height, width = image["height"], image["width"]
-        segmentation = annotation["segmentation"]
-        if isinstance(segmentation, list):  # polygons
-            rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-        elif isinstance(segmentation["counts"], list):  # uncompressed RLE
-            rle = mask_utils.frPyObjects(segmentation, height, width)
-        else:
-            rle = segmentation
-        mask = mask_utils.decode(rle).astype(bool)
-        maps[image["file_name"]][mask] = value_of[annotation["category_id"]]
+        found = [(targets.index(names[value]), segmentation, what) for value, segmentation, what in found]
+        maps[image["file_name"]] = _coco_labels(mask_utils, image, found, IGNORE_INDEX)()
     return LabelMaps(targets, maps)
 
 
@@ -120,35 +105,48 @@ def read_coco_source(source: Path, wanted: list[str] | None, images: Path | None
     if not source.is_file():
         raise RegproxyError(f"{source}: --from coco reads a COCO JSON file, not a folder")
     mask_utils = require("pycocotools.mask", "--from coco")
-    document = read_json(source)
+    classes, images_found = _parse(read_json(source), str(source), wanted, background)
+    pictures = [images] if images is not None else [source.parent]
+    fill = fill_value(classes, background)
+    entries = []
+    for image, where, found in images_found:
+        name = image["file_name"]
+        entries.append(Entry(Path(name.replace("\\", "/")).stem, where, located(name, pictures, where, allow_outside),
+                             _coco_labels(mask_utils, image, found, fill)))
+    return Source(classes, None, entries)
+
+
+def _parse(document: Any, where: str, wanted: list[str] | None,
+           background: str | None) -> tuple[list[str], list[tuple[dict, str, list]]]:
+    """Check a COCO document: the classes, and per image (image, where, [(class id, segmentation, where), ...])."""
     if not isinstance(document, dict) or not all(isinstance(document.get(k), list)
                                                  for k in ("images", "annotations", "categories")):
-        raise RegproxyError(f"{source}: not a COCO file (needs 'images', 'annotations' and 'categories' lists)")
+        raise RegproxyError(f"{where}: not a COCO file (needs 'images', 'annotations' and 'categories' lists)")
     category_names = {}
     for category in document["categories"]:
         if not isinstance(category, dict) or not isinstance(category.get("name"), str) or \
                 isinstance(category.get("id"), bool) or not isinstance(category.get("id"), int):
-            raise RegproxyError(f"{source}: a category without an integer id and a name: {category!r}")
+            raise RegproxyError(f"{where}: a category without an integer id and a name: {category!r}")
         category_names[category["id"]] = category["name"]
     names = [category_names[i] for i in sorted(category_names)]
     classes = class_ids(names, wanted, background)
-    pictures, entries_by_id = [images] if images is not None else [source.parent], {}
+    entries_by_id: dict[Any, tuple[dict, str, list]] = {}
     for image in document["images"]:
-        where = f"{source}: image {image.get('file_name', image.get('id'))!r}" if isinstance(image, dict) else ""
+        at = f"{where}: image {image.get('file_name', image.get('id'))!r}" if isinstance(image, dict) else ""
         if not isinstance(image, dict) or not isinstance(image.get("file_name"), str) or \
                 not isinstance(image.get("id"), (int, str)):
-            raise RegproxyError(f"{source}: an image without an id and a file_name: {image!r}")
+            raise RegproxyError(f"{where}: an image without an id and a file_name: {image!r}")
         for key in ("height", "width"):
             if isinstance(image.get(key), bool) or not isinstance(image.get(key), int) or image[key] < 1:
-                raise RegproxyError(f"{where}: {key} must be a positive integer")
-        check_size(image["width"], image["height"], where)
-        entries_by_id[image["id"]] = (image, where, [])
+                raise RegproxyError(f"{at}: {key} must be a positive integer")
+        check_size(image["width"], image["height"], at)
+        entries_by_id[image["id"]] = (image, at, [])
     for annotation in document["annotations"]:
         if not isinstance(annotation, dict) or not isinstance(annotation.get("image_id"), (int, str)) or \
                 annotation["image_id"] not in entries_by_id:
-            raise RegproxyError(f"{source}: annotation {_annotation_id(annotation)} names no image of the file")
-        image, where, found = entries_by_id[annotation["image_id"]]
-        what = f"{where}, annotation {_annotation_id(annotation)}"
+            raise RegproxyError(f"{where}: annotation {_annotation_id(annotation)} names no image of the file")
+        image, at, found = entries_by_id[annotation["image_id"]]
+        what = f"{at}, annotation {_annotation_id(annotation)}"
         category = annotation.get("category_id")
         if isinstance(category, bool) or not isinstance(category, int) or category not in category_names:
             raise RegproxyError(f"{what}: category_id {category!r} is not among the categories")
@@ -157,13 +155,7 @@ def read_coco_source(source: Path, wanted: list[str] | None, images: Path | None
         segmentation = _coco_segmentation(annotation.get("segmentation"), image["height"], image["width"], what)
         if segmentation is not None:
             found.append((classes.index(category_names[category]), segmentation, what))
-    fill = fill_value(classes, background)
-    entries = []
-    for image, where, found in entries_by_id.values():
-        name = image["file_name"]
-        entries.append(Entry(Path(name.replace("\\", "/")).stem, where, located(name, pictures, where, allow_outside),
-                             _coco_labels(mask_utils, image, found, fill)))
-    return Source(classes, None, entries)
+    return classes, list(entries_by_id.values())
 
 
 def _annotation_id(annotation: Any) -> str:

@@ -15,12 +15,14 @@ as labelme's ``labelme2voc`` reads it. The picture is ``imagePath`` (next to the
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -102,30 +104,19 @@ def labelme_document(labels: np.ndarray, classes: Sequence[str], image_path: str
 def read_labelme(source: str | os.PathLike[str] | dict, classes: Sequence[str]) -> np.ndarray:
     """A labelme JSON document -> (H, W) label map (ids into ``classes``; 255 where no shape is).
 
-    Shapes are painted in file order, later over earlier, as labelme's ``shapes_to_label`` does: polygons and
-    rectangles filled with their outline (PIL), other shape types are refused.
+    Painted as ``data import --from labelme`` paints (see the module docstring): the same checks, the same shapes.
 
     Raises:
-        RegproxyError: a label not in ``classes``, a shape type other than polygon or rectangle, a bad file.
+        RegproxyError: a label not in ``classes``, a shape labelme cannot draw, a bad file.
     """
-    document = source if isinstance(source, dict) else read_json(source)
+    # checking fills in shape_type and float points: a caller's dict stays as it was
+    document = copy.deepcopy(source) if isinstance(source, dict) else read_json(source)
     where = "labelme data" if isinstance(source, dict) else str(source)
-    picture = Image.new("I", (int(document["imageWidth"]), int(document["imageHeight"])), IGNORE_INDEX)
-    draw = ImageDraw.Draw(picture)
-    for shape in document.get("shapes", []):
-        if shape["label"] not in classes:
+    document = _checked_document(document, where)
+    for shape in document["shapes"]:
+        if shape["shape_type"] not in LINE_SHAPES and shape["label"] not in (LABELME_IGNORE, *classes):
             raise RegproxyError(f"{where}: label {shape['label']!r} is not one of the classes")
-        value = list(classes).index(shape["label"])
-        kind = shape.get("shape_type") or "polygon"
-        points = [tuple(map(float, p)) for p in shape["points"]]
-        if kind == "polygon" and len(points) >= 3:
-            draw.polygon(points, fill=value, outline=value)
-        elif kind == "rectangle" and len(points) == 2:
-            (x0, y0), (x1, y1) = points
-            draw.rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], fill=value, outline=value)
-        else:
-            raise RegproxyError(f"{where}: cannot rasterise a {kind} shape with {len(points)} points")
-    return np.asarray(picture, dtype=np.int64)
+    return _labelme_labels(document, list(classes), IGNORE_INDEX, where)()
 
 
 def read_labelme_source(source: Path, wanted: list[str] | None, images: Path | None,
@@ -134,7 +125,7 @@ def read_labelme_source(source: Path, wanted: list[str] | None, images: Path | N
     files = [source] if source.is_file() else sorted(source.glob("*.json"))
     if not files:
         raise RegproxyError(f"{source}: no labelme *.json files")
-    documents = {path: _checked_document(path) for path in files}  # checked up front, before anything is drawn
+    documents = {path: _checked_document(read_json(path), str(path)) for path in files}  # checked up front, before anything is drawn
     names = sorted({shape["label"] for document in documents.values() for shape in document["shapes"]
                     if shape["shape_type"] not in LINE_SHAPES and shape["label"] != LABELME_IGNORE})
     classes = class_ids(names, wanted, background)
@@ -152,39 +143,39 @@ def read_labelme_source(source: Path, wanted: list[str] | None, images: Path | N
     return Source(classes, None, entries, skipped)
 
 
-def _checked_document(path: Path) -> dict:
-    """Read and check one labelme file; shapes get a ``shape_type`` and checked float ``points``."""
-    document = read_json(path)
+def _checked_document(document: Any, where: str) -> dict:
+    """Check one labelme document (``where`` names it in errors); shapes get a ``shape_type`` and checked float
+    ``points``."""
     if not isinstance(document, dict) or not isinstance(document.get("shapes"), list):
-        raise RegproxyError(f"{path}: not a labelme file (no 'shapes' list)")
+        raise RegproxyError(f"{where}: not a labelme file (no 'shapes' list)")
     for key in ("imageHeight", "imageWidth"):
         value = document.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise RegproxyError(f"{path}: {key} must be a positive integer, got {value!r}")
-    check_size(document["imageWidth"], document["imageHeight"], str(path))
+            raise RegproxyError(f"{where}: {key} must be a positive integer, got {value!r}")
+    check_size(document["imageWidth"], document["imageHeight"], where)
     for number, shape in enumerate(document["shapes"], start=1):
-        where = f"{path}: shape {number}"
+        at = f"{where}: shape {number}"
         if not isinstance(shape, dict) or not isinstance(shape.get("label"), str):
-            raise RegproxyError(f"{where}: no label")
+            raise RegproxyError(f"{at}: no label")
         kind = shape.get("shape_type") or "polygon"
         if not isinstance(kind, str):
-            raise RegproxyError(f"{where}: shape_type must be a string, got {kind!r}")
+            raise RegproxyError(f"{at}: shape_type must be a string, got {kind!r}")
         shape["shape_type"] = kind
-        where = f"{where} ({shape['label']!r}, {kind})"
-        points = point_pairs(shape.get("points"), where)
+        at = f"{at} ({shape['label']!r}, {kind})"
+        points = point_pairs(shape.get("points"), at)
         shape["points"] = points
         if kind in LINE_SHAPES:
             continue
         needed = {"polygon": 3, "rectangle": 2, "circle": 2, "mask": 2}.get(kind)
         if needed is None:
-            raise RegproxyError(f"{where}: unknown shape type; labelme draws polygon, rectangle, circle, mask, "
+            raise RegproxyError(f"{at}: unknown shape type; labelme draws polygon, rectangle, circle, mask, "
                                 "line, linestrip, point")
         if kind == "polygon" and len(points) < 3:
-            raise RegproxyError(f"{where}: a polygon needs at least 3 points, it has {len(points)}")
+            raise RegproxyError(f"{at}: a polygon needs at least 3 points, it has {len(points)}")
         if kind != "polygon" and len(points) != 2:
-            raise RegproxyError(f"{where}: needs 2 points, it has {len(points)}")
+            raise RegproxyError(f"{at}: needs 2 points, it has {len(points)}")
         if kind == "mask" and not isinstance(shape.get("mask"), str):
-            raise RegproxyError(f"{where}: no base64 'mask' PNG")
+            raise RegproxyError(f"{at}: no base64 'mask' PNG")
     return document
 
 
