@@ -11,14 +11,14 @@ import math
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from regproxy_cli.constants import IGNORE_INDEX, IMAGE_SUFFIXES
 from regproxy_cli.errors import RegproxyError, one_line
@@ -124,6 +124,25 @@ def point_pairs(raw: Any, where: str) -> list[tuple[float, float]]:
     if not isinstance(raw, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in raw):
         raise RegproxyError(f"{where}: points must be a list of [x, y] pairs")
     return [(coordinate(x, where), coordinate(y, where)) for x, y in raw]
+
+
+def paint(width: int, height: int, fill: int, shapes: Iterable[tuple[int, str, Any]]) -> np.ndarray:
+    """(H, W) int64 label map: ``fill``, then each (value, kind, geometry) over the earlier ones, filled with its
+    outline as labelme's ``shapes_to_label`` does (PIL). Kinds: ``polygon`` [(x, y), ...], ``box`` and ``ellipse``
+    [x0, y0, x1, y1] (any two opposite corners), ``mask`` (left, top, a bool array)."""
+    picture = Image.new("I", (width, height), fill)
+    draw = ImageDraw.Draw(picture)
+    for value, kind, geometry in shapes:
+        if kind == "polygon":
+            draw.polygon(geometry, fill=value, outline=value)
+        elif kind == "mask":
+            left, top, mask = geometry
+            paste_mask(picture, mask, left, top, value)
+        else:
+            x0, y0, x1, y1 = geometry
+            box = [min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)]
+            (draw.rectangle if kind == "box" else draw.ellipse)(box, fill=value, outline=value)
+    return np.asarray(picture, dtype=np.int64)
 
 
 def paste_mask(picture: Image.Image, mask: np.ndarray, left: int, top: int, value: int) -> None:

@@ -16,12 +16,13 @@ import os
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from regproxy_cli.constants import IGNORE_INDEX, IMAGE_SUFFIXES
 from regproxy_cli.data.formats.common import (
@@ -38,7 +39,7 @@ from regproxy_cli.data.formats.common import (
     coordinate,
     fill_value,
     located,
-    paste_mask,
+    paint,
     plain_name,
     unknown_label,
 )
@@ -239,7 +240,7 @@ def _read_cvat_xml(data: bytes, where: str, wanted: list[str] | None, folder: Pa
         shapes.sort(key=lambda s: s[:2])  # CVAT paints higher z_order on top; file order breaks ties
         picture = _zip_or_folder(name, zipped, archive, folders, what, allow_outside)
         entries.append(Entry(Path(name.replace("\\", "/")).stem, what, picture,
-                             _cvat_labels(width, height, [(v, s) for _, _, v, s in shapes], fill)))
+                             partial(paint, width, height, fill, [(v, *s) for _, _, v, s in shapes])))
     return Source(classes, palette, entries, skipped)
 
 
@@ -255,7 +256,7 @@ def _hex_colour(text: str) -> tuple[int, int, int] | None:
 
 
 def _cvat_shape(shape: ElementTree.Element, where: str) -> tuple[str, Any]:
-    """A CVAT area shape, checked, as (kind, geometry) for :func:`_cvat_labels`."""
+    """A CVAT area shape, checked, as (kind, geometry) for :func:`~regproxy_cli.data.formats.common.paint`."""
     def number(key: str) -> float:
         return coordinate(shape.get(key, ""), f"{where}: {key}")
 
@@ -293,24 +294,6 @@ def _cvat_shape(shape: ElementTree.Element, where: str) -> tuple[str, Any]:
         mask = np.repeat(values, runs).astype(bool).reshape(height, width)
         return "mask", (left, top, mask)
     raise RegproxyError(f"{where}: unknown CVAT shape <{shape.tag}>")
-
-
-def _cvat_labels(width: int, height: int, shapes: list, fill: int) -> Callable[[], np.ndarray]:
-    def labels() -> np.ndarray:
-        picture = Image.new("I", (width, height), fill)
-        draw = ImageDraw.Draw(picture)
-        for value, (kind, geometry) in shapes:
-            if kind == "polygon":
-                draw.polygon(geometry, fill=value, outline=value)
-            elif kind == "box":
-                x0, y0, x1, y1 = geometry
-                draw.rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], fill=value, outline=value)
-            else:
-                left, top, mask = geometry
-                paste_mask(picture, mask, left, top, value)
-        return np.asarray(picture, dtype=np.int64)
-
-    return labels
 
 
 def _zip_pictures(archive: Path) -> dict[str, str]:

@@ -20,12 +20,12 @@ import io
 import math
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from regproxy_cli.constants import IGNORE_INDEX, IMAGE_SUFFIXES
 from regproxy_cli.data.formats.common import (
@@ -40,7 +40,7 @@ from regproxy_cli.data.formats.common import (
     fill_value,
     find_picture,
     missing_picture,
-    paste_mask,
+    paint,
     point_pairs,
     require,
     unknown_label,
@@ -201,31 +201,26 @@ def _labelme_picture(path: Path, document: dict, images: Path | None,
 
 
 def _labelme_labels(document: dict, classes: list[str], fill: int, where: str) -> Callable[[], np.ndarray]:
-    def labels() -> np.ndarray:
-        width, height = document["imageWidth"], document["imageHeight"]
-        picture = Image.new("I", (width, height), fill)
-        draw = ImageDraw.Draw(picture)
+    def shapes() -> Iterator[tuple[int, str, Any]]:
         for shape in document["shapes"]:
             kind, points = shape["shape_type"], shape["points"]
             if kind in LINE_SHAPES:
                 continue
             value = IGNORE_INDEX if shape["label"] == LABELME_IGNORE else classes.index(shape["label"])
             if kind == "polygon":
-                draw.polygon(points, fill=value, outline=value)
+                yield value, "polygon", points
             elif kind == "rectangle":
-                (x0, y0), (x1, y1) = points
-                draw.rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], fill=value, outline=value)
-            elif kind == "circle":
+                yield value, "box", [*points[0], *points[1]]
+            elif kind == "circle":  # the centre, then a point on the circle
                 (cx, cy), (px, py) = points
                 radius = math.hypot(cx - px, cy - py)
-                draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=value, outline=value)
+                yield value, "ellipse", [cx - radius, cy - radius, cx + radius, cy + radius]
             else:  # mask: a binary PNG whose top-left pixel sits at the first point
                 mask = _png_mask(shape["mask"], where)
                 (x0, y0), _ = points
-                paste_mask(picture, mask, int(x0), int(y0), value)
-        return np.asarray(picture, dtype=np.int64)
+                yield value, "mask", (int(x0), int(y0), mask)
 
-    return labels
+    return lambda: paint(document["imageWidth"], document["imageHeight"], fill, shapes())
 
 
 def _png_mask(text: str, where: str) -> np.ndarray:
