@@ -316,12 +316,17 @@ def _zip_or_folder(name: str, zipped: dict[str, str], archive: Path | None, fold
     if archive is not None:
         member = next((zipped[k] for k in (f"images/{relative}", relative, Path(relative).name) if k in zipped), None)
     if member is not None:
-        def from_zip() -> Picture:
-            with zipfile.ZipFile(archive) as opened:
-                return Path(member).suffix.lower(), opened.read(member)
-
-        return from_zip
+        return _zip_member(archive, member)
     return located(name, folders, where, allow_outside)
+
+
+def _zip_member(archive: Path, member: str) -> Callable[[], Picture]:
+    """The picture ``member`` of ``archive``, read when the import copies it (not held in memory till then)."""
+    def picture() -> Picture:
+        with zipfile.ZipFile(archive) as opened:
+            return Path(member).suffix.lower(), opened.read(member)
+
+    return picture
 
 
 def _read_cvat_masks(source: Path, members: list[str], wanted: list[str] | None, folder: Path,
@@ -345,13 +350,6 @@ def _read_cvat_masks(source: Path, members: list[str], wanted: list[str] | None,
         what = f"{source}: SegmentationClass/{stem}.png"
         plain_name(stem, what)  # a member 'SegmentationClass/../../x.png' names no file of the dataset
         values = np.where(raw == IGNORE_INDEX, fill, raw)  # unlabelled -> the background class, when one is named
-        if stem in zipped:
-            member = zipped[stem]
-
-            def picture(member: str = member) -> Picture:
-                with zipfile.ZipFile(source) as archive:
-                    return Path(member).suffix.lower(), archive.read(member)
-        else:
-            picture = by_stem(stem, folder, what)
+        picture = _zip_member(source, zipped[stem]) if stem in zipped else by_stem(stem, folder, what)
         entries.append(Entry(stem, what, picture, lambda values=values: values))
     return Source(classes, None if None in palette else palette, entries)
