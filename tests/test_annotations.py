@@ -15,17 +15,12 @@ from pycocotools.coco import COCO
 
 from regproxy_cli import RegproxyError
 from regproxy_cli.classes import ADE20K_CLASSES, ADE20K_PALETTE
+from regproxy_cli.data.formats import AnnotationWriter, check_formats
+from regproxy_cli.data.formats.coco import read_coco
+from regproxy_cli.data.formats.cvat import cvat_labelmap, read_cvat_zip
+from regproxy_cli.data.formats.labelme import labelme_document, read_labelme
 from regproxy_cli.images import load_image
 from regproxy_cli.inference.predictor import predict_labels
-from regproxy_cli.io.annotations import (
-    AnnotationWriter,
-    check_formats,
-    cvat_labelmap,
-    labelme_document,
-    read_coco,
-    read_cvat_zip,
-    read_labelme,
-)
 from regproxy_cli.io.zoo import load_model
 
 CLASSES = ["background", "ring", "disk", "box", "bar"]
@@ -296,7 +291,7 @@ def test_read_coco_hand_written_polygons_and_uncompressed_rle_on_a_wide_image(tm
 
 
 def test_data_import_reads_the_same_hand_written_coco_file(tmp_path):
-    from regproxy_cli.io.imports import import_annotations
+    from regproxy_cli.data.formats import import_annotations
 
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "hand.json").write_text(json.dumps(HAND_COCO))

@@ -17,10 +17,12 @@ from typer.testing import CliRunner
 from regproxy_cli.cli.app import app
 from regproxy_cli.data.class_weights import pixel_counts, suggested_class_weights
 from regproxy_cli.data.datasets import FolderDataset
+from regproxy_cli.data.formats import AnnotationWriter, import_annotations
+from regproxy_cli.data.formats.coco import coco_annotations
+from regproxy_cli.data.formats.importer import assign_splits
+from regproxy_cli.data.formats.voc import voc_colormap
 from regproxy_cli.data.stats import dataset_stats
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.io.annotations import AnnotationWriter, coco_annotations, voc_colormap
-from regproxy_cli.io.imports import assign_splits, import_annotations
 
 pytest.importorskip("pycocotools")  # the `annotations` extra, part of the test extra
 pytest.importorskip("cv2")

@@ -21,10 +21,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from regproxy_cli.data.formats import import_annotations
+from regproxy_cli.data.formats.cvat import cvat_labelmap, cvat_labelmap_text
 from regproxy_cli.engine.config import load_config
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.io.annotations import cvat_labelmap, cvat_labelmap_text
-from regproxy_cli.io.imports import import_annotations
 from regproxy_cli.model.config import ModelConfig
 
 pytest.importorskip("pycocotools")
@@ -212,7 +212,7 @@ def test_fuzz_cvat_mask_zip(tmp_path):
 
 
 def test_fuzz_voc(tmp_path):
-    from regproxy_cli.io.annotations import voc_colormap
+    from regproxy_cli.data.formats.voc import voc_colormap
 
     def build(src: Path, rng: random.Random) -> None:
         base = src / "VOC2012"

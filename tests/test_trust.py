@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from regproxy_cli.data.formats import import_annotations
+from regproxy_cli.data.formats.cvat import cvat_labelmap, cvat_labelmap_text
+from regproxy_cli.data.formats.voc import voc_colormap
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.io.annotations import cvat_labelmap, cvat_labelmap_text, voc_colormap
-from regproxy_cli.io.imports import import_annotations
 
 pytest.importorskip("pycocotools")
 

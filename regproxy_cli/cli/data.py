@@ -16,10 +16,10 @@ from rich.table import Table
 from regproxy_cli.cli.options import JsonOption
 from regproxy_cli.cli.output import console, err_console, print_json
 from regproxy_cli.data.class_weights import CLASS_WEIGHT_FORMULA
+from regproxy_cli.data.formats import import_annotations
 from regproxy_cli.data.stats import SplitStats, dataset_stats
 from regproxy_cli.engine.config import load_config
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.io.imports import import_annotations
 
 SUMMARY = "Dataset tools: class statistics and problem masks (stats), annotation-tool exports in (import)."
 HELP = """Dataset tools. `regproxy data stats` reads every mask of a dataset and reports the classes' pixel share

@@ -1,9 +1,9 @@
 """Running a model over files: ``open_model`` (the one way every command opens a model to run), and
 ``predict_files`` with its pieces (input expansion, output names, the writers) behind ``regproxy predict``.
 
-This is the engine layer, not ``inference/``: segmenting files writes annotation-tool files (``io.annotations``),
-overlays and region pictures (``viz``) and opens models through ``io.zoo``, all of which sit above ``inference``
-in the layering (tests/test_layers.py). The network calls themselves are ``inference``'s.
+This is the engine layer, not ``inference/``: segmenting files draws overlays and region pictures (``viz``) and
+opens models through ``io.zoo``, both above ``inference`` in the layering (tests/test_layers.py). The network
+calls themselves are ``inference``'s; the annotation-tool writers are ``data.formats``'.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ import torch
 from torch import nn
 
 from regproxy_cli.constants import IMAGE_SUFFIXES
+from regproxy_cli.data.formats import COCO_FILE, AnnotationWriter, check_formats
 from regproxy_cli.errors import RegproxyError, one_line
 from regproxy_cli.files import write_atomic
 from regproxy_cli.images import load_image, save_label_png, save_png_atomic
 from regproxy_cli.inference.confidence import ConfidenceMaps, predict_confidence
 from regproxy_cli.inference.pipeline import forward_batch, predict_label_batch, run_pipeline
 from regproxy_cli.inference.runtime import compile_backbone
-from regproxy_cli.io.annotations import COCO_FILE, AnnotationWriter, check_formats
 from regproxy_cli.io.onnx_model import OnnxModel
 from regproxy_cli.io.zoo import load_model
 from regproxy_cli.model.classifiers import label_levels
@@ -189,7 +189,7 @@ def predict_files(
     """Segment each image, writing ``<stem>.png`` (class ids, palette), ``<stem>_overlay.png`` (colours at weight
     ``opacity``) and, with ``regions``, ``<stem>_regions.png`` (tinted ``regions_by`` class or token); the first
     two only when ``formats`` has "png", and "coco", "labelme", "cvat" add those files
-    (:class:`regproxy_cli.io.annotations.AnnotationWriter`, ``polygon_tolerance`` for labelme). ``confidence``
+    (:class:`regproxy_cli.data.formats.AnnotationWriter`, ``polygon_tolerance`` for labelme). ``confidence``
     adds ``<stem>_maxprob.png``, ``<stem>_entropy.png`` and with TTA ``<stem>_disagreement.png``, ``save_probs``
     ``<stem>_probs.npz`` (labels then come from the same pass,
     :func:`~regproxy_cli.inference.confidence.predict_confidence`, one image at a time). A bad input is recorded
