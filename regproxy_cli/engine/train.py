@@ -46,7 +46,7 @@ from regproxy_cli.engine.evaluate import evaluate
 from regproxy_cli.engine.finetune import apply_freeze, frozen_modules, init_from, load_init_source, train_mode
 from regproxy_cli.engine.losses import Loss, LossContext, build_loss
 from regproxy_cli.errors import RegproxyError, listed, one_line, unpickling_reason
-from regproxy_cli.files import write_atomic
+from regproxy_cli.files import write_atomic, write_text_atomic
 from regproxy_cli.io.checkpoint import save_pretrained
 from regproxy_cli.model.classifiers import get_classifier
 from regproxy_cli.model.config import ModelConfig
@@ -274,7 +274,7 @@ def truncate_log(path: Path, iteration: int) -> None:
             continue  # a line cut by the kill
         if isinstance(logged, int) and logged <= iteration:
             kept.append(line if line.endswith("\n") else line + "\n")
-    write_atomic(path, lambda tmp: Path(tmp).write_text("".join(kept)))
+    write_text_atomic(path, "".join(kept))
 
 
 def changed_keys(saved: dict, current: dict, defaults: dict | None = None, prefix: str = "") -> list[str]:
@@ -468,7 +468,7 @@ def _train(config: TrainConfig, runtime: Runtime, checkpoint: dict | None, sourc
         clean_stale_temporaries(out_dir)
         truncate_log(out_dir / "log.jsonl", start)
     if runtime.main:
-        write_atomic(out_dir / "config.yaml", lambda tmp: Path(tmp).write_text(dump_config(config)))
+        write_text_atomic(out_dir / "config.yaml", dump_config(config))
         _announce(out_dir, report, frozen, model, weights_record, weights, train_set)
 
     stream = TrainStream(train_set, _SeededPipeline(config, model.config.mean, model.config.std), r.seed)
@@ -545,15 +545,13 @@ def _announce(out_dir: Path, report, frozen: list[str], model: nn.Module, weight
     console = Console(highlight=False)
     if report is not None:
         console.print(report.table())
-        write_atomic(out_dir / "init_from.json",
-                     lambda tmp: Path(tmp).write_text(json.dumps(report.to_dict(), indent=2) + "\n"))
+        write_text_atomic(out_dir / "init_from.json", json.dumps(report.to_dict(), indent=2) + "\n")
     if frozen:
         total = sum(p.numel() for p in model.parameters())
         count = sum(p.numel() for p in model.parameters() if not p.requires_grad)
         console.print(f"frozen: {len(frozen)} tensors, {count:,} of {total:,} parameters")
     if weights_record is not None:
-        write_atomic(out_dir / CLASS_WEIGHTS_NAME,
-                     lambda tmp: Path(tmp).write_text(json.dumps(weights_record, indent=2) + "\n"))
+        write_text_atomic(out_dir / CLASS_WEIGHTS_NAME, json.dumps(weights_record, indent=2) + "\n")
     if weights is not None:
         shown = ", ".join(f"{name} {w:.3g}" for name, w in zip(train_set.classes, weights))
         console.print(f"class weights: {shown}")

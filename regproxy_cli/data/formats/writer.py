@@ -26,7 +26,7 @@ from regproxy_cli.data.formats.common import check_labels, require
 from regproxy_cli.data.formats.cvat import cvat_labelmap, cvat_labelmap_text, cvat_masks
 from regproxy_cli.data.formats.labelme import labelme_document
 from regproxy_cli.errors import RegproxyError, listed
-from regproxy_cli.files import write_atomic
+from regproxy_cli.files import write_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -59,8 +59,7 @@ def _png_bytes(image: np.ndarray) -> bytes:
 
 def _write_json(path: Path, document: dict) -> None:
     try:
-        write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(document, separators=(",", ":")),
-                                                            encoding="utf-8"))
+        write_text_atomic(path, json.dumps(document, separators=(",", ":")))
     except OSError as error:
         raise RegproxyError(f"{path}: cannot write ({error})") from None
 
