@@ -15,6 +15,7 @@ import yaml
 
 from regproxy_cli.data.datasets import SegmentationDataset
 from regproxy_cli.data.open import SyntheticSpec, open_dataset
+from regproxy_cli.engine.distributed import BACKENDS
 from regproxy_cli.engine.losses import MEAN_OVER, get_loss, list_losses
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.model.classifiers import list_classifiers
@@ -116,7 +117,7 @@ class RunSection:
     deterministic: bool = False  # torch.use_deterministic_algorithms: bit-exact resume on GPUs, somewhat slower
     tf32: bool = False  # TF32 in matmuls and cuDNN convolutions on Ampere+ GPUs: faster fp32, ~1e-3 relative error
     # torchrun's process group: auto (nccl on GPUs, gloo on CPUs) | nccl | gloo (several processes may share a GPU)
-    backend: str = field(default="auto", metadata=rule(choices=("auto", "nccl", "gloo")))
+    backend: str = field(default="auto", metadata=rule(choices=BACKENDS))
 
 
 @dataclass
