@@ -37,7 +37,7 @@ import torch
 
 from regproxy_cli.engine.config import load_config
 from regproxy_cli.engine.train import read_checkpoint, train
-from regproxy_cli.io.checkpoint import load_pretrained
+from regproxy_cli.hub.checkpoint import load_pretrained
 
 from .common import REPO, machine, repo_relative, score
 

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from regproxy_cli.engine.runner import expand_inputs, predict_files
+from regproxy_cli.hub.checkpoint import save_pretrained
+from regproxy_cli.hub.zoo import load_model
 from regproxy_cli.images import load_image, save_label_png, save_png_atomic
 from regproxy_cli.inference.predictor import predict_labels
-from regproxy_cli.io.checkpoint import save_pretrained
-from regproxy_cli.io.zoo import load_model
 from regproxy_cli.model.regproxy import build_model
 from regproxy_cli.viz import overlay
 

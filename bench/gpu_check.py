@@ -107,7 +107,7 @@ def _demo_model(ctx: Context) -> Path:
         import torch
 
         from regproxy_cli import build_model
-        from regproxy_cli.io.checkpoint import save_pretrained
+        from regproxy_cli.hub.checkpoint import save_pretrained
 
         torch.manual_seed(0)
         model = build_model("demo8", 5)
@@ -342,8 +342,8 @@ def check_eval_modes(ctx: Context) -> dict:
     import numpy as np
 
     from regproxy_cli.data.open import open_dataset
+    from regproxy_cli.hub.zoo import load_model
     from regproxy_cli.inference.predictor import predict_labels
-    from regproxy_cli.io.zoo import load_model
 
     model = load_model(_demo_model(ctx))
     model.config.crop_size, model.config.window_stride = 96, 64  # slide: 4 overlapping windows per 128^2 image
@@ -485,8 +485,8 @@ def check_speed(ctx: Context) -> dict:
 
     from regproxy_cli.data.open import open_dataset
     from regproxy_cli.engine.evaluate import evaluate
+    from regproxy_cli.hub.zoo import load_model
     from regproxy_cli.inference.predictor import predict_labels
-    from regproxy_cli.io.zoo import load_model
 
     dataset = open_dataset("folder", _data(ctx), "val")
     images = [dataset[i][0] for i in range(len(dataset))]

@@ -42,7 +42,7 @@ import torch
 from regproxy_cli.engine.config import TrainConfig, load_config
 from regproxy_cli.engine.train import train
 from regproxy_cli.files import write_text_atomic
-from regproxy_cli.io.checkpoint import load_pretrained
+from regproxy_cli.hub.checkpoint import load_pretrained
 from regproxy_cli.model.flops import count_flops
 
 from .common import TOLERANCE_PX, machine, repo_relative, score

@@ -288,7 +288,8 @@ def section_fastpath(args, device) -> dict:
             paths[f"bf16 autocast, {kernel} attention"] = functools.partial(_forced_attention, model, kernel)
     with tempfile.TemporaryDirectory() as tmp:
         if device.type == "cpu":
-            from regproxy_cli.io.export import export_onnx, onnx_session
+            from regproxy_cli.onnx.export import export_onnx
+            from regproxy_cli.onnx.runtime import onnx_session
 
             path = export_onnx(model, Path(tmp) / "s16.onnx", size=(size, size), dynamic=False)  # `--static`
             session = onnx_session(path)
@@ -436,8 +437,8 @@ def section_agreement(args, device) -> dict:
     downloaded here, so an S/16 is trained from scratch on the generated scenes (once; `runs/agreement/s16`).
     """
     from regproxy_cli.data.synthetic import SyntheticScenes
+    from regproxy_cli.hub.zoo import load_model
     from regproxy_cli.inference.predictor import predict_labels
-    from regproxy_cli.io.zoo import load_model
 
     demo = REPO / "runs" / "quality" / "RegProxy_hw4" / "best"
     s16_name, s16_path = _scene_trained_s16(iters=10 if args.quick else 500)

@@ -40,8 +40,8 @@ from regproxy_cli.data.open import open_dataset
 from regproxy_cli.data.streets import STREET_CLASSES, WIDTH_BINS, decode_runs, read_sidecar, width_bin
 from regproxy_cli.engine.config import load_config
 from regproxy_cli.errors import RegproxyError
+from regproxy_cli.hub.checkpoint import load_pretrained
 from regproxy_cli.inference.predictor import normalise
-from regproxy_cli.io.checkpoint import load_pretrained
 from regproxy_cli.model import plugins
 from regproxy_cli.model.plugins import BackboneSpec
 

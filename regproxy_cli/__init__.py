@@ -6,10 +6,10 @@ declare backbones.
 
 from regproxy_cli.constants import IMAGENET_MEAN, IMAGENET_STD, VERSION
 from regproxy_cli.errors import RegproxyError
+from regproxy_cli.hub.checkpoint import load_pretrained, save_pretrained
+from regproxy_cli.hub.remote import push_to_hub
+from regproxy_cli.hub.zoo import ZOO, load_model
 from regproxy_cli.inference.predictor import predict_labels
-from regproxy_cli.io.checkpoint import load_pretrained, save_pretrained
-from regproxy_cli.io.hub import push_to_hub
-from regproxy_cli.io.zoo import ZOO, load_model
 from regproxy_cli.model.config import ModelConfig
 from regproxy_cli.model.ops import affinity_from_logits, paint
 from regproxy_cli.model.plugins import Backbone, BackboneSpec, get_backbone, list_backbones, refresh_backbones

@@ -21,7 +21,7 @@ from regproxy_cli.engine.analyze import (
     region_entropy,
     region_histograms,
 )
-from regproxy_cli.io.checkpoint import save_pretrained
+from regproxy_cli.hub.checkpoint import save_pretrained
 from regproxy_cli.model.ops import affinity_from_logits
 
 

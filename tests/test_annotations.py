@@ -19,9 +19,9 @@ from regproxy_cli.data.formats import AnnotationWriter, check_formats
 from regproxy_cli.data.formats.coco import read_coco
 from regproxy_cli.data.formats.cvat import cvat_labelmap, read_cvat_zip
 from regproxy_cli.data.formats.labelme import labelme_document, read_labelme
+from regproxy_cli.hub.zoo import load_model
 from regproxy_cli.images import load_image
 from regproxy_cli.inference.predictor import predict_labels
-from regproxy_cli.io.zoo import load_model
 
 CLASSES = ["background", "ring", "disk", "box", "bar"]
 PALETTE = [(10, 20, 30), (200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0)]

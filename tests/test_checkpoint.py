@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import TINY_HYBRID, TINY_VIT
 from regproxy_cli import RegproxyError, build_model
-from regproxy_cli.io.checkpoint import load_pretrained, save_pretrained
+from regproxy_cli.hub.checkpoint import load_pretrained, save_pretrained
 from regproxy_cli.model.config import ModelConfig
 
 
@@ -145,7 +145,7 @@ def test_push_to_hub_uploads_a_loadable_directory(tmp_path, monkeypatch):
             return "https://huggingface.co/me/tiny/commit/abc"
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    from regproxy_cli.io.hub import push_to_hub
+    from regproxy_cli.hub.remote import push_to_hub
 
     save_pretrained(build_model(TINY_VIT, 3), tmp_path / "m")
     assert push_to_hub(tmp_path / "m", "me/tiny", private=True) == "https://huggingface.co/me/tiny/commit/abc"

@@ -28,7 +28,7 @@ def test_the_old_spelling_still_works_with_a_deprecation(monkeypatch, tmp_path):
 
 
 def test_the_zoo_and_the_cpu_kernel_choices_share_it(monkeypatch, tmp_path):
-    from regproxy_cli.io import zoo
+    from regproxy_cli.hub import zoo
     from regproxy_cli.model import attention
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))

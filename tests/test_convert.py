@@ -12,8 +12,8 @@ import torch
 from authors import authors_forward, authors_meta, authors_state_dict
 from regproxy_cli import RegproxyError, get_backbone
 from regproxy_cli.classes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
-from regproxy_cli.io.checkpoint import load_state_dict_checked
-from regproxy_cli.io.convert import (
+from regproxy_cli.hub.checkpoint import load_state_dict_checked
+from regproxy_cli.hub.convert import (
     UnknownProtocolError,
     convert_authors_checkpoint,
     infer_config,
@@ -22,7 +22,7 @@ from regproxy_cli.io.convert import (
     protocol_from_meta,
     tap_index_from_meta,
 )
-from regproxy_cli.io.zoo import ZOO, ZooEntry, load_model
+from regproxy_cli.hub.zoo import ZOO, ZooEntry, load_model
 from regproxy_cli.model.config import ModelConfig
 from regproxy_cli.model.regproxy import build_from_config
 

@@ -14,8 +14,8 @@ from browser import Browser, chromium
 from PIL import Image
 
 from regproxy_cli import RegproxyError, build_model
+from regproxy_cli.hub.checkpoint import save_pretrained
 from regproxy_cli.inference.predictor import predict_labels
-from regproxy_cli.io.checkpoint import save_pretrained
 from regproxy_cli.viz import overlay
 from regproxy_cli.web import demo
 

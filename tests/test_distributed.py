@@ -18,7 +18,7 @@ from regproxy_cli.data.synthetic import write_synthetic_dataset
 from regproxy_cli.engine import distributed
 from regproxy_cli.engine.metrics import BoundaryFScore, ConfusionMatrix
 from regproxy_cli.engine.train import TrainStream, _Positions
-from regproxy_cli.io.checkpoint import save_pretrained
+from regproxy_cli.hub.checkpoint import save_pretrained
 
 
 @pytest.fixture

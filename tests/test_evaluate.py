@@ -13,7 +13,7 @@ from regproxy_cli.data.datasets import build_dataset
 from regproxy_cli.data.open import detect_kind
 from regproxy_cli.data.synthetic import write_synthetic_dataset
 from regproxy_cli.engine.evaluate import evaluate
-from regproxy_cli.io.checkpoint import save_pretrained
+from regproxy_cli.hub.checkpoint import save_pretrained
 from regproxy_cli.model.config import ModelConfig
 from regproxy_cli.model.regproxy import Segmenter
 

@@ -12,10 +12,11 @@ import torch
 from conftest import TINY_HYBRID, TINY_VIT
 from regproxy_cli.cli.app import main
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.io.checkpoint import save_pretrained
-from regproxy_cli.io.export import MISSING_EXTRA, check_onnx, export_onnx, onnx_metadata, onnx_session
+from regproxy_cli.hub.checkpoint import save_pretrained
 from regproxy_cli.model.config import ModelConfig
 from regproxy_cli.model.regproxy import build_model
+from regproxy_cli.onnx.export import check_onnx, export_onnx
+from regproxy_cli.onnx.runtime import MISSING_EXTRA, onnx_metadata, onnx_session
 
 TOLERANCE = 1e-4
 # batch 2 from a batch-1 export; the stored 4x4 token grid; non-square; not multiples of the stride

@@ -16,7 +16,7 @@ from regproxy_cli import RegproxyError, build_model
 from regproxy_cli.engine.config import load_config
 from regproxy_cli.engine.losses import token_label_histogram, token_labels, unpaint
 from regproxy_cli.engine.train import train
-from regproxy_cli.io.zoo import load_model
+from regproxy_cli.hub.zoo import load_model
 from regproxy_cli.model.ops import paint
 from regproxy_cli.plugins.hssn import (
     read_hierarchy,

@@ -20,21 +20,21 @@ from regproxy_cli.data.open import open_dataset
 from regproxy_cli.data.synthetic import SyntheticScenes, write_synthetic_dataset
 from regproxy_cli.engine.evaluate import evaluate
 from regproxy_cli.errors import RegproxyError
+from regproxy_cli.hub.checkpoint import load_pretrained, save_pretrained
+from regproxy_cli.hub.zoo import load_model
 from regproxy_cli.images import load_image
 from regproxy_cli.inference.predictor import normalise, predict_labels
-from regproxy_cli.io.checkpoint import load_pretrained, save_pretrained
-from regproxy_cli.io.export import (
+from regproxy_cli.model.config import ModelConfig
+from regproxy_cli.model.regproxy import build_model
+from regproxy_cli.onnx.export import export_onnx
+from regproxy_cli.onnx.runtime import (
     META_PREFIX,
     MISSING_EXTRA,
     PROVIDERS,
+    OnnxModel,
     execution_providers,
-    export_onnx,
     onnx_metadata,
 )
-from regproxy_cli.io.onnx_model import OnnxModel
-from regproxy_cli.io.zoo import load_model
-from regproxy_cli.model.config import ModelConfig
-from regproxy_cli.model.regproxy import build_model
 
 NUM_CLASSES = 5
 

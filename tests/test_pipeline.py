@@ -17,10 +17,10 @@ from regproxy_cli.cli import benchmark as benchmark_cli
 from regproxy_cli.cli.app import app, main
 from regproxy_cli.engine import runner
 from regproxy_cli.errors import RegproxyError
+from regproxy_cli.hub.zoo import load_model
 from regproxy_cli.images import load_image, save_label_png, save_png_atomic
 from regproxy_cli.inference import pipeline
 from regproxy_cli.inference.predictor import predict_labels
-from regproxy_cli.io.zoo import load_model
 from regproxy_cli.viz import overlay, predict_regions
 
 

@@ -13,9 +13,9 @@ from torch import nn
 
 from conftest import SteepPointwise
 from regproxy_cli import RegproxyError
+from regproxy_cli.hub.zoo import load_model
 from regproxy_cli.inference import protocol
 from regproxy_cli.inference.predictor import predict_labels
-from regproxy_cli.io.zoo import load_model
 
 
 def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:

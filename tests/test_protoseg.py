@@ -17,7 +17,7 @@ from PIL import Image
 from regproxy_cli import RegproxyError, build_model
 from regproxy_cli.engine.config import load_config
 from regproxy_cli.engine.losses import LossContext, token_labels
-from regproxy_cli.io.zoo import load_model
+from regproxy_cli.hub.zoo import load_model
 from regproxy_cli.plugins.protoseg import PROTOSEG_LOSS, PrototypeClassifier, resolve_options, sinkhorn
 
 
@@ -204,7 +204,7 @@ def test_protoseg_trains_saves_loads_evaluates_and_draws_prototype_regions(tmp_p
 def test_prototype_regions_need_a_prototype_model(tmp_path, cli):
     model = build_model("tiny-vit", 2)
     model.config.classes = ["a", "b"]
-    from regproxy_cli.io.checkpoint import save_pretrained
+    from regproxy_cli.hub.checkpoint import save_pretrained
 
     save_pretrained(model, tmp_path / "linear")
     image = tmp_path / "x.png"

@@ -20,9 +20,9 @@ from authors import authors_forward, authors_meta, authors_state_dict
 from regproxy_cli import RegproxyError, build_model
 from regproxy_cli.cli import push as push_cli
 from regproxy_cli.cli.app import app, main
-from regproxy_cli.io.checkpoint import load_pretrained, model_card, save_pretrained
-from regproxy_cli.io.hub import push_to_hub
-from regproxy_cli.io.zoo import ZOO, ZooEntry
+from regproxy_cli.hub.checkpoint import load_pretrained, model_card, save_pretrained
+from regproxy_cli.hub.remote import push_to_hub
+from regproxy_cli.hub.zoo import ZOO, ZooEntry
 from regproxy_cli.model.config import ModelConfig
 
 runner = CliRunner()

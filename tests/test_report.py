@@ -31,7 +31,7 @@ from regproxy_cli.engine.report import (
     read_confusion_csv,
     write_report,
 )
-from regproxy_cli.io.checkpoint import save_pretrained
+from regproxy_cli.hub.checkpoint import save_pretrained
 from regproxy_cli.plots import class_bars, confused_classes, confusion_matrix, histogram, require_matplotlib
 
 K = 5
@@ -335,7 +335,7 @@ def test_histogram_counts_as_numpy(tmp_path):
 
 
 def test_flops_plot_draws_the_zoo_and_evaluated_runs(tmp_path, evaluated, cli):
-    from regproxy_cli.io.zoo import ZOO
+    from regproxy_cli.hub.zoo import ZOO
 
     run = tmp_path / "mine"
     save_pretrained(evaluated["model"], run / "best")

@@ -19,7 +19,7 @@ from regproxy_cli.engine import losses as losses_module
 from regproxy_cli.engine import train as train_module
 from regproxy_cli.engine.config import OptimSection, TrainConfig, load_config
 from regproxy_cli.engine.train import lr_factor, param_groups, train
-from regproxy_cli.io.zoo import load_model
+from regproxy_cli.hub.zoo import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Videos: decoding and atomic encoding (regproxy_cli.io.video), and `regproxy predict clip.mp4` frame by frame against
+"""Videos: decoding and atomic encoding (regproxy_cli.data.video), and `regproxy predict clip.mp4` frame by frame against
 image predict on the decoded frames."""
 
 from fractions import Fraction
@@ -10,9 +10,9 @@ from PIL import Image
 
 from regproxy_cli import RegproxyError
 from regproxy_cli.cli.video import predict_videos
+from regproxy_cli.data.video import MISSING_EXTRA, VideoReader, is_video, read_video, write_video
 from regproxy_cli.engine.video import expand_videos, predict_video
 from regproxy_cli.inference.predictor import predict_labels
-from regproxy_cli.io.video import MISSING_EXTRA, VideoReader, is_video, read_video, write_video
 from regproxy_cli.viz import overlay
 
 HEIGHT, WIDTH = 48, 64

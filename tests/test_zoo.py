@@ -22,10 +22,10 @@ from huggingface_hub.errors import (
 from authors import authors_state_dict
 from conftest import hub_snapshot
 from regproxy_cli import RegproxyError, build_model
-from regproxy_cli.io import hub as hub_module
-from regproxy_cli.io import zoo as zoo_module
-from regproxy_cli.io.checkpoint import save_pretrained
-from regproxy_cli.io.zoo import ZOO, ZooEntry, load_model
+from regproxy_cli.hub import remote as hub_module
+from regproxy_cli.hub import zoo as zoo_module
+from regproxy_cli.hub.checkpoint import save_pretrained
+from regproxy_cli.hub.zoo import ZOO, ZooEntry, load_model
 
 TINY_ADE = ZooEntry("tiny-ade", "tiny-vit", "ade20k", 1, 64, "driveid", 1.0, 2.0)
 

@@ -23,7 +23,7 @@ from regproxy_cli.cli.output import console, print_json
 from regproxy_cli.engine.analyze import SOURCES, region_entropy, write_region_entropy
 from regproxy_cli.engine.evaluate import open_eval_dataset
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.io.zoo import load_model
+from regproxy_cli.hub.zoo import load_model
 from regproxy_cli.plots import require_matplotlib
 
 SUMMARY = "Analyses of a trained model: region entropy of the learned regions (regions)."

@@ -20,8 +20,8 @@ from regproxy_cli.cli.options import (
 )
 from regproxy_cli.cli.output import console, print_json
 from regproxy_cli.errors import RegproxyError
+from regproxy_cli.hub.zoo import load_model
 from regproxy_cli.inference.benchmark import benchmark_labels
-from regproxy_cli.io.zoo import load_model
 
 SUMMARY = "Time a model's image -> label map step on this machine (images/s, ms/image)."
 HELP = """Time a model's image -> label map step (the network and the label resize, whole mode, no sliding windows)

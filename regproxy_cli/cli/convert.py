@@ -11,9 +11,9 @@ from rich.table import Table
 from regproxy_cli.cli.options import Mode, parse_size
 from regproxy_cli.cli.output import console, err_console
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.io.checkpoint import save_pretrained
-from regproxy_cli.io.convert import convert_authors_checkpoint
-from regproxy_cli.io.zoo import ZOO, authors_checkpoint_path, convert_cached_releases, zoo_configs
+from regproxy_cli.hub.checkpoint import save_pretrained
+from regproxy_cli.hub.convert import convert_authors_checkpoint
+from regproxy_cli.hub.zoo import ZOO, authors_checkpoint_path, convert_cached_releases, zoo_configs
 
 SUMMARY = "Convert an authors' mmsegmentation checkpoint into a model directory."
 HELP = """Convert an authors' mmsegmentation checkpoint (.pth from the RegionProxy release) into a model directory

@@ -9,7 +9,7 @@ import typer
 
 from regproxy_cli.cli.options import DeviceOption, ModelOption, model_device, parse_device
 from regproxy_cli.cli.output import console
-from regproxy_cli.io.zoo import load_model
+from regproxy_cli.hub.zoo import load_model
 from regproxy_cli.web.demo import check_port, import_gradio, serve
 
 SUMMARY = "A local web page: upload an image, see its classes, regions and confidence (the 'demo' extra)."

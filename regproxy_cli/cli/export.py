@@ -16,7 +16,8 @@ from regproxy_cli.cli.options import DeviceOption, ModelOption, check_batch, par
 from regproxy_cli.cli.output import console, err_console
 from regproxy_cli.engine.evaluate import evaluate
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.io.export import (
+from regproxy_cli.hub.zoo import load_model
+from regproxy_cli.onnx.export import (
     MAX_OPSET,
     MIN_OPSET,
     QUANTIZED_OPS,
@@ -26,8 +27,7 @@ from regproxy_cli.io.export import (
     label_agreement,
     quantize_int8,
 )
-from regproxy_cli.io.onnx_model import load_onnx_model
-from regproxy_cli.io.zoo import load_model
+from regproxy_cli.onnx.runtime import load_onnx_model
 
 CHECK_TOLERANCE = 1e-4  # largest |ONNX - PyTorch| logit difference --check accepts (fp32)
 

@@ -8,8 +8,8 @@ from rich.table import Table
 from regproxy_cli.cli.options import JsonOption
 from regproxy_cli.cli.output import console, print_json
 from regproxy_cli.constants import cache_dir
-from regproxy_cli.io.checkpoint import CONFIG_NAME
-from regproxy_cli.io.zoo import ZOO
+from regproxy_cli.hub.checkpoint import CONFIG_NAME
+from regproxy_cli.hub.zoo import ZOO
 from regproxy_cli.model.plugins import get_backbone
 
 SUMMARY = "List the model zoo: the authors' released models and the paper's mIoU."

@@ -30,7 +30,7 @@ class Precision(str, Enum):
 
 
 class Provider(str, Enum):
-    """Where onnxruntime runs an .onnx model (regproxy_cli.io.export.PROVIDERS maps these to its providers)."""
+    """Where onnxruntime runs an .onnx model (regproxy_cli.onnx.runtime.PROVIDERS maps these to its providers)."""
 
     cpu = "cpu"
     openvino = "openvino"

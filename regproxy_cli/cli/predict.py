@@ -30,6 +30,7 @@ from regproxy_cli.cli.options import (
 from regproxy_cli.cli.output import console, err_console, print_classes_present, print_error
 from regproxy_cli.cli.video import EVERY_HELP, FRAMES_HELP, predict_videos
 from regproxy_cli.data.formats import check_formats
+from regproxy_cli.data.video import is_video
 from regproxy_cli.engine.runner import (
     PredictReport,
     check_opacity,
@@ -40,7 +41,6 @@ from regproxy_cli.engine.runner import (
     prepare_out_dir,
 )
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.io.video import is_video
 
 SUMMARY = "Segment images into label PNGs, colour overlays and region pictures."
 HELP = """Segment images: files, directories and glob patterns. For each image writes OUT/<name>.png (class ids,

@@ -10,9 +10,9 @@ import typer
 
 from regproxy_cli.cli.output import console, err_console
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.io.checkpoint import save_pretrained
-from regproxy_cli.io.hub import push_to_hub
-from regproxy_cli.io.zoo import load_model
+from regproxy_cli.hub.checkpoint import save_pretrained
+from regproxy_cli.hub.remote import push_to_hub
+from regproxy_cli.hub.zoo import load_model
 
 SUMMARY = "Upload a model to the Hugging Face Hub (model directory, training run or authors' .pth)."
 HELP = """Upload a model to the Hugging Face Hub as a regproxy model repo (config.json + model.safetensors + a model

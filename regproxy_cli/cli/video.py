@@ -11,10 +11,10 @@ from tqdm import tqdm
 
 from regproxy_cli.cli.options import Precision, Provider, check_precision, model_device, parse_device
 from regproxy_cli.cli.output import console, err_console, print_classes_present, print_error
+from regproxy_cli.data.video import VideoReader, import_av
 from regproxy_cli.engine.runner import open_model
 from regproxy_cli.engine.video import expand_videos, predict_video
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.io.video import VideoReader, import_av
 
 FRAMES_HELP = ("Videos: also write each segmented frame's label PNG, OUT/<video name>/<frame number>.png "
                "(000000.png, ...; numbered from 0 in the source).")

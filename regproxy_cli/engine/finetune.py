@@ -24,7 +24,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from regproxy_cli.errors import RegproxyError, listed
-from regproxy_cli.io.zoo import load_model
+from regproxy_cli.hub.zoo import load_model
 
 
 def class_key(name: str) -> str:

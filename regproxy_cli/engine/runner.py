@@ -27,13 +27,13 @@ from regproxy_cli.constants import IMAGE_SUFFIXES
 from regproxy_cli.data.formats import COCO_FILE, AnnotationWriter, check_formats
 from regproxy_cli.errors import RegproxyError, one_line
 from regproxy_cli.files import write_atomic
+from regproxy_cli.hub.zoo import load_model
 from regproxy_cli.images import load_image, save_label_png, save_png_atomic
 from regproxy_cli.inference.confidence import ConfidenceMaps, predict_confidence
 from regproxy_cli.inference.pipeline import forward_batch, predict_label_batch, run_pipeline
 from regproxy_cli.inference.runtime import compile_backbone
-from regproxy_cli.io.onnx_model import OnnxModel
-from regproxy_cli.io.zoo import load_model
 from regproxy_cli.model.classifiers import label_levels
+from regproxy_cli.onnx.runtime import OnnxModel
 from regproxy_cli.viz import confidence_pictures, overlay, predict_regions
 
 

@@ -47,7 +47,7 @@ from regproxy_cli.engine.finetune import apply_freeze, frozen_modules, init_from
 from regproxy_cli.engine.losses import Loss, LossContext, build_loss
 from regproxy_cli.errors import RegproxyError, listed, one_line, unpickling_reason
 from regproxy_cli.files import write_atomic, write_text_atomic
-from regproxy_cli.io.checkpoint import save_pretrained
+from regproxy_cli.hub.checkpoint import save_pretrained
 from regproxy_cli.model.classifiers import get_classifier
 from regproxy_cli.model.config import ModelConfig
 from regproxy_cli.model.plugins import get_backbone

@@ -24,11 +24,11 @@ from torch import nn
 from regproxy_cli.classes import ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
 from regproxy_cli.constants import cache_dir  # converted zoo models and the authors' downloads live here
 from regproxy_cli.errors import RegproxyError, one_line
-from regproxy_cli.io.checkpoint import CONFIG_NAME, load_pretrained, save_pretrained
-from regproxy_cli.io.convert import UnknownProtocolError, convert_authors_checkpoint, read_authors_checkpoint
-from regproxy_cli.io.hub import HubModelMissing, hub_snapshot
-from regproxy_cli.io.onnx_model import load_onnx_model
+from regproxy_cli.hub.checkpoint import CONFIG_NAME, load_pretrained, save_pretrained
+from regproxy_cli.hub.convert import UnknownProtocolError, convert_authors_checkpoint, read_authors_checkpoint
+from regproxy_cli.hub.remote import HubModelMissing, hub_snapshot
 from regproxy_cli.model.config import ModelConfig
+from regproxy_cli.onnx.runtime import load_onnx_model
 
 HUB_ORG = "regproxy"
 _HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -98,7 +98,7 @@ def load_model(spec: str | os.PathLike, *, provider: str | None = None) -> nn.Mo
     normalisation, inference protocol); :func:`regproxy_cli.predict_labels` segments images with it.
     A spec that names a missing path under an existing local folder (``runs/x`` when ``runs/`` exists) is an
     error, not a Hub lookup: a Hub repo id never collides with a folder of yours. An exported ``.onnx`` file runs
-    through onnxruntime on ``provider`` (:class:`~regproxy_cli.io.onnx_model.OnnxModel`; cpu, openvino, cuda or
+    through onnxruntime on ``provider`` (:class:`~regproxy_cli.onnx.runtime.OnnxModel`; cpu, openvino, cuda or
     tensorrt); any other model takes no provider but ``cpu``.
     """
     path = Path(spec).expanduser()

@@ -5,7 +5,7 @@ values), and returns ``logits``, (B, K, H, W) float32. By default batch, height 
 H x W works, not only multiples of the backbone's stride, and the ViT position embeddings are resized inside the
 graph. The model's :class:`~regproxy_cli.model.config.ModelConfig` (classes, palette, normalisation, inference
 protocol) is stored in the file's metadata, so the ``.onnx`` alone is enough to deploy the model:
-:class:`~regproxy_cli.io.onnx_model.OnnxModel` runs it on an onnxruntime execution provider (:func:`onnx_session`)
+:class:`~regproxy_cli.onnx.runtime.OnnxModel` runs it on an onnxruntime execution provider (:func:`onnx_session`)
 through the same inference code as a PyTorch model. :func:`quantize_int8` makes a static int8 copy, calibrated on
 a :class:`CalibrationSet`; :func:`label_agreement` measures what that changed.
 
@@ -26,7 +26,6 @@ import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import torch
@@ -40,27 +39,18 @@ from regproxy_cli.files import write_atomic
 from regproxy_cli.images import load_image
 from regproxy_cli.inference.predictor import normalise, predict_labels
 from regproxy_cli.model.config import ModelConfig
+from regproxy_cli.onnx.runtime import (
+    INPUT_NAME,
+    META_PREFIX,
+    OUTPUT_NAME,
+    _onnx,
+    config_from_metadata,
+    onnx_metadata,
+    onnx_session,
+)
 
 MIN_OPSET = 17
 MAX_OPSET = 20  # the newest opset the TorchScript-based exporter writes
-INPUT_NAME, OUTPUT_NAME = "image", "logits"
-META_PREFIX = "regproxy."
-MISSING_EXTRA = "ONNX export needs the 'export' extra: pip install 'regproxy[export]'"
-# --provider names -> onnxruntime's execution providers, and the package that brings each
-PROVIDERS = {"cpu": "CPUExecutionProvider", "openvino": "OpenVINOExecutionProvider",
-             "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-PROVIDER_PACKAGES = {"cpu": "onnxruntime", "openvino": "onnxruntime-openvino", "cuda": "onnxruntime-gpu",
-                     "tensorrt": "onnxruntime-gpu (with TensorRT)"}
-
-
-def _onnx() -> tuple[ModuleType, ModuleType]:
-    """The onnx and onnxruntime modules, or the one line telling how to install them."""
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError:
-        raise RegproxyError(MISSING_EXTRA) from None
-    return onnx, onnxruntime
 
 
 class _PadToStride(nn.Module):
@@ -199,83 +189,6 @@ def export_onnx(
     return path
 
 
-def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The ``regproxy.*`` metadata of an exported file, without the prefix (values are strings, most JSON)."""
-    onnx, _ = _onnx()
-    _existing(path)
-    proto = onnx.load(str(path), load_external_data=False)
-    return {p.key[len(META_PREFIX):]: p.value for p in proto.metadata_props if p.key.startswith(META_PREFIX)}
-
-
-def _existing(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise RegproxyError(f"{path}: no such ONNX file")
-    return path
-
-
-def onnxruntime_errors() -> tuple[type[Exception], ...]:
-    """The exceptions onnxruntime raises for a bad file or input (its own types, with no common base but Exception)."""
-    _onnx()
-    from onnxruntime.capi import onnxruntime_pybind11_state as state  # where its exception types live
-
-    return (state.Fail, state.InvalidArgument, state.InvalidGraph, state.InvalidProtobuf, state.NotImplemented,
-            state.RuntimeException)
-
-
-def execution_providers(provider: str = "cpu") -> list[str]:
-    """onnxruntime's execution providers for ``provider`` (cpu, openvino, cuda, tensorrt), in priority order.
-
-    The CPU comes last as the fallback for operators an accelerator lacks (TensorRT also falls back on CUDA). A
-    provider this onnxruntime build does not have (``onnxruntime.get_available_providers()``) is one error line.
-    """
-    _, ort = _onnx()
-    if provider not in PROVIDERS:
-        raise RegproxyError(f"unknown ONNX provider {provider!r}: use one of {', '.join(PROVIDERS)}")
-    available = ort.get_available_providers()
-    wanted = PROVIDERS[provider]
-    if wanted not in available:
-        present = ", ".join(name for name, ident in PROVIDERS.items() if ident in available)
-        raise RegproxyError(
-            f"this onnxruntime ({ort.__version__}) has no {wanted} (here: {present}); install "
-            f"{PROVIDER_PACKAGES[provider]} in place of onnxruntime, or use the cpu provider"
-        )
-    chain = [wanted, PROVIDERS["cuda"] if provider == "tensorrt" else wanted, PROVIDERS["cpu"]]
-    return [ident for ident in dict.fromkeys(chain) if ident in available]
-
-
-def onnx_session(path: str | os.PathLike, threads: int | None = None, provider: str = "cpu"):
-    """An onnxruntime ``InferenceSession`` for ``path`` on ``provider`` (see :func:`execution_providers`).
-
-    All graph optimisations, ``threads`` intra-op threads (default ``torch.get_num_threads()``, so timings compare
-    with PyTorch's) and one inter-op thread (the graph is a chain: the parallelism is inside the operators). A
-    provider that is installed but cannot start (e.g. CUDA libraries missing: onnxruntime then quietly runs on the
-    CPU) is one error line.
-    """
-    _, ort = _onnx()
-    path = _existing(path)
-    if threads is not None and threads < 1:
-        raise RegproxyError(f"threads must be at least 1, got {threads}")
-    providers = execution_providers(provider)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    try:
-        with warnings.catch_warnings(record=True) as caught:  # why a provider did not start, if one did not
-            warnings.simplefilter("always")
-            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    except onnxruntime_errors() as exc:
-        raise RegproxyError(f"{path}: onnxruntime cannot load it ({str(exc).strip().splitlines()[0]})") from None
-    if session.get_providers()[0] != providers[0]:
-        reason = f" ({' '.join(str(caught[0].message).split())})" if caught else ""
-        raise RegproxyError(f"onnxruntime could not start {providers[0]} for {path}{reason}; check the "
-                            "accelerator's libraries, or use the cpu provider")
-    for warning in caught:  # the others are the caller's business, as without the recording
-        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    return session
-
-
 def check_onnx(path: str | os.PathLike, model: nn.Module, inputs: torch.Tensor) -> float:
     """Largest absolute difference between the exported file's logits (onnxruntime, CPU) and ``model``'s (fp32).
 
@@ -296,19 +209,6 @@ def check_onnx(path: str | os.PathLike, model: nn.Module, inputs: torch.Tensor) 
     if tuple(got.shape) != tuple(expected.shape):
         raise RegproxyError(f"{path}: ONNX logits have shape {tuple(got.shape)}, PyTorch's {tuple(expected.shape)}")
     return float((torch.from_numpy(got) - expected).abs().max())
-
-
-def config_from_metadata(meta: dict[str, str], path: str | os.PathLike) -> ModelConfig:
-    """The :class:`ModelConfig` in the ``regproxy.config`` of an exported file's metadata (:func:`onnx_metadata`),
-    or one error line naming ``path``."""
-    if "config" not in meta:
-        raise RegproxyError(f"{path}: its metadata has no {META_PREFIX}config (classes, normalisation, test protocol): "
-                            "export it with `regproxy export` from a model directory")
-    try:
-        data = json.loads(meta["config"])
-    except json.JSONDecodeError as exc:
-        raise RegproxyError(f"{path}: {META_PREFIX}config is not valid JSON ({exc})") from None
-    return ModelConfig.from_dict(data, where=f"{path} ({META_PREFIX}config)")
 
 
 # Quantized operators: the matrix products, where the time goes. Quantizing everything onnxruntime can (adds,

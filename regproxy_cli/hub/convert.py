@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from regproxy_cli.errors import RegproxyError, listed, unpickling_reason
-from regproxy_cli.io.checkpoint import load_state_dict_checked
+from regproxy_cli.hub.checkpoint import load_state_dict_checked
 from regproxy_cli.model.config import ModelConfig
 from regproxy_cli.model.plugins import get_backbone, list_backbones
 from regproxy_cli.model.regproxy import build_from_config

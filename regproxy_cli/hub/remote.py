@@ -21,7 +21,7 @@ from huggingface_hub.errors import (
 )
 
 from regproxy_cli.errors import RegproxyError, one_line
-from regproxy_cli.io.checkpoint import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, load_pretrained, model_card
+from regproxy_cli.hub.checkpoint import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, load_pretrained, model_card
 
 
 class HubModelMissing(RegproxyError):
@@ -76,7 +76,7 @@ def push_to_hub(directory: str | os.PathLike, repo_id: str, *, private: bool = F
     """Upload a model directory to the Hugging Face Hub; returns the commit URL.
 
     Args:
-        directory: a model directory (written by :func:`~regproxy_cli.io.checkpoint.save_pretrained`) or its
+        directory: a model directory (written by :func:`~regproxy_cli.hub.checkpoint.save_pretrained`) or its
             ``model.safetensors``, or a training run's directory, whose ``best/`` model (else ``final/``) is
             uploaded. It must load.
         repo_id: ``owner/name``; the repo is created (``private`` when asked) if it does not exist.
