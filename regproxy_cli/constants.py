@@ -12,6 +12,11 @@ IGNORE_INDEX = 255  # label id of pixels that are neither trained on nor scored 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
+# How the network may compute (autocast): fp16 needs CUDA. The one list the CLI, the configs and the runtime check.
+PRECISIONS = ("fp32", "bf16", "fp16")
+# How a model sees an image at test time: whole, or in crop-sized sliding windows (mmseg 0.17's test modes).
+INFERENCE_MODES = ("whole", "slide")
+
 # What `predict` takes from a folder and a dataset folder reads as images (lower-case, with the dot).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 

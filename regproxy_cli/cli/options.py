@@ -9,24 +9,16 @@ from typing import Annotated
 import torch
 import typer
 
+from regproxy_cli.constants import INFERENCE_MODES, PRECISIONS
 from regproxy_cli.engine.distributed import Runtime, setup_runtime
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.inference.runtime import autocast, resolve_device, set_tf32
 
-
-class Mode(str, Enum):
-    """How a model sees an image: whole, or in crop-sized sliding windows."""
-
-    whole = "whole"
-    slide = "slide"
-
-
-class Precision(str, Enum):
-    """The network's precision: fp32, or bf16 / fp16 autocast."""
-
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
+# Typer's choices are Enums: built from the one list in constants, so a new precision or mode is one edit there.
+Mode = Enum("Mode", {name: name for name in INFERENCE_MODES}, type=str)
+Mode.__doc__ = "How a model sees an image: whole, or in crop-sized sliding windows."
+Precision = Enum("Precision", {name: name for name in PRECISIONS}, type=str)
+Precision.__doc__ = "The network's precision: fp32, or bf16 / fp16 autocast."
 
 
 class Provider(str, Enum):

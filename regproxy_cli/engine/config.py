@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from regproxy_cli.constants import INFERENCE_MODES, PRECISIONS
 from regproxy_cli.data.datasets import SegmentationDataset
 from regproxy_cli.data.open import SyntheticSpec, open_dataset
 from regproxy_cli.engine.distributed import BACKENDS
@@ -70,7 +71,7 @@ class DataSection:
 
 @dataclass
 class TestSection:
-    mode: str = field(default="slide", metadata=rule(choices=("slide", "whole")))
+    mode: str = field(default="slide", metadata=rule(choices=INFERENCE_MODES))
     stride: int | None = field(default=None, metadata=AT_LEAST_1)  # sliding-window stride; None = the crop
     scale: list[int] | None = field(default_factory=lambda: [2048, 512], metadata=SCALE)  # keep-ratio; None = as is
 
@@ -108,7 +109,7 @@ class LossSection:
 class RunSection:
     out_dir: str = "runs/run"
     seed: int = field(default=0, metadata=rule(low=0, below=2**63))
-    precision: str = field(default="fp32", metadata=rule(choices=("fp32", "bf16", "fp16")))  # fp16 on CUDA only
+    precision: str = field(default="fp32", metadata=rule(choices=PRECISIONS))  # fp16 on CUDA only
     device: str = "auto"  # auto | cpu | cuda
     eval_every: int = field(default=4000, metadata=AT_LEAST_1)
     save_every: int = field(default=4000, metadata=AT_LEAST_1)

@@ -48,6 +48,7 @@ from regproxy_cli.engine.losses import Loss, LossContext, build_loss
 from regproxy_cli.errors import RegproxyError, listed, one_line, unpickling_reason
 from regproxy_cli.files import write_atomic, write_text_atomic
 from regproxy_cli.hub.checkpoint import save_pretrained
+from regproxy_cli.inference.runtime import autocast_dtype
 from regproxy_cli.model.classifiers import get_classifier
 from regproxy_cli.model.config import ModelConfig
 from regproxy_cli.model.plugins import get_backbone
@@ -315,7 +316,7 @@ class Trainer:
     def step(self, batches, iteration: int = 0) -> tuple[float, int]:
         """One iteration: accumulate gradients over ``optim.accum_steps`` batches, then update; (loss, images)."""
         o = self.config.optim
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.run.precision)
+        dtype = autocast_dtype(self.config.run.precision)
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, images_seen = 0.0, 0
         for micro in range(o.accum_steps):

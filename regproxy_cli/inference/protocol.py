@@ -13,11 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regproxy_cli.constants import INFERENCE_MODES
 from regproxy_cli.data.transforms import rescale_size
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.model.resize import check_pair, resize_rows
-
-MODES = ("whole", "slide")
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -140,8 +139,8 @@ def augmented_logits(
 
     A generator: each view is computed when it is asked for, so a caller can use and drop one before the next.
     """
-    if mode not in MODES:
-        raise RegproxyError(f"inference mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode not in INFERENCE_MODES:
+        raise RegproxyError(f"inference mode must be one of {', '.join(INFERENCE_MODES)}, got {mode!r}")
     if mode == "slide" and (window is None or stride is None):
         raise RegproxyError("sliding-window inference needs a window and a stride")
     for size in sizes:

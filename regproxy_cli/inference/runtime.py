@@ -7,9 +7,17 @@ import os
 import torch
 from torch import nn
 
+from regproxy_cli.constants import PRECISIONS
 from regproxy_cli.errors import RegproxyError
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: no autocast
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype autocast computes in at ``precision`` (one of PRECISIONS), or None for plain fp32."""
+    if precision not in PRECISIONS:
+        raise RegproxyError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return AUTOCAST_DTYPES.get(precision)
 
 
 def resolve_device(device: str, gpu: int | None = None) -> torch.device:
@@ -77,12 +85,10 @@ def autocast(device: torch.device | str, precision: str = "fp32") -> torch.autoc
 
     bf16 runs on CPUs (fast where they have AVX512-BF16 or AMX) and GPUs; fp16 only on CUDA.
     """
-    if precision not in PRECISIONS:
-        raise RegproxyError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    dtype = autocast_dtype(precision)
     device_type = torch.device(device).type
     if precision == "fp16" and device_type != "cuda":
         raise RegproxyError("fp16 needs a CUDA device; use bf16 on CPU")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from regproxy_cli.classes import default_palette
-from regproxy_cli.constants import IMAGENET_MEAN, IMAGENET_STD
+from regproxy_cli.constants import IMAGENET_MEAN, IMAGENET_STD, INFERENCE_MODES
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.schema import AT_LEAST_1, Rule, build, rule
 
@@ -33,7 +33,7 @@ class ModelConfig:
     mean: tuple[float, float, float] = field(default=IMAGENET_MEAN, metadata=rule(each=Rule(low=-1e6, high=1e6)))
     # std divides: 0 would make every pixel infinite and the whole image one class
     std: tuple[float, float, float] = field(default=IMAGENET_STD, metadata=rule(each=Rule(above=0, high=1e6)))
-    inference_mode: str = field(default="slide", metadata=rule(choices=("slide", "whole")))
+    inference_mode: str = field(default="slide", metadata=rule(choices=INFERENCE_MODES))
     # sliding-window stride; None = crop_size
     window_stride: int | None = field(default=None, metadata=rule(low=1, high=1 << 16))
     # mmseg keep-ratio (long, short) bound; None = as given
@@ -56,7 +56,7 @@ class ModelConfig:
             raise RegproxyError(
                 f"config has {self.num_classes} classes but {len(self.classes)} names and {len(self.palette)} colours"
             )
-        if self.inference_mode not in ("slide", "whole"):
+        if self.inference_mode not in INFERENCE_MODES:
             raise RegproxyError(f"inference mode must be 'slide' or 'whole', not {self.inference_mode!r}")
 
     @property

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from torch import nn
 
-from regproxy_cli.constants import IMAGE_SUFFIXES
+from regproxy_cli.constants import IMAGE_SUFFIXES, INFERENCE_MODES
 from regproxy_cli.data.synthetic import SyntheticScenes
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.images import load_image, save_png_atomic
@@ -40,7 +40,7 @@ from regproxy_cli.inference.runtime import synchronize
 from regproxy_cli.viz import overlay, predict_regions
 
 INSTALL_HINT = "pip install 'regproxy[demo]'"
-MODES = ("whole", "slide", "tta")
+MODES = (*INFERENCE_MODES, "tta")  # the demo's third: the paper's multi-scale + flip test
 MODE_LABELS = {"whole": "whole image", "slide": "sliding windows", "tta": "TTA (multi-scale + flip)"}
 MAX_SIDE = 1024  # larger uploads are shrunk first: the page shows them smaller anyway, and K x H x W probabilities
 MAX_EXAMPLES = 12
