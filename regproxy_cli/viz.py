@@ -316,7 +316,7 @@ def predict_regions(model: nn.Module, image: np.ndarray, *, scale: float = 1.0, 
     """The learned regions of ``model`` on an (H, W, 3) uint8 RGB image, drawn over it at its size
     (:func:`region_map`). The model sees the image whole at its test scale (times ``scale``); ``by="class"`` tints
     each region with the colour of its token's predicted class, ``by="token"`` with a colour per token."""
-    if not hasattr(model, "head"):
+    if not model.has_regions:
         raise RegproxyError("--regions needs a RegProxy model; the linear baseline has no regions")
     if by not in REGION_MODES:
         raise RegproxyError(f"regions by must be one of {', '.join(REGION_MODES)}, got {by!r}")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from regproxy_cli import BackboneSpec
+from regproxy_cli.model.base import SegmentationModel
 from regproxy_cli.model.timm_vit import create_timm_vit
 
 _TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -37,7 +38,7 @@ TINY_HYBRID = BackboneSpec(
 TINY_SPECS = [TINY_VIT, TINY_DEIT, TINY_HYBRID]
 
 
-class SteepPointwise(torch.nn.Module):
+class SteepPointwise(SegmentationModel):
     """A stand-in model: a 1x1 conv with large weights, run whole at ``test_scale`` (a 96x128 image is segmented at
     12x16). Logits we control, steep enough that the softmax is far from linear, so softmax-then-resize and
     resize-then-softmax give different labels."""

@@ -15,6 +15,7 @@ from regproxy_cli.cli import app as app_module
 from regproxy_cli.cli.app import app
 from regproxy_cli.constants import VERSION
 from regproxy_cli.engine.config import TrainConfig
+from regproxy_cli.model.base import SegmentationModel
 from regproxy_cli.model.flops import FlopCount
 
 runner = CliRunner()
@@ -54,7 +55,7 @@ class Recorder:
         return self.calls[0]
 
 
-class FakeModel(torch.nn.Module):
+class FakeModel(SegmentationModel):
     def __init__(self, classes=("sky", "road")):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))

@@ -13,6 +13,7 @@ from regproxy_cli import build_model
 from regproxy_cli.inference import confidence
 from regproxy_cli.inference.confidence import output_stride, predict_confidence
 from regproxy_cli.inference.predictor import predict_labels
+from regproxy_cli.model.base import SegmentationModel
 from regproxy_cli.model.config import ModelConfig
 from regproxy_cli.viz import COLORMAP, confidence_pictures
 
@@ -155,7 +156,7 @@ def test_tta_without_a_test_scale_accumulates_and_gives_the_same_maps(monkeypatc
     np.testing.assert_allclose(maps.disagreement, np.mean([one != maps.labels for one in view_labels], 0), atol=1e-6)
 
 
-class _WidthVoter(nn.Module):
+class _WidthVoter(SegmentationModel):
     """Votes class 1 with a margin of 20 when its input is at least 24 pixels wide, class 0 otherwise: of the six
     TTA scales of a 96x128 image at test scale (16, 12) (widths 8 ... 28) exactly two vote 1, plain and flipped."""
 

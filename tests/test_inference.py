@@ -10,6 +10,7 @@ from regproxy_cli import RegproxyError, build_model
 from regproxy_cli.data.transforms import rescale_size
 from regproxy_cli.inference import protocol
 from regproxy_cli.inference.protocol import resize_rows, segment_labels, segment_probs, slide_logits, window_starts
+from regproxy_cli.model.base import SegmentationModel
 
 K = 5
 
@@ -25,7 +26,7 @@ def model() -> nn.Module:
     return net
 
 
-class Pointwise(nn.Module):
+class Pointwise(SegmentationModel):
     """A 1x1 conv: each output pixel depends only on its input pixel, so it commutes with crops and flips."""
 
     def __init__(self, classes: int = K) -> None:
@@ -37,7 +38,7 @@ class Pointwise(nn.Module):
         return self.conv(x)
 
 
-class LocalRow(nn.Module):
+class LocalRow(SegmentationModel):
     """Channel 0: the row index inside the window it is given; channel 1: the input's first channel."""
 
     def __init__(self) -> None:

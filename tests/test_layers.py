@@ -180,3 +180,15 @@ def test_loading_a_model_imports_no_data_inference_or_export_code():
                 todo.append(target)
     above = sorted(m for m in reached if _group(m) in ("data", "inference", "onnx", "engine", "viz", "cli"))
     assert not above, f"load_model drags in {above}"
+
+
+def test_no_module_probes_a_model_with_hasattr():
+    """Models declare what they can do (model/base.py: has_regions, has_grid_logits, stride); nobody guesses."""
+    probes = []
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "hasattr" and node.args:
+                target = ast.unparse(node.args[0])
+                if re.search(r"\b(model|segmenter|source|net)\b", target):
+                    probes.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: hasattr({target}, ...)")
+    assert not probes, probes

@@ -224,3 +224,16 @@ def test_build_model_errors():
         build_model(TINY_VIT, 0)
     with pytest.raises(RegproxyError, match=r"m=3 is out of range for tiny-vit: use 0\.\.2"):
         build_model(TINY_VIT, 3, m=3)
+
+
+def test_the_model_contract_is_declared_not_probed():
+    """What callers may ask is a class attribute: regions only for RegProxy, grid logits for both PyTorch models."""
+    from regproxy_cli.model.base import SegmentationModel
+
+    regproxy = build_model(TINY_VIT, 3)
+    baseline = build_model(TINY_VIT, 3, baseline=True)
+    for model in (regproxy, baseline):
+        assert isinstance(model, SegmentationModel) and model.has_grid_logits
+        assert model.stride == model.backbone.stride
+    assert regproxy.has_regions and not baseline.has_regions
+    assert regproxy.token_classifier is regproxy.head.classifier and baseline.token_classifier is baseline.classifier

@@ -61,7 +61,7 @@ def regions(
     run_precision = check_precision(precision, torch_device)
     dataset = open_eval_dataset(data, split)
     segmenter = load_model(model)
-    if not hasattr(segmenter, "forward_all"):
+    if not segmenter.has_regions:
         raise RegproxyError(f"{model}: analyze regions needs a RegProxy model (this one has no learned regions)")
     segmenter = segmenter.to(torch_device)
     result = region_entropy(segmenter, dataset, limit=limit, progress=not as_json, precision=run_precision)

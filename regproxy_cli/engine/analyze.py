@@ -121,7 +121,7 @@ def region_entropy(model: nn.Module, dataset: SegmentationDataset, *, limit: int
 
     Each image is seen whole at the model's test scale (as ``predict --regions``), the network at ``precision``
     (fp32, or bf16 / fp16 autocast); its labels are resized to that size (nearest) before they are counted."""
-    if not hasattr(model, "forward_all"):
+    if not model.has_regions:
         raise RegproxyError("analyze regions needs a RegProxy model; the linear baseline has no regions")
     config = model.config
     if dataset.num_classes != config.num_classes:

@@ -35,7 +35,7 @@ def class_key(name: str) -> str:
 
 def classifier_prefix(model: nn.Module) -> str:
     """The state-dict prefix of the token classifier: RegProxy's ``head.classifier``, the baseline's ``classifier``."""
-    return "classifier" if getattr(model.config, "baseline", False) else "head.classifier"
+    return "classifier" if model.config.baseline else "head.classifier"
 
 
 def load_init_source(spec: str, *, backbone: str, m: int, baseline: bool) -> nn.Module:
@@ -46,9 +46,8 @@ def load_init_source(spec: str, *, backbone: str, m: int, baseline: bool) -> nn.
         message = str(exc)
         raise RegproxyError(f"model.init_from: {message}" if spec in message
                             else f"model.init_from {spec}: {message}") from None
-    config = getattr(source, "config", None)
-    if not isinstance(source, nn.Module) or config is None or not hasattr(config, "backbone") or \
-            not source.state_dict():
+    config = source.config
+    if not source.has_grid_logits or not source.state_dict():
         raise RegproxyError(f"model.init_from {spec}: not a PyTorch regproxy model (an exported .onnx has no "
                             "trainable weights); give the model directory or .pth it was exported from")
     mismatch = []

@@ -31,7 +31,7 @@ CARD_NAME = "README.md"
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, config: ModelConfig | None = None) -> Path:
     """Write ``config.json``, ``model.safetensors`` and a model card into ``directory``."""
-    config = config or getattr(model, "config", None)
+    config = config or getattr(model, "config", None)  # a bare nn.Module may be saved with config=
     if config is None:
         raise RegproxyError("save_pretrained needs a ModelConfig: pass config= or set model.config")
     directory = Path(directory)

@@ -67,8 +67,8 @@ def output_stride(model: nn.Module) -> tuple[int, int]:
     """Image pixels per output cell of ``model``: its backbone's stride over the region resolution (RegProxy; 4
     for the /16 models) or the stride itself (the linear baseline); (1, 1) when the backbone is unknown."""
     config = model.config
-    stride = getattr(getattr(model, "backbone", None), "stride", None)
-    if stride is None:
+    stride = model.stride
+    if not model.has_grid_logits:  # an exported graph pads inside: its backbone's declared stride, if installed
         try:
             stride = get_backbone(config.backbone).stride
         except RegproxyError:
@@ -219,10 +219,10 @@ def predict_confidence(
                                      stride=(config.stride,) * 2, sizes=sizes, flip=True, batch_size=batch_size)
         num_views, frames = 2 * len(sizes), (height, width)
         held = num_classes * 2 * sum(h * w for h, w in sizes)
-    elif mode == "whole" and size == (height, width) and hasattr(model, "grid_logits") and hasattr(model, "backbone"):
+    elif mode == "whole" and size == (height, width) and model.has_grid_logits:
         # the grid logits cover the image padded to the stride: resized to that frame, then cropped (the forward)
         generator = _network(model.grid_logits, x)
-        num_views, frames, held, native = 1, padded_size((height, width), model.backbone.stride), 0, True
+        num_views, frames, held, native = 1, padded_size((height, width), model.stride), 0, True
     else:
         if size != (height, width):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)

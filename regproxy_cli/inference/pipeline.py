@@ -73,7 +73,7 @@ def predict_label_batch(
     x = torch.cat([normalise(image, config, device) for image in images])
     size = working_size(height, width, config, scale)
     with autocast(device, precision):  # the steps of predict_labels, on a batch
-        if mode == "whole" and size == (height, width) and hasattr(model, "labels"):
+        if mode == "whole" and size == (height, width):
             return list(model.labels(x).cpu().numpy())
         if size != (height, width):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)

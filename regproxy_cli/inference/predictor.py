@@ -118,7 +118,7 @@ def predict_labels(
                 stride=(config.stride,) * 2, test_scale=test_scale, ratios=ratios, flip=True,
                 out_size=(height, width), batch_size=batch_size,
             ).cpu().numpy()
-        if mode == "whole" and size == (height, width) and hasattr(model, "labels"):
+        if mode == "whole" and size == (height, width):
             return model.labels(x)[0].cpu().numpy()  # one resize: straight from the grid logits to labels
         if size != (height, width):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)

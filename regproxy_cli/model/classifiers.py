@@ -34,6 +34,10 @@ class TokenClassifier(Protocol):
     ``forward(tokens)`` maps channels-last (..., D) token vectors to (..., C) token outputs, the channels that are
     painted; ``class_scores(outputs)`` maps channels-first (B, C, ...) painted (or token) outputs to (B, K, ...)
     class scores whose arg-max is the label. Both must be pointwise over positions.
+
+    Optional, for the tools that use them: ``levels()`` (coarser label levels, HSSN: ``category``; read by
+    :func:`label_levels`) and ``nearest_prototype(tokens)`` (each token's prototype, ProtoSeg; ``--regions-by
+    prototype``).
     """
 
     out_channels: int
@@ -100,6 +104,5 @@ def get_classifier(name: str | ClassifierSpec) -> ClassifierSpec:
 def label_levels(model: nn.Module) -> dict[str, tuple[list[str], torch.Tensor]]:
     """The coarser label levels a model's classifier defines (HSSN: ``category``), as name -> (level class names,
     class index -> level index); empty for a flat classifier or a model without one (an ONNX export)."""
-    classifier = getattr(model, "token_classifier", None)
-    levels = getattr(classifier, "levels", None)
+    levels = getattr(model.token_classifier, "levels", None)  # optional in the classifier plugin's contract
     return levels() if callable(levels) else {}

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from regproxy_cli.errors import RegproxyError
+from regproxy_cli.model.base import SegmentationModel
 from regproxy_cli.model.classifiers import LinearClassifier, get_classifier
 from regproxy_cli.model.config import ModelConfig
 from regproxy_cli.model.ops import NEIGHBOURS, affinity_from_logits, paint
@@ -109,14 +110,19 @@ class ProxyHead(nn.Module):
         return paint(token_outputs, affinity), affinity, token_outputs
 
 
-class Segmenter(nn.Module):
-    """What RegProxy and the linear baseline share: a ``config`` (ModelConfig), :meth:`grid_logits` and :meth:`labels`.
+class Segmenter(SegmentationModel):
+    """What RegProxy and the linear baseline share: a backbone, :meth:`grid_logits` and :meth:`labels`.
 
     Images (files, PIL, arrays) with the config's test protocol: :func:`regproxy_cli.inference.predictor.predict_labels`.
     """
 
-    config: ModelConfig  # attached by build_model / load_model
     backbone: nn.Module
+    has_grid_logits = True
+
+    @property
+    def stride(self) -> int:
+        """The backbone's stride: inputs are padded to a multiple of it."""
+        return self.backbone.stride
 
     def grid_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, K, h, w) logits aligned with the padded input, before the final resize to the input size.
@@ -132,11 +138,6 @@ class Segmenter(nn.Module):
     def batch_grid_logits(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`grid_logits` of the whole batch in one call; what a model implements."""
         raise NotImplementedError
-
-    @property
-    def token_classifier(self) -> nn.Module:
-        """The classifier plugin's module (:mod:`~regproxy_cli.model.classifiers`)."""
-        return self.head.classifier if hasattr(self, "head") else self.classifier
 
     def forward(self, x: torch.Tensor, training_output: bool = False) -> torch.Tensor | TrainingOutput:
         """(B, K, H, W) class scores; with ``training_output`` what the losses read (a keyword, so DDP passes it)."""
@@ -161,6 +162,13 @@ class Segmenter(nn.Module):
 
 class RegProxy(Segmenter):
     """Backbone + proxy head. ``forward`` maps a normalised (B, 3, H, W) batch to (B, K, H, W) logits."""
+
+    has_regions = True
+
+    @property
+    def token_classifier(self) -> nn.Module:
+        """The classifier plugin's module (:mod:`~regproxy_cli.model.classifiers`)."""
+        return self.head.classifier
 
     def __init__(self, backbone: nn.Module, num_classes: int, region_res: tuple[int, int] = (4, 4),
                  make_classifier: Callable[[], nn.Module] | None = None) -> None:
@@ -192,6 +200,11 @@ class RegProxy(Segmenter):
 
 class LinearBaseline(Segmenter):
     """The paper's baseline: a per-token linear classifier on the final grid, upsampled bilinearly."""
+
+    @property
+    def token_classifier(self) -> nn.Module:
+        """The classifier plugin's module (:mod:`~regproxy_cli.model.classifiers`)."""
+        return self.classifier
 
     def __init__(self, backbone: nn.Module, num_classes: int,
                  make_classifier: Callable[[], nn.Module] | None = None) -> None:

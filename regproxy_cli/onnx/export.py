@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regproxy_cli.constants import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, VERSION
+from regproxy_cli.constants import IMAGE_SUFFIXES, VERSION
 from regproxy_cli.data.open import detect_kind, open_dataset
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.files import write_atomic
@@ -73,10 +73,6 @@ class _PadToStride(nn.Module):
         return self.model(padded)[..., :height, :width]
 
 
-def _stride(model: nn.Module) -> int:
-    return int(getattr(getattr(model, "backbone", None), "stride", 1))
-
-
 def _trace_size(model: nn.Module, size: tuple[int, int]) -> tuple[int, int]:
     """The example size to trace a dynamic graph with.
 
@@ -84,7 +80,7 @@ def _trace_size(model: nn.Module, size: tuple[int, int]) -> tuple[int, int]:
     ``if``, frozen by the tracer); tracing on the stored grid would leave the resize out and fix the graph to
     that grid. One extra row of tokens keeps it in; on the stored grid the bicubic resize is then the identity.
     """
-    stride = _stride(model)
+    stride = model.stride
     grid = getattr(getattr(model, "backbone", None), "pos_grid", None)
     height, width = size
     if grid is not None and (-(-height // stride), -(-width // stride)) == tuple(grid):
@@ -104,19 +100,18 @@ def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _metadata(model: nn.Module, size: tuple[int, int], batch: int, dynamic: bool) -> dict[str, str]:
-    config = getattr(model, "config", None)
+    config = model.config
     meta = {
         "version": VERSION,
         "input": f"{INPUT_NAME}: float32 (B, 3, H, W) RGB, (pixel - mean) / std with pixel in 0-255",
         "output": f"{OUTPUT_NAME}: float32 (B, K, H, W) class logits at the input size",
-        "mean": json.dumps(list(getattr(config, "mean", IMAGENET_MEAN))),
-        "std": json.dumps(list(getattr(config, "std", IMAGENET_STD))),
+        "mean": json.dumps(list(config.mean)),
+        "std": json.dumps(list(config.std)),
         "dynamic_axes": "batch,height,width" if dynamic else "none",
         "export_shape": json.dumps([batch, 3, *size]),
     }
-    if config is not None and hasattr(config, "to_dict"):
-        meta["config"] = json.dumps(config.to_dict())
-    if config is not None and getattr(config, "classes", None):
+    meta["config"] = json.dumps(config.to_dict())
+    if config.classes:
         meta["classes"] = json.dumps(list(config.classes))
     return {META_PREFIX + key: value for key, value in meta.items()}
 
@@ -172,7 +167,7 @@ def export_onnx(
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
-                _PadToStride(model, _stride(model)) if dynamic else model, (example,), buffer,
+                _PadToStride(model, model.stride) if dynamic else model, (example,), buffer,
                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
                 dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes} if dynamic else None,
                 do_constant_folding=True, dynamo=False,

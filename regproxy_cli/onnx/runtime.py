@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from regproxy_cli.errors import RegproxyError
+from regproxy_cli.model.base import SegmentationModel
 from regproxy_cli.model.config import ModelConfig
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
@@ -139,7 +140,7 @@ def config_from_metadata(meta: dict[str, str], path: str | os.PathLike) -> Model
     return ModelConfig.from_dict(data, where=f"{path} ({META_PREFIX}config)")
 
 
-class OnnxModel(nn.Module):
+class OnnxModel(SegmentationModel):
     """An exported file run by onnxruntime: ``forward`` (logits), ``labels`` and ``config`` as a PyTorch model has.
 
     Args:
@@ -198,10 +199,6 @@ class OnnxModel(nn.Module):
             raise RegproxyError(f"{self.path}: onnxruntime failed on a {'x'.join(map(str, batch.shape))} input "
                                 f"({str(exc).strip().splitlines()[0]})") from exc
         return logits[: len(batch) - missing]
-
-    def labels(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) label maps of a normalised batch: the argmax of the logits at the input size."""
-        return self(x).argmax(1)
 
 
 def load_onnx_model(path: str | os.PathLike, provider: str | None = None, threads: int | None = None) -> OnnxModel:

@@ -140,7 +140,7 @@ def segment_with_confidence(model: nn.Module, image: np.ndarray, mode: str = "wh
 def region_picture(model: nn.Module, image: np.ndarray) -> np.ndarray | None:
     """The learned regions drawn over ``image`` at its size, or None for a model without a proxy head (the linear
     baseline, an exported .onnx)."""
-    if not hasattr(model, "head") or not hasattr(model, "forward_all"):
+    if not model.has_regions:
         return None
     return predict_regions(model, image)
 
