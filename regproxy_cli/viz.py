@@ -320,7 +320,7 @@ def predict_regions(model: nn.Module, image: np.ndarray, *, scale: float = 1.0, 
         raise RegproxyError("--regions needs a RegProxy model; the linear baseline has no regions")
     if by not in REGION_MODES:
         raise RegproxyError(f"regions by must be one of {', '.join(REGION_MODES)}, got {by!r}")
-    if by == "prototype" and not hasattr(model.token_classifier, "nearest_prototype"):
+    if by == "prototype" and getattr(model.token_classifier, "nearest_prototype", None) is None:  # optional method
         raise RegproxyError(f"regions by prototype needs a model with prototypes (model.classifier: protoseg); this "
                             f"one's classifier is {model.config.classifier}")
     config = model.config
