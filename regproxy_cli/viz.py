@@ -19,7 +19,8 @@ from torch import nn
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.images import palette_array
 from regproxy_cli.inference.confidence import ConfidenceMaps
-from regproxy_cli.inference.predictor import device_of, normalise, working_size
+from regproxy_cli.inference.predictor import device_of, normalise
+from regproxy_cli.inference.protocol import TestProtocol
 
 REGION_ALPHA = 0.4  # how strongly region colours tint the photo in region_map
 LINE_EVERY = 1000  # region lines are one pixel wide, plus one per this many pixels of the picture's longer side
@@ -326,7 +327,7 @@ def predict_regions(model: nn.Module, image: np.ndarray, *, scale: float = 1.0, 
     config = model.config
     image = np.asarray(image)
     height, width_px = image.shape[:2]
-    size = working_size(height, width_px, config, scale)
+    size = TestProtocol.from_config(config, scale=scale).working_size(height, width_px)
     x = normalise(image, config, device_of(model))
     if size != (height, width_px):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)

@@ -9,8 +9,17 @@ from conftest import TINY_VIT
 from regproxy_cli import RegproxyError, build_model
 from regproxy_cli.data.transforms import rescale_size
 from regproxy_cli.inference import protocol
-from regproxy_cli.inference.protocol import resize_rows, segment_labels, segment_probs, slide_logits, window_starts
+from regproxy_cli.inference.protocol import (
+    TTA_RATIOS,
+    TestProtocol,
+    resize_rows,
+    segment_labels,
+    segment_probs,
+    slide_logits,
+    window_starts,
+)
 from regproxy_cli.model.base import SegmentationModel
+from regproxy_cli.model.config import ModelConfig
 
 K = 5
 
@@ -135,15 +144,16 @@ def test_rescale_size(size, scale, expected):
 
 def test_probs_sum_to_one(model):
     image = torch.randn(1, 3, 40, 56)
-    probs = segment_probs(model, image, num_classes=K, mode="slide", window=(32, 32), stride=(24, 24),
-                          test_scale=None, ratios=(0.75, 1.0), flip=True, out_size=(30, 70))
+    protocol = TestProtocol(num_classes=K, mode="slide", window=(32, 32), stride=(24, 24), test_scale=None,
+                            ratios=(0.75, 1.0), flip=True)
+    probs = segment_probs(model, image, protocol, (30, 70))
     assert probs.shape == (K, 30, 70)
     torch.testing.assert_close(probs.sum(0), torch.ones(30, 70))
 
 
 def test_flip_is_averaged(model):
     image = torch.randn(1, 3, 48, 64)
-    got = segment_probs(model, image, num_classes=K, flip=True, out_size=(48, 64))
+    got = segment_probs(model, image, TestProtocol(num_classes=K, flip=True), (48, 64))
     with torch.no_grad():
         plain = model(image)[0].softmax(0)
         mirrored = model(image.flip(-1)).flip(-1)[0].softmax(0)
@@ -153,15 +163,15 @@ def test_flip_is_averaged(model):
 
 def test_flip_equivariant_model_is_unchanged_by_flip():
     net, image = Pointwise(), torch.randn(3, 20, 30)
-    with_flip = segment_probs(net, image, num_classes=K, flip=True, out_size=(20, 30))
-    without = segment_probs(net, image, num_classes=K, flip=False, out_size=(20, 30))
+    with_flip = segment_probs(net, image, TestProtocol(num_classes=K, flip=True), (20, 30))
+    without = segment_probs(net, image, TestProtocol(num_classes=K, flip=False), (20, 30))
     torch.testing.assert_close(with_flip, without, atol=1e-6, rtol=1e-5)
 
 
 def test_ratios_follow_mmseg_aug_test(model):
     image = torch.randn(1, 3, 30, 40)
     ratios = (0.5, 1.0, 1.5)
-    got = segment_probs(model, image, num_classes=K, test_scale=(80, 32), ratios=ratios, out_size=(30, 40))
+    got = segment_probs(model, image, TestProtocol(num_classes=K, test_scale=(80, 32), ratios=ratios), (30, 40))
     expected = torch.zeros(K, 30, 40)
     with torch.no_grad():
         for ratio, size in zip(ratios, [(16, 21), (32, 43), (48, 64)]):
@@ -174,24 +184,25 @@ def test_ratios_follow_mmseg_aug_test(model):
 
 def test_slide_equals_whole_when_the_window_is_the_image(model):
     image = torch.randn(1, 3, 64, 64)
-    whole = segment_probs(model, image, num_classes=K, mode="whole", out_size=(64, 64))
-    slide = segment_probs(model, image, num_classes=K, mode="slide", window=(64, 64), stride=(48, 48),
-                          out_size=(64, 64))
+    whole = segment_probs(model, image, TestProtocol(num_classes=K, mode="whole"), (64, 64))
+    slide = segment_probs(model, image, TestProtocol(num_classes=K, mode="slide", window=(64, 64), stride=(48, 48)),
+                          (64, 64))
     torch.testing.assert_close(slide, whole, atol=1e-5, rtol=1e-5)
     # A pointwise model ignores the zero padding, so a window larger than the image changes nothing either.
     net, small = Pointwise(), torch.randn(1, 3, 20, 30)
     torch.testing.assert_close(
-        segment_probs(net, small, num_classes=K, mode="slide", window=(32, 32), stride=(16, 16), out_size=(20, 30)),
-        segment_probs(net, small, num_classes=K, mode="whole", out_size=(20, 30)),
+        segment_probs(net, small, TestProtocol(num_classes=K, mode="slide", window=(32, 32), stride=(16, 16)),
+                      (20, 30)),
+        segment_probs(net, small, TestProtocol(num_classes=K, mode="whole"), (20, 30)),
     )
 
 
 def test_segment_probs_rejects_bad_options():
     net, image = Pointwise(), torch.randn(1, 3, 8, 8)
     with pytest.raises(RegproxyError, match="mode"):
-        segment_probs(net, image, num_classes=K, mode="tiles", out_size=(8, 8))
+        segment_probs(net, image, TestProtocol(num_classes=K, mode="tiles"), (8, 8))
     with pytest.raises(RegproxyError, match="window"):
-        segment_probs(net, image, num_classes=K, mode="slide", out_size=(8, 8))
+        segment_probs(net, image, TestProtocol(num_classes=K, mode="slide"), (8, 8))
 
 
 @pytest.mark.parametrize(("in_size", "out_size"), [((7, 9), (30, 40)), ((13, 17), (5, 6)), ((8, 8), (8, 8))])
@@ -206,21 +217,43 @@ def test_resize_rows_are_rows_of_the_full_resize(in_size, out_size):
 def test_segment_labels_in_bands_is_the_argmax_of_segment_probs(model, monkeypatch):
     image = torch.randn(1, 3, 40, 56)
     # test sizes 20x28 and 15x21 (and their mirrors): far fewer floats than the 90x130 output
-    options = {"num_classes": K, "mode": "slide", "window": (32, 32), "stride": (24, 24), "test_scale": (40, 20),
-               "ratios": (0.75, 1.0), "flip": True, "out_size": (90, 130)}
-    expected = segment_probs(model, image, **options).argmax(0)
+    options = TestProtocol(num_classes=K, mode="slide", window=(32, 32), stride=(24, 24), test_scale=(40, 20),
+                           ratios=(0.75, 1.0), flip=True)
+    expected = segment_probs(model, image, options, (90, 130)).argmax(0)
     bands = []
     monkeypatch.setattr(protocol, "TTA_FULL_SIZE_LIMIT", K * 130 * 8)  # 8 rows at a time
     monkeypatch.setattr(protocol, "resize_rows", lambda logits, size, rows: bands.append(rows) or resize_rows(
         logits, size, rows))
-    got = segment_labels(model, image, **options)
+    got = segment_labels(model, image, options, (90, 130))
     assert len(bands) == 4 * len(range(0, 90, 8)) and max(r.stop - r.start for r in bands) == 8
     assert torch.equal(got, expected)
 
 
 def test_segment_labels_keeps_the_accumulator_when_the_test_sizes_are_larger(model, monkeypatch):
     image = torch.randn(1, 3, 40, 56)
-    options = {"num_classes": K, "ratios": (1.0,), "flip": True, "out_size": (40, 56)}  # held logits: twice the output
+    options = TestProtocol(num_classes=K, ratios=(1.0,), flip=True)  # held logits: twice the 40x56 output
     monkeypatch.setattr(protocol, "TTA_FULL_SIZE_LIMIT", 1)
     monkeypatch.setattr(protocol, "resize_rows", None)  # banding would fail
-    assert torch.equal(segment_labels(model, image, **options), segment_probs(model, image, **options).argmax(0))
+    assert torch.equal(segment_labels(model, image, options, (40, 56)),
+                       segment_probs(model, image, options, (40, 56)).argmax(0))
+
+
+@pytest.mark.parametrize("test_scale", [(2048, 512), None])
+def test_the_protocol_of_a_config_is_its_mode_windows_and_scales(test_scale):
+    """One translation of config -> protocol for predict, confidence, the pipeline and the demo."""
+    config = ModelConfig(backbone="tiny-vit", m=1, num_classes=K, crop_size=64, window_stride=48, test_scale=test_scale)
+    plain = TestProtocol.from_config(config, scale=0.5, batch_size=3)
+    assert (plain.mode, plain.window, plain.stride, plain.batch_size, plain.flip) == ("slide", (64, 64), (48, 48), 3,
+                                                                                     False)
+    tta = TestProtocol.from_config(config, mode="whole", tta=True, scale=0.5)
+    assert tta.mode == "whole" and tta.flip and tta.views == 12
+    if test_scale is None:  # the image size times the scale, and the paper's ratios times the scale
+        assert plain.ratios == (0.5,) and plain.working_size(101, 60) == (50, 30)
+        assert tta.test_scale is None and tta.ratios == tuple(r * 0.5 for r in TTA_RATIOS)
+    else:  # mmseg: the test scale times the scale, keeping the aspect ratio
+        assert plain.test_scale == tta.test_scale == (1024, 256) and tta.ratios == TTA_RATIOS
+        assert plain.working_size(512, 1024) == rescale_size(512, 1024, (1024, 256)) == (256, 512)
+    with pytest.raises(RegproxyError, match="scale must be positive"):
+        TestProtocol.from_config(config, scale=0)
+    with pytest.raises(RegproxyError, match="inference mode"):
+        TestProtocol.from_config(config, mode="tiles")

@@ -36,7 +36,8 @@ from regproxy_cli.constants import IGNORE_INDEX
 from regproxy_cli.data.datasets import SegmentationDataset
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.files import write_text_atomic
-from regproxy_cli.inference.predictor import device_of, normalise, working_size
+from regproxy_cli.inference.predictor import device_of, normalise
+from regproxy_cli.inference.protocol import TestProtocol
 from regproxy_cli.inference.runtime import autocast
 
 MIN_MASS = 1e-3  # of a region's labelled weight, in grid cells: below it the region has no labelled pixels
@@ -133,7 +134,7 @@ def region_entropy(model: nn.Module, dataset: SegmentationDataset, *, limit: int
     found: dict[str, list[np.ndarray]] = {source: [] for source in SOURCES}
     for index in tqdm(range(count), desc="regions", unit="image", disable=not progress):
         image, labels, _ = dataset[index]
-        size = working_size(*image.shape[:2], config)
+        size = TestProtocol.from_config(config).working_size(*image.shape[:2])
         x = normalise(image, config, device_of(model))
         if size != tuple(image.shape[:2]):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)

@@ -22,16 +22,8 @@ from PIL import Image
 from torch import nn
 
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.inference.predictor import (
-    check_mode_and_scale,
-    device_of,
-    logits_at,
-    normalise,
-    to_rgb_array,
-    tta_scales,
-    working_size,
-)
-from regproxy_cli.inference.protocol import augmented_logits, resize_rows, scale_sizes
+from regproxy_cli.inference.predictor import device_of, normalise, to_rgb_array
+from regproxy_cli.inference.protocol import TestProtocol, augmented_logits, network_logits, resize_rows
 from regproxy_cli.inference.runtime import autocast
 from regproxy_cli.model.plugins import get_backbone
 from regproxy_cli.model.resize import padded_size
@@ -202,31 +194,30 @@ def predict_confidence(
     logits; otherwise each view's logits resized bilinearly to that grid, softmaxed and averaged.
     """
     config = model.config
-    mode = check_mode_and_scale(config, mode, scale)
+    single = TestProtocol.from_config(config, mode=mode, scale=scale, batch_size=batch_size)  # the working size's
+    protocol = TestProtocol.from_config(config, mode=mode, tta=True, scale=scale, batch_size=batch_size) if tta else single
     rgb = to_rgb_array(image)
     height, width = rgb.shape[:2]
     num_classes = config.num_classes
     device = device_of(model)
     x = normalise(rgb, config, device)
-    size = working_size(height, width, config, scale)
+    size = single.working_size(height, width)
     stride_y, stride_x = output_stride(model)
     grid = (math.ceil(size[0] / stride_y), math.ceil(size[1] / stride_x))
     native = False
     if tta:
-        test_scale, ratios = tta_scales(config, scale)
-        sizes = scale_sizes(height, width, test_scale=test_scale, ratios=ratios)
-        generator = augmented_logits(model, x, num_classes=num_classes, mode=mode, window=(config.crop_size,) * 2,
-                                     stride=(config.stride,) * 2, sizes=sizes, flip=True, batch_size=batch_size)
-        num_views, frames = 2 * len(sizes), (height, width)
+        sizes = protocol.sizes(height, width)
+        generator = augmented_logits(model, x, protocol)
+        num_views, frames = protocol.views, (height, width)
         held = num_classes * 2 * sum(h * w for h, w in sizes)
-    elif mode == "whole" and size == (height, width) and model.has_grid_logits:
+    elif protocol.mode == "whole" and size == (height, width) and model.has_grid_logits:
         # the grid logits cover the image padded to the stride: resized to that frame, then cropped (the forward)
         generator = _network(model.grid_logits, x)
         num_views, frames, held, native = 1, padded_size((height, width), model.stride), 0, True
     else:
         if size != (height, width):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        generator = _network(lambda batch: logits_at(model, batch, config, mode, batch_size), x)
+        generator = _network(lambda batch: network_logits(model, batch, protocol), x)
         num_views, frames, held = 1, (height, width), 0
     views = ((logits, frames) for logits in _under_autocast(generator, device, precision))
     probs_sum = None

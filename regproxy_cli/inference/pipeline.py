@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.inference.predictor import device_of, normalise, predict_labels, working_size
-from regproxy_cli.inference.protocol import slide_logits
+from regproxy_cli.inference.predictor import device_of, normalise, predict_labels
+from regproxy_cli.inference.protocol import TestProtocol, network_logits
 from regproxy_cli.inference.runtime import autocast
 from regproxy_cli.model.resize import resize_argmax
 
@@ -62,26 +62,17 @@ def predict_label_batch(
     if tta or len(images) < 2 or len({image.shape for image in images}) > 1:
         return [predict_labels(model, image, mode=mode, tta=tta, scale=scale, batch_size=batch_size,
                                precision=precision) for image in images]
-    config = model.config
-    mode = mode or config.inference_mode
-    if mode not in ("whole", "slide"):
-        raise RegproxyError(f"mode must be 'whole' or 'slide', not {mode!r}")
-    if scale <= 0:
-        raise RegproxyError(f"scale must be positive, got {scale}")
+    protocol = TestProtocol.from_config(model.config, mode=mode, scale=scale, batch_size=batch_size)
     height, width = images[0].shape[:2]
     device = device_of(model)
-    x = torch.cat([normalise(image, config, device) for image in images])
-    size = working_size(height, width, config, scale)
+    x = torch.cat([normalise(image, model.config, device) for image in images])
+    size = protocol.working_size(height, width)
     with autocast(device, precision):  # the steps of predict_labels, on a batch
-        if mode == "whole" and size == (height, width):
+        if protocol.mode == "whole" and size == (height, width):
             return list(model.labels(x).cpu().numpy())
         if size != (height, width):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        if mode == "whole":
-            logits = model(x)
-        else:
-            logits = slide_logits(model, x, num_classes=config.num_classes, window=(config.crop_size,) * 2,
-                                  stride=(config.stride,) * 2, batch_size=batch_size)
+        logits = network_logits(model, x, protocol)
     return [resize_argmax(one.float(), (height, width)).cpu().numpy() for one in logits]
 
 

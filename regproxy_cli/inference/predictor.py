@@ -11,15 +11,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from regproxy_cli.data.transforms import rescale_size
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.images import load_image
-from regproxy_cli.inference.protocol import segment_labels, slide_logits
+from regproxy_cli.inference.protocol import TestProtocol, network_logits, segment_labels
 from regproxy_cli.inference.runtime import autocast
 from regproxy_cli.model.config import ModelConfig
 from regproxy_cli.model.resize import resize_argmax
-
-TTA_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the paper's multi-scale test
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -46,42 +43,6 @@ def normalise(image: np.ndarray, config: ModelConfig, device: torch.device | str
     return (x - mean) / std
 
 
-def working_size(height: int, width: int, config: ModelConfig, scale: float = 1.0) -> tuple[int, int]:
-    """The size the model sees: the config's keep-ratio test scale (times ``scale``), or the image's own."""
-    if config.test_scale is None:
-        return max(1, round(height * scale)), max(1, round(width * scale))
-    long_side, short_side = config.test_scale
-    return rescale_size(height, width, (long_side * scale, short_side * scale))
-
-
-def check_mode_and_scale(config: ModelConfig, mode: str | None, scale: float) -> str:
-    """The inference mode to run (``mode``, or the config's own), after checking it and ``scale``."""
-    mode = mode or config.inference_mode
-    if mode not in ("whole", "slide"):
-        raise RegproxyError(f"mode must be 'whole' or 'slide', not {mode!r}")
-    if scale <= 0:
-        raise RegproxyError(f"scale must be positive, got {scale}")
-    return mode
-
-
-def tta_scales(config: ModelConfig, scale: float = 1.0) -> tuple[tuple[float, float] | None, tuple[float, ...]]:
-    """(test scale, ratios) of the multi-scale test: the config's test scale times ``scale`` with the paper's ratios,
-    or, for a config without a test scale, no test scale and the ratios times ``scale`` (as without TTA, ``scale``
-    then scales the image itself)."""
-    if config.test_scale is None:
-        return None, tuple(ratio * scale for ratio in TTA_RATIOS)
-    return (config.test_scale[0] * scale, config.test_scale[1] * scale), TTA_RATIOS
-
-
-def logits_at(model: nn.Module, x: torch.Tensor, config: ModelConfig, mode: str, batch_size: int) -> torch.Tensor:
-    """(B, K, h, w) logits of a normalised batch at its own size, whole or with the config's sliding windows."""
-    if mode == "whole":
-        return model(x)
-    window = (config.crop_size, config.crop_size)
-    stride = (config.stride, config.stride)
-    return slide_logits(model, x, num_classes=config.num_classes, window=window, stride=stride, batch_size=batch_size)
-
-
 @torch.inference_mode()
 def predict_labels(
     model: nn.Module,
@@ -103,25 +64,19 @@ def predict_labels(
         batch_size: sliding windows per forward pass.
         precision: fp32, or bf16 / fp16 autocast for the network (resizing and argmax stay float32).
     """
-    config = model.config
-    mode = check_mode_and_scale(config, mode, scale)
+    protocol = TestProtocol.from_config(model.config, mode=mode, tta=tta, scale=scale, batch_size=batch_size)
     rgb = to_rgb_array(image)
     height, width = rgb.shape[:2]
     device = device_of(model)
-    x = normalise(rgb, config, device)
-    size = working_size(height, width, config, scale)
+    x = normalise(rgb, model.config, device)
     with autocast(device, precision):
         if tta:  # mmseg's aug_test: each augmentation's logits resized to the original size, then softmax
-            test_scale, ratios = tta_scales(config, scale)
-            return segment_labels(
-                model, x, num_classes=config.num_classes, mode=mode, window=(config.crop_size,) * 2,
-                stride=(config.stride,) * 2, test_scale=test_scale, ratios=ratios, flip=True,
-                out_size=(height, width), batch_size=batch_size,
-            ).cpu().numpy()
-        if mode == "whole" and size == (height, width):
+            return segment_labels(model, x, protocol, (height, width)).cpu().numpy()
+        size = protocol.working_size(height, width)
+        if protocol.mode == "whole" and size == (height, width):
             return model.labels(x)[0].cpu().numpy()  # one resize: straight from the grid logits to labels
         if size != (height, width):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        logits = logits_at(model, x, config, mode, batch_size)[0]
+        logits = network_logits(model, x, protocol)[0]
     # resize to the original in row chunks: a huge photo never needs a K x H x W tensor
     return resize_argmax(logits.float(), (height, width)).cpu().numpy()

@@ -8,6 +8,7 @@ loading, normalising and saving images is :mod:`regproxy_cli.inference.predictor
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,86 @@ from torch import nn
 from regproxy_cli.constants import INFERENCE_MODES
 from regproxy_cli.data.transforms import rescale_size
 from regproxy_cli.errors import RegproxyError
+from regproxy_cli.model.config import ModelConfig
 from regproxy_cli.model.resize import check_pair, resize_rows
+
+TTA_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the paper's multi-scale test
+
+
+@dataclass(frozen=True)
+class TestProtocol:
+    """How a model sees one image at test time (mmseg 0.17's ``test_cfg`` and ``aug_test``), as one value.
+
+    Built from a model's config by :meth:`from_config` (what predict, eval, the confidence maps and the demo all
+    do), or written out by hand for a bare network.
+
+    Attributes:
+        num_classes: K.
+        mode: ``"whole"`` or ``"slide"``.
+        window: the sliding window (wh, ww); required for ``"slide"``.
+        stride: the sliding stride (sh, sw); required for ``"slide"``.
+        test_scale: (long_max, short_max) as in mmseg's test pipeline; None keeps the input size (times r).
+        ratios: scale ratios, e.g. :data:`TTA_RATIOS` for the paper's multi-scale numbers.
+        flip: also average the horizontally flipped image.
+        batch_size: windows per forward call in ``"slide"`` mode.
+    """
+
+    __test__ = False  # a protocol, not a pytest test class
+
+    num_classes: int
+    mode: str = "whole"
+    window: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+    test_scale: tuple[float, float] | None = None
+    ratios: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.mode not in INFERENCE_MODES:
+            raise RegproxyError(f"inference mode must be one of {', '.join(INFERENCE_MODES)}, got {self.mode!r}")
+        if self.mode == "slide" and (self.window is None or self.stride is None):
+            raise RegproxyError("sliding-window inference needs a window and a stride")
+        if not self.ratios:
+            raise RegproxyError("at least one test scale ratio is needed")
+        if any(ratio <= 0 for ratio in self.ratios):
+            raise RegproxyError(f"test scale ratios must be positive, got {list(self.ratios)}")
+        if self.batch_size < 1:
+            raise RegproxyError(f"the window batch must be at least 1, got {self.batch_size}")
+        object.__setattr__(self, "ratios", tuple(self.ratios))
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, *, mode: str | None = None, tta: bool = False, scale: float = 1.0,
+                    batch_size: int = 8) -> TestProtocol:
+        """The protocol of ``config``: its mode (or ``mode``), its crop-sized windows and stride, its test scale
+        times ``scale`` (without one, the image size times ``scale``); with ``tta`` the paper's multi-scale ratios
+        and flip."""
+        if scale <= 0:
+            raise RegproxyError(f"scale must be positive, got {scale}")
+        test_scale = None if config.test_scale is None else (config.test_scale[0] * scale, config.test_scale[1] * scale)
+        if tta:
+            ratios = TTA_RATIOS if test_scale is not None else tuple(ratio * scale for ratio in TTA_RATIOS)
+        else:
+            ratios = (1.0,) if test_scale is not None else (scale,)
+        return cls(num_classes=config.num_classes, mode=mode or config.inference_mode,
+                   window=(config.crop_size,) * 2, stride=(config.stride,) * 2, test_scale=test_scale,
+                   ratios=ratios, flip=tta, batch_size=batch_size)
+
+    @property
+    def views(self) -> int:
+        """How many augmented views are averaged: scales times flips."""
+        return len(self.ratios) * (2 if self.flip else 1)
+
+    def sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """The size an H x W image is resized to for each ratio (:func:`scale_sizes`)."""
+        return scale_sizes(height, width, test_scale=self.test_scale, ratios=self.ratios)
+
+    def working_size(self, height: int, width: int) -> tuple[int, int]:
+        """The one size the model sees without augmentation: the keep-ratio test scale, or the image times the
+        ratio (rounded as predict always has)."""
+        if self.test_scale is None:
+            return max(1, round(height * self.ratios[0])), max(1, round(width * self.ratios[0]))
+        return rescale_size(height, width, self.test_scale)
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -123,38 +203,27 @@ def scale_sizes(
     return sizes
 
 
-def augmented_logits(
-    model: nn.Module,
-    image: torch.Tensor,
-    *,
-    num_classes: int,
-    mode: str,
-    window: tuple[int, int] | None,
-    stride: tuple[int, int] | None,
-    sizes: list[tuple[int, int]],
-    flip: bool,
-    batch_size: int,
-) -> Iterator[torch.Tensor]:
+def augmented_logits(model: nn.Module, image: torch.Tensor, protocol: TestProtocol) -> Iterator[torch.Tensor]:
     """(1, K, h, w) logits of each scale (and mirrored view, mirrored back) at its own size, in aug_test's order.
 
     A generator: each view is computed when it is asked for, so a caller can use and drop one before the next.
     """
-    if mode not in INFERENCE_MODES:
-        raise RegproxyError(f"inference mode must be one of {', '.join(INFERENCE_MODES)}, got {mode!r}")
-    if mode == "slide" and (window is None or stride is None):
-        raise RegproxyError("sliding-window inference needs a window and a stride")
-    for size in sizes:
+    for size in protocol.sizes(*image.shape[-2:]):
         scaled = image
         if size != tuple(image.shape[-2:]):
             scaled = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
-        for flipped in (False, True) if flip else (False,):
+        for flipped in (False, True) if protocol.flip else (False,):
             view = scaled.flip(-1) if flipped else scaled
-            if mode == "slide":
-                logits = slide_logits(model, view, num_classes=num_classes, window=window, stride=stride,
-                                      batch_size=batch_size)
-            else:
-                logits = model(view)
+            logits = network_logits(model, view, protocol)
             yield logits.flip(-1) if flipped else logits
+
+
+def network_logits(model: nn.Module, x: torch.Tensor, protocol: TestProtocol) -> torch.Tensor:
+    """(B, K, h, w) logits of a normalised batch at its own size: whole, or in the protocol's sliding windows."""
+    if protocol.mode == "whole":
+        return model(x)
+    return slide_logits(model, x, num_classes=protocol.num_classes, window=protocol.window, stride=protocol.stride,
+                        batch_size=protocol.batch_size)
 
 
 def _one_image(image: torch.Tensor) -> torch.Tensor:
@@ -166,20 +235,8 @@ def _one_image(image: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def segment_probs(
-    model: nn.Module,
-    image: torch.Tensor,
-    *,
-    num_classes: int,
-    mode: str = "whole",
-    window: tuple[int, int] | None = None,
-    stride: tuple[int, int] | None = None,
-    test_scale: tuple[float, float] | None = None,
-    ratios: Sequence[float] = (1.0,),
-    flip: bool = False,
-    out_size: tuple[int, int],
-    batch_size: int = 8,
-) -> torch.Tensor:
+def segment_probs(model: nn.Module, image: torch.Tensor, protocol: TestProtocol, out_size: tuple[int, int]
+                  ) -> torch.Tensor:
     """Class probabilities of one image with mmseg's (multi-scale, flip) ``aug_test``.
 
     For every ratio r the image is resized bilinearly to its :func:`scale_sizes` size, run whole or sliding-window
@@ -189,45 +246,25 @@ def segment_probs(
     Args:
         model: maps a normalised (N, 3, h, w) batch to (N, K, h, w) logits.
         image: the normalised image, (1, 3, H, W) or (3, H, W).
-        num_classes: K.
-        mode: ``"whole"`` or ``"slide"``.
-        window: the sliding window (wh, ww); required for ``"slide"``.
-        stride: the sliding stride (sh, sw); required for ``"slide"``.
-        test_scale: (long_max, short_max) as in mmseg's test pipeline; None keeps the input size (times r).
-        ratios: scale ratios, e.g. (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) for the paper's multi-scale numbers.
-        flip: also average the horizontally flipped image.
+        protocol: mode, windows, test scale, ratios, flip (:class:`TestProtocol`).
         out_size: (height, width) of the probabilities: mmseg's is the original image's size.
-        batch_size: windows per forward call in ``"slide"`` mode.
 
     Returns:
         (K, out_h, out_w) probabilities, summing to 1 over the classes.
     """
     image = _one_image(image)
     out_size = check_pair("output size", out_size)
-    sizes = scale_sizes(*image.shape[-2:], test_scale=test_scale, ratios=ratios)
-    probs = image.new_zeros((num_classes, *out_size), dtype=torch.promote_types(image.dtype, torch.float32))
-    for logits in augmented_logits(model, image, num_classes=num_classes, mode=mode, window=window, stride=stride,
-                                    sizes=sizes, flip=flip, batch_size=batch_size):
+    dtype = torch.promote_types(image.dtype, torch.float32)
+    probs = image.new_zeros((protocol.num_classes, *out_size), dtype=dtype)
+    for logits in augmented_logits(model, image, protocol):
         logits = F.interpolate(logits.to(probs.dtype), size=out_size, mode="bilinear", align_corners=False)
         probs += logits[0].softmax(dim=0)
-    return probs.div_(len(sizes) * (2 if flip else 1))
+    return probs.div_(protocol.views)
 
 
 @torch.inference_mode()
-def segment_labels(
-    model: nn.Module,
-    image: torch.Tensor,
-    *,
-    num_classes: int,
-    mode: str = "whole",
-    window: tuple[int, int] | None = None,
-    stride: tuple[int, int] | None = None,
-    test_scale: tuple[float, float] | None = None,
-    ratios: Sequence[float] = (1.0,),
-    flip: bool = False,
-    out_size: tuple[int, int],
-    batch_size: int = 8,
-) -> torch.Tensor:
+def segment_labels(model: nn.Module, image: torch.Tensor, protocol: TestProtocol, out_size: tuple[int, int]
+                   ) -> torch.Tensor:
     """(out_h, out_w) int64 labels: the argmax of :func:`segment_probs` (same arguments), in bounded memory.
 
     mmseg holds K x out_h x out_w probabilities (plus, here, two same-size temporaries per augmentation). That is
@@ -240,22 +277,17 @@ def segment_labels(
     """
     image = _one_image(image)
     out_h, out_w = check_pair("output size", out_size)
-    sizes = scale_sizes(*image.shape[-2:], test_scale=test_scale, ratios=ratios)
-    views = len(sizes) * (2 if flip else 1)
+    num_classes = protocol.num_classes
     full = num_classes * out_h * out_w
-    held = num_classes * sum(h * w for h, w in sizes) * (2 if flip else 1)
+    held = num_classes * sum(h * w for h, w in protocol.sizes(*image.shape[-2:])) * (2 if protocol.flip else 1)
     if full <= TTA_FULL_SIZE_LIMIT or held >= full:
-        return segment_probs(model, image, num_classes=num_classes, mode=mode, window=window, stride=stride,
-                             test_scale=test_scale, ratios=ratios, flip=flip, out_size=(out_h, out_w),
-                             batch_size=batch_size).argmax(0)
+        return segment_probs(model, image, protocol, (out_h, out_w)).argmax(0)
     dtype = torch.promote_types(image.dtype, torch.float32)
-    augmented = augmented_logits(model, image, num_classes=num_classes, mode=mode, window=window, stride=stride,
-                                  sizes=sizes, flip=flip, batch_size=batch_size)
-    logits = [view[0].to(dtype) for view in augmented]  # each at its own size: what stays in memory
+    logits = [view[0].to(dtype) for view in augmented_logits(model, image, protocol)]  # each at its own size
     labels = torch.empty(out_h, out_w, dtype=torch.int64, device=image.device)
     band_rows = max(1, TTA_FULL_SIZE_LIMIT // (num_classes * out_w))
     for first in range(0, out_h, band_rows):
         rows = slice(first, min(first + band_rows, out_h))
         probs = sum(resize_rows(view, (out_h, out_w), rows).softmax(dim=0) for view in logits)
-        labels[rows] = probs.div_(views).argmax(0)
+        labels[rows] = probs.div_(protocol.views).argmax(0)
     return labels

@@ -34,8 +34,8 @@ from regproxy_cli.constants import IMAGE_SUFFIXES, INFERENCE_MODES
 from regproxy_cli.data.synthetic import SyntheticScenes
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.images import load_image, save_png_atomic
-from regproxy_cli.inference.predictor import TTA_RATIOS, device_of, normalise, to_rgb_array
-from regproxy_cli.inference.protocol import segment_probs
+from regproxy_cli.inference.predictor import device_of, normalise, to_rgb_array
+from regproxy_cli.inference.protocol import TestProtocol, segment_probs
 from regproxy_cli.inference.runtime import synchronize
 from regproxy_cli.viz import overlay, predict_regions
 
@@ -124,15 +124,8 @@ def segment_with_confidence(model: nn.Module, image: np.ndarray, mode: str = "wh
     rgb = to_rgb_array(image)
     height, width = rgb.shape[:2]
     x = normalise(rgb, config, device_of(model))
-    run_mode = config.inference_mode if mode == "tta" else mode
-    test_scale, ratios = config.test_scale, (1.0,)
-    if mode == "tta" and config.test_scale is None:
-        test_scale, ratios = None, TTA_RATIOS
-    elif mode == "tta":
-        ratios = TTA_RATIOS
-    probs = segment_probs(model, x, num_classes=config.num_classes, mode=run_mode, window=(config.crop_size,) * 2,
-                          stride=(config.stride,) * 2, test_scale=test_scale, ratios=ratios, flip=mode == "tta",
-                          out_size=(height, width))
+    protocol = TestProtocol.from_config(config, mode=None if mode == "tta" else mode, tta=mode == "tta")
+    probs = segment_probs(model, x, protocol, (height, width))
     confidence, labels = probs.max(dim=0)
     return labels.cpu().numpy(), confidence.float().cpu().numpy()
 
