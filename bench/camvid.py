@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     rows += [row for key, row in sorted(previous.items()) if key not in done]
     summary = summarise(rows, classes)
     result = {"setup": {"config": repo_relative(args.config), "iters": args.iters, "seeds": len({r["seed"] for r in rows}),
-                        "batch_size": base.optim.batch_size, "crop": base.data.crop, "init_from": args.init_from,
+                        "batch_size": base.optim.batch_size, "crop": base.data.crop_size, "init_from": args.init_from,
                         "classes": classes, "images": {s: len(d) for s, d in datasets.items()},
                         "boundary_tolerance_px": 2, "machine": machine()},
               "summary": summary, "runs": rows}

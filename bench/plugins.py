@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         data["hssn"] = data_overrides("streets", args.train_images, args.val_images, args.size)
     if "protoseg" in studies:
         root = bimodal_scenes(args.train_images, args.val_images, args.size)
-        data["protoseg"] = ["data.kind=folder", f"data.root={root}", f"data.crop={args.size}",
+        data["protoseg"] = ["data.kind=folder", f"data.root={root}", f"data.crop_size={args.size}",
                             f"data.scale=[{2 * args.size}, {args.size}]"]
     runs = []
     for seed in range(args.seeds):  # seed-major: a study cut short has every variant of its first seeds

@@ -77,7 +77,7 @@ def data_overrides(generator: str, train_images: int, val_images: int, size: int
     """``--set`` overrides that point configs/demo.yaml at a generator's scenes (generated under ``parent``)."""
     root = data_root(generator, train_images, val_images, size, parent)
     return [f"data.synthetic_generator={generator}", f"data.synthetic_train={train_images}",
-            f"data.synthetic_val={val_images}", f"data.synthetic_size={size}", f"data.crop={size}",
+            f"data.synthetic_val={val_images}", f"data.synthetic_size={size}", f"data.crop_size={size}",
             f"data.scale=[{2 * size}, {size}]", f"data.root={root}"]
 
 
@@ -111,7 +111,7 @@ def run_variant(generator: str, seed: int, name: str, baseline: bool, region_res
     classes = list(model.config.classes)
     sidecars = Path(config.data.root) / "instances" / config.data.val_split if generator == "streets" else None
     scores = score(model, dataset, sidecars=sidecars)
-    flops = count_flops(config.model.backbone, size=config.data.crop, classes=len(classes), region_res=region_res,
+    flops = count_flops(config.model.backbone, size=config.data.crop_size, classes=len(classes), region_res=region_res,
                         baseline=baseline)
     return {"generator": generator, "seed": seed, "model": name, "baseline": baseline,
             "region_res": None if baseline else region_res, "output_stride": 8 if baseline else 8 // region_res,

@@ -308,14 +308,14 @@ def test_camvid_configs_and_eval_open_the_test_split(tmp_path: Path) -> None:
     _camvid(tmp_path)
     for name in ("camvid-cpu.yaml", "camvid-s16.yaml"):
         config = load_config(Path(__file__).parent.parent / "configs" / name, [f"data.root={tmp_path}"])
-        assert config.data.kind == "camvid" and config.data.crop % 16 == 0 and config.data.root == str(tmp_path)
+        assert config.data.kind == "camvid" and config.data.crop_size % 16 == 0 and config.data.root == str(tmp_path)
         assert len(config.data.open("test")) == 2
     cpu = load_config(Path(__file__).parent.parent / "configs" / "camvid-cpu.yaml")
-    assert (cpu.model.backbone, cpu.model.pretrained, cpu.data.crop, cpu.optim.batch_size, cpu.optim.lr) == (
+    assert (cpu.model.backbone, cpu.model.pretrained, cpu.data.crop_size, cpu.optim.batch_size, cpu.optim.lr) == (
         "demo8", False, 256, 8, 1e-3)
-    assert (cpu.test.mode, cpu.test.scale, cpu.data.root, cpu.data.workers) == ("whole", None, "data/CamVid", 1)
+    assert (cpu.test.inference_mode, cpu.test.test_scale, cpu.data.root, cpu.data.workers) == ("whole", None, "data/CamVid", 1)
     s16 = load_config(Path(__file__).parent.parent / "configs" / "camvid-s16.yaml")
-    assert (s16.model.backbone, s16.model.pretrained, s16.test.scale) == ("s16", True, [480, 360])
+    assert (s16.model.backbone, s16.model.pretrained, s16.test.test_scale) == ("s16", True, [480, 360])
     config = tmp_path / "camvid.yaml"
     config.write_text(yaml.safe_dump({"data": {"kind": "camvid", "root": str(tmp_path)}}))
     assert len(open_eval_dataset(str(config), "test")) == 2 and len(open_eval_dataset(str(config))) == 2

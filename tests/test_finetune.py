@@ -35,8 +35,8 @@ POS = "backbone.vit.pos_embed"
 def _config(tmp_path, name: str, data: dict, **sections) -> dict:
     config = {
         "model": {"backbone": "tiny-vit", "pretrained": False, "drop_path_rate": 0.1},
-        "data": {"crop": 64, "scale": [128, 64], "workers": 0, **data},
-        "test": {"mode": "whole", "scale": None},
+        "data": {"crop_size": 64, "scale": [128, 64], "workers": 0, **data},
+        "test": {"inference_mode": "whole", "test_scale": None},
         "optim": {"lr": 1e-2, "batch_size": 2, "iters": 3, "warmup_iters": 1},
         "run": {"out_dir": str(tmp_path / name), "eval_every": 3, "save_every": 3, "log_every": 1, "threads": 1},
     }
@@ -83,7 +83,7 @@ def folder(tmp_path):
 
 
 def _target(tmp_path, folder, **sections) -> dict:
-    return _config(tmp_path, "target", {"kind": "folder", "root": str(folder), "crop": 96, "scale": [192, 96]},
+    return _config(tmp_path, "target", {"kind": "folder", "root": str(folder), "crop_size": 96, "scale": [192, 96]},
                    **sections)
 
 

@@ -232,9 +232,9 @@ def test_fuzz_voc(tmp_path):
 
 
 TRAIN_YAML = {"model": {"backbone": "s16", "region_res": 4, "m": 2, "classifier_options": {}},
-              "data": {"kind": "synthetic", "crop": 64, "scale": [128, 64], "ratio_range": [0.5, 2.0],
+              "data": {"kind": "synthetic", "crop_size": 64, "scale": [128, 64], "ratio_range": [0.5, 2.0],
                        "cat_max_ratio": 0.75, "workers": 0},
-              "test": {"mode": "whole", "stride": 32, "scale": [128, 64]},
+              "test": {"inference_mode": "whole", "window_stride": 32, "test_scale": [128, 64]},
               "optim": {"lr": 1e-4, "iters": 10, "warmup_iters": 2, "betas": [0.9, 0.999], "min_lr": 0.0,
                         "restart_periods": [5, 5], "restart_weights": [1.0, 0.5], "schedule": "poly"},
               "loss": {"kind": "ce", "class_weight": "none", "focal_gamma": 2.0},

@@ -50,10 +50,10 @@ def test_shipped_configs_load(name):
 
 def test_zoo_recipes_follow_the_official_configs():
     s16 = load_config(REPO / "configs" / "s16-ade.yaml")
-    assert (s16.model.backbone, s16.model.m, s16.data.crop, s16.optim.schedule, s16.optim.iters) == (
+    assert (s16.model.backbone, s16.model.m, s16.data.crop_size, s16.optim.schedule, s16.optim.iters) == (
         "s16", 5, 512, "poly", 160000)
     l16 = load_config(REPO / "configs" / "l16-city.yaml")
-    assert (l16.model.m, l16.data.crop, l16.data.scale, l16.test.stride, l16.optim.schedule, l16.optim.iters) == (
+    assert (l16.model.m, l16.data.crop_size, l16.data.scale, l16.test.window_stride, l16.optim.schedule, l16.optim.iters) == (
         6, 768, [2048, 1024], 512, "cosine_restart", 80000)
     assert l16.optim.restart_periods == [10000, 20000, 50000]
     assert load_config(REPO / "configs" / "r50-l32-ade.yaml").data.scale == [2048, 640]
@@ -81,8 +81,8 @@ def test_config_errors_name_the_key(tmp_path, text, overrides, message):
     ("optim.lr=0", "config key optim.lr: must be > 0, got 0.0"),
     ("optim.lr=-1e-4", "config key optim.lr: must be > 0, got -0.0001"),
     ("optim.lr=.nan", "config key optim.lr: must be a finite number"),
-    ("data.crop=0", "config key data.crop: must be >= 1, got 0"),
-    ("data.crop=-512", "config key data.crop: must be >= 1, got -512"),
+    ("data.crop_size=0", "config key data.crop_size: must be >= 1, got 0"),
+    ("data.crop_size=-512", "config key data.crop_size: must be >= 1, got -512"),
     ("data.scale=[0, 0]", r"config key data.scale\[0\]: must be >= 1, got 0"),
     ("data.scale=[512]", "config key data.scale: expected 2 values, got 1"),
     ("data.workers=-1", "config key data.workers: must be >= 0, got -1"),
@@ -110,8 +110,8 @@ def test_bad_setting_stops_train_cli_with_one_line_and_no_run_folder(tmp_path, c
 
 
 def test_overrides_are_typed():
-    config = load_config(None, ["optim.lr=2e-4", "test.scale=null", "data.scale=[1024, 256]", "run.precision=bf16"])
-    assert (config.optim.lr, config.test.scale, config.data.scale, config.run.precision) == (
+    config = load_config(None, ["optim.lr=2e-4", "test.test_scale=null", "data.scale=[1024, 256]", "run.precision=bf16"])
+    assert (config.optim.lr, config.test.test_scale, config.data.scale, config.run.precision) == (
         2e-4, None, [1024, 256], "bf16")
 
 
@@ -298,6 +298,27 @@ def test_a_checkpoint_older_than_a_setting_resumes_while_the_setting_keeps_its_d
     current["run"]["tf32"] = True
     assert train_module.changed_keys(saved, current, defaults) == ["run.tf32"]
     assert train_module.changed_keys(saved, TrainConfig().to_dict()) == ["run.tf32"]  # without defaults: strict
+
+
+def test_the_old_key_names_still_read_with_a_warning_and_old_checkpoints_compare_equal(tmp_path):
+    """data.crop, test.mode/stride/scale took ModelConfig's names; configs and last.pt files that use the old ones
+    keep working for a release (YAML and --set), and naming one setting twice is one error line."""
+    from regproxy_cli.engine.config import rename_old_keys
+
+    path = tmp_path / "old.yaml"
+    path.write_text("data:\n  crop: 96\ntest:\n  mode: whole\n  stride: 48\n  scale: null\n")
+    with pytest.warns(FutureWarning, match="config key data.crop is now data.crop_size"):
+        config = load_config(path, ["test.stride=32"])
+    assert (config.data.crop_size, config.test.inference_mode, config.test.window_stride, config.test.test_scale) == (
+        96, "whole", 32, None)
+    (tmp_path / "twice.yaml").write_text("data:\n  crop: 64\n  crop_size: 64\n")
+    with pytest.raises(RegproxyError, match="data.crop and data.crop_size are one setting"):
+        load_config(tmp_path / "twice.yaml")
+    current = TrainConfig().to_dict()
+    saved = {section: dict(values) for section, values in current.items()}
+    saved["data"]["crop"] = saved["data"].pop("crop_size")
+    saved["test"] = {"mode": "slide", "stride": None, "scale": [2048, 512]}
+    assert train_module.changed_keys(rename_old_keys(saved, warn=False), current, current) == []
 
 
 def _run_cli(*args: str, cwd: Path) -> subprocess.Popen:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +50,7 @@ class DataSection:
     root: str = "data/ade"
     train_split: str = "train"
     val_split: str = "val"
-    crop: int = field(default=512, metadata=AT_LEAST_1)
+    crop_size: int = field(default=512, metadata=AT_LEAST_1)  # ModelConfig.crop_size: training crop = test window
     scale: list[int] = field(default_factory=lambda: [2048, 512], metadata=SCALE)  # mmseg (long, short) resize scale
     ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0], metadata=rule(length=2, each=Rule(above=0)))
     cat_max_ratio: float = field(default=0.75, metadata=rule(above=0, high=1))
@@ -71,9 +72,13 @@ class DataSection:
 
 @dataclass
 class TestSection:
-    mode: str = field(default="slide", metadata=rule(choices=INFERENCE_MODES))
-    stride: int | None = field(default=None, metadata=AT_LEAST_1)  # sliding-window stride; None = the crop
-    scale: list[int] | None = field(default_factory=lambda: [2048, 512], metadata=SCALE)  # keep-ratio; None = as is
+    """The test protocol the model is saved with: ModelConfig's names, copied 1:1 into config.json."""
+
+    __test__ = False  # a config section, not a pytest test class
+
+    inference_mode: str = field(default="slide", metadata=rule(choices=INFERENCE_MODES))
+    window_stride: int | None = field(default=None, metadata=AT_LEAST_1)  # sliding-window stride; None = the crop
+    test_scale: list[int] | None = field(default_factory=lambda: [2048, 512], metadata=SCALE)  # keep-ratio; None = as is
 
 
 @dataclass
@@ -138,6 +143,29 @@ _SECTIONS = {"model": ModelSection, "data": DataSection, "test": TestSection, "o
              "loss": LossSection, "run": RunSection}
 
 
+# Keys that took ModelConfig's names (config.json): the old spelling still reads, with a FutureWarning, for one
+# release; a saved run's config (last.pt) is read through the same map, so old runs resume.
+RENAMED_KEYS = {"data.crop": "data.crop_size", "test.mode": "test.inference_mode", "test.stride": "test.window_stride",
+                "test.scale": "test.test_scale"}
+
+
+def rename_old_keys(data: dict, *, warn: bool = True) -> dict:
+    """``data`` (a nested config mapping) with the keys of :data:`RENAMED_KEYS` under their new names, in place."""
+    for old, new in RENAMED_KEYS.items():
+        section, old_key = old.split(".")
+        new_key = new.split(".")[1]
+        values = data.get(section)
+        if not isinstance(values, dict) or old_key not in values:
+            continue
+        if new_key in values:
+            raise RegproxyError(f"config keys {old} and {new} are one setting: keep {new}")
+        values[new_key] = values.pop(old_key)
+        if warn:
+            warnings.warn(f"config key {old} is now {new}: rename it (the old name goes in the next release)",
+                          FutureWarning, stacklevel=3)
+    return data
+
+
 def _build(data: dict) -> TrainConfig:
     """The YAML mapping (after ``--set``) as a TrainConfig: every key's type and range checked by the schema."""
     return build(TrainConfig, data, what="config key", sections=_SECTIONS)
@@ -147,7 +175,12 @@ def _set(data: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise RegproxyError(f"--set {assignment!r}: expected section.key=value")
     path, raw = assignment.split("=", 1)
-    parts = path.strip().split(".")
+    path = path.strip()
+    if path in RENAMED_KEYS:
+        warnings.warn(f"config key {path} is now {RENAMED_KEYS[path]}: rename it (the old name goes in the next "
+                      "release)", FutureWarning, stacklevel=3)
+        path = RENAMED_KEYS[path]
+    parts = path.split(".")
     if len(parts) != 2:
         raise RegproxyError(f"--set {assignment!r}: the key must be section.key, e.g. optim.lr=1e-4")
     try:
@@ -173,6 +206,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
             raise RegproxyError(f"{path}: not valid YAML{where}") from None
+    if isinstance(data, dict):
+        rename_old_keys(data)
     for assignment in overrides:
         _set(data, assignment)
     config = _build(data)

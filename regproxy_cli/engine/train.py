@@ -32,7 +32,7 @@ from regproxy_cli.constants import IGNORE_INDEX
 from regproxy_cli.data.class_weights import CLASS_WEIGHT_FORMULA, pixel_counts, suggested_class_weights
 from regproxy_cli.data.datasets import SegmentationDataset
 from regproxy_cli.data.transforms import train_pipeline
-from regproxy_cli.engine.config import OptimSection, TrainConfig, dump_config
+from regproxy_cli.engine.config import OptimSection, TrainConfig, dump_config, rename_old_keys
 from regproxy_cli.engine.distributed import (
     Runtime,
     all_gather_objects,
@@ -93,7 +93,7 @@ class _SeededPipeline:
     def __call__(self, image, label, generator: torch.Generator):
         d = self.config.data
         pipeline = train_pipeline(
-            crop=(d.crop, d.crop), scale=tuple(d.scale), ratio_range=tuple(d.ratio_range),
+            crop=(d.crop_size, d.crop_size), scale=tuple(d.scale), ratio_range=tuple(d.ratio_range),
             cat_max_ratio=d.cat_max_ratio, photometric=d.photometric, ignore_index=IGNORE_INDEX,
             mean=self.mean, std=self.std, generator=generator,
         )
@@ -201,9 +201,9 @@ def build_training_model(config: TrainConfig, classes, palette) -> nn.Module:
     model_config = ModelConfig(
         backbone=m.backbone, num_classes=len(classes), m=spec.m if m.m is None else m.m,
         region_res=(m.region_res, m.region_res), baseline=m.baseline, classifier=m.classifier,
-        classifier_options=classifier_options, crop_size=d.crop,
-        classes=list(classes), palette=[list(c) for c in palette], inference_mode=t.mode, window_stride=t.stride,
-        test_scale=None if t.scale is None else tuple(t.scale), dataset=d.kind,
+        classifier_options=classifier_options, crop_size=d.crop_size, classes=list(classes),
+        palette=[list(c) for c in palette], inference_mode=t.inference_mode, window_stride=t.window_stride,
+        test_scale=None if t.test_scale is None else tuple(t.test_scale), dataset=d.kind,
     )
     # a run started from another model gets its backbone from there: no ImageNet download
     pretrained = m.pretrained and m.init_from is None
@@ -417,7 +417,8 @@ def train(config: TrainConfig, *, resume: bool = False, allow_config_change: boo
         raise RegproxyError(f"{out_dir} already holds a run: pass --resume to continue it, or choose run.out_dir")
     checkpoint = read_checkpoint(last_path) if resume else None
     if checkpoint is not None and not allow_config_change:
-        changed = changed_keys(checkpoint.get("config", {}), config.to_dict(), TrainConfig().to_dict())
+        saved = rename_old_keys(dict(checkpoint.get("config", {})), warn=False)  # a run started before the renames
+        changed = changed_keys(saved, config.to_dict(), TrainConfig().to_dict())
         if changed:
             raise RegproxyError(f"--resume: the config differs from the one {last_path} was trained with in "
                                 f"{listed(changed)}; pass --allow-config-change to continue with the new one")
