@@ -1,6 +1,8 @@
 """The one exception type the CLI turns into a single line on stderr and a non-zero exit, and message helpers."""
 
+import importlib
 import re
+from types import ModuleType
 
 
 class RegproxyError(Exception):
@@ -27,3 +29,17 @@ def unpickling_reason(error: BaseException) -> str:
     named = [s for s in sentences if "GLOBAL" in s]
     text = " ".join((named[0] if named else sentences[0]).split())
     return text if len(text) <= 300 else " ".join(text[:300].split()[:-1]) + " ..."
+
+
+def missing_extra(extra: str, purpose: str) -> str:
+    """The one line for an optional dependency that is not installed: what needs it and the pip command."""
+    return f"{purpose} needs the '{extra}' extra: pip install 'regproxy[{extra}]'"
+
+
+def require_extra(module: str, extra: str, purpose: str) -> ModuleType:
+    """``module`` imported, or a :class:`RegproxyError` of :func:`missing_extra` when it is not installed. Every
+    optional dependency (matplotlib, gradio, onnx, PyAV, pycocotools, OpenCV, ray) is reached through this."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise RegproxyError(missing_extra(extra, purpose)) from None

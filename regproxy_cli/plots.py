@@ -17,20 +17,16 @@ from typing import Any
 
 import numpy as np
 
-from regproxy_cli.errors import RegproxyError
+from regproxy_cli.errors import require_extra
 from regproxy_cli.files import write_atomic
 
-INSTALL_HINT = "pip install 'regproxy[report]'"
 CONFUSION_MAX_CLASSES = 30  # above this many classes the heat-map shows the most confused ones only
 DPI = 100
 
 
 def require_matplotlib(what: str = "plots") -> None:
     """Raise one clear line when matplotlib is missing, before any long computation starts."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise RegproxyError(f"{what} need matplotlib: {INSTALL_HINT}") from None
+    require_extra("matplotlib", "report", what)
 
 
 def new_figure(width: float, height: float) -> Any:

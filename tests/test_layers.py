@@ -192,3 +192,26 @@ def test_no_module_probes_a_model_with_hasattr():
                 if re.search(r"\b(model|segmenter|source|net)\b", target):
                     probes.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: hasattr({target}, ...)")
     assert not probes, probes
+
+
+def test_optional_dependencies_are_reached_through_require_extra():
+    """One guard for every extra (errors.require_extra: one line naming the extra and the pip command)."""
+    guards = []
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ExceptHandler) and node.type is not None and \
+                    ast.unparse(node.type) in ("ImportError", "ModuleNotFoundError"):
+                guards.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    # errors.require_extra itself; training's TensorBoard is optional without an extra (the run goes on without it)
+    assert sorted(guards) == sorted(g for g in guards if g.startswith(("errors.py:", "engine/train.py:"))), guards
+    assert len([g for g in guards if g.startswith("errors.py:")]) == 1
+
+
+def test_require_extra_is_one_line_naming_the_extra(monkeypatch):
+    from regproxy_cli.errors import RegproxyError, require_extra
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    with pytest.raises(RegproxyError) as error:
+        require_extra("matplotlib", "report", "eval --report")
+    assert str(error.value) == "eval --report needs the 'report' extra: pip install 'regproxy[report]'"
+    assert require_extra("json", "none", "json") is sys.modules["json"]

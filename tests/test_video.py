@@ -204,7 +204,7 @@ def test_pyav_missing_is_one_line(monkeypatch, clip, model_dir):
     monkeypatch.setitem(__import__("sys").modules, "av", None)  # `import av` now raises ImportError
     with pytest.raises(RegproxyError) as error:
         predict_videos([str(clip)], model=str(model_dir), out=clip.parent / "out")
-    assert str(error.value) == MISSING_EXTRA == "videos need the 'video' extra: pip install 'regproxy[video]'"
+    assert str(error.value) == MISSING_EXTRA == "reading and writing videos needs the 'video' extra: pip install 'regproxy[video]'"
     with pytest.raises(RegproxyError, match="pip install 'regproxy\\[video\\]'"):
         VideoReader(clip)
 
@@ -257,4 +257,4 @@ def test_predict_cli_bad_videos_fail_with_one_line(tmp_path, model_dir, clip, cl
     env = {"PYTHONPATH": os.pathsep.join([str(blocker.parent), os.environ.get("PYTHONPATH", "")])}
     result = cli("predict", str(clip), "--model", str(model_dir), "--out", str(out), env=env)
     assert result.returncode == 1
-    assert result.stderr.strip() == "error: videos need the 'video' extra: pip install 'regproxy[video]'"
+    assert result.stderr.strip() == "error: reading and writing videos needs the 'video' extra: pip install 'regproxy[video]'"

@@ -7,7 +7,6 @@ line naming the file.
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -18,14 +17,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from regproxy_cli.errors import RegproxyError, one_line
+from regproxy_cli.errors import RegproxyError, missing_extra, one_line, require_extra
 from regproxy_cli.files import write_atomic
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm")  # what `predict` treats as a video (lower-case)
-MISSING_EXTRA = "videos need the 'video' extra: pip install 'regproxy[video]'"
+MISSING_EXTRA = missing_extra("video", "reading and writing videos")
 # H.264 at CRF 18 is visually lossless for overlays and plays everywhere; MPEG-4 Part 2 where an FFmpeg build has
 # no x264 (PyAV's wheels have it).
 ENCODERS = ("libx264", "mpeg4")
@@ -43,10 +42,7 @@ def is_video(path: str | os.PathLike) -> bool:
 
 def import_av() -> ModuleType:
     """The ``av`` module, or one error line saying which extra to install."""
-    try:
-        return importlib.import_module("av")
-    except ImportError:
-        raise RegproxyError(MISSING_EXTRA) from None
+    return require_extra("av", "video", "reading and writing videos")
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from regproxy_cli.errors import RegproxyError
+from regproxy_cli.errors import RegproxyError, missing_extra, require_extra
 from regproxy_cli.model.base import SegmentationModel
 from regproxy_cli.model.config import ModelConfig
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 META_PREFIX = "regproxy."
-MISSING_EXTRA = "ONNX export needs the 'export' extra: pip install 'regproxy[export]'"
+MISSING_EXTRA = missing_extra("export", "ONNX export")
 # --provider names -> onnxruntime's execution providers, and the package that brings each
 PROVIDERS = {"cpu": "CPUExecutionProvider", "openvino": "OpenVINOExecutionProvider",
              "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -36,12 +36,7 @@ PROVIDER_PACKAGES = {"cpu": "onnxruntime", "openvino": "onnxruntime-openvino", "
 
 def _onnx() -> tuple[ModuleType, ModuleType]:
     """The onnx and onnxruntime modules, or the one line telling how to install them."""
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError:
-        raise RegproxyError(MISSING_EXTRA) from None
-    return onnx, onnxruntime
+    return require_extra("onnx", "export", "ONNX export"), require_extra("onnxruntime", "export", "ONNX export")
 
 
 

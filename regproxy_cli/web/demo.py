@@ -32,14 +32,13 @@ from torch import nn
 
 from regproxy_cli.constants import IMAGE_SUFFIXES, INFERENCE_MODES
 from regproxy_cli.data.synthetic import SyntheticScenes
-from regproxy_cli.errors import RegproxyError
+from regproxy_cli.errors import RegproxyError, require_extra
 from regproxy_cli.images import load_image, save_png_atomic
 from regproxy_cli.inference.predictor import device_of, normalise, to_rgb_array
 from regproxy_cli.inference.protocol import TestProtocol, segment_probs
 from regproxy_cli.inference.runtime import synchronize
 from regproxy_cli.viz import overlay, predict_regions
 
-INSTALL_HINT = "pip install 'regproxy[demo]'"
 MODES = (*INFERENCE_MODES, "tta")  # the demo's third: the paper's multi-scale + flip test
 MODE_LABELS = {"whole": "whole image", "slide": "sliding windows", "tta": "TTA (multi-scale + flip)"}
 MAX_SIDE = 1024  # larger uploads are shrunk first: the page shows them smaller anyway, and K x H x W probabilities
@@ -59,11 +58,7 @@ def import_gradio() -> Any:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read once, at import: no usage reports, no version check
     if "gradio" not in sys.modules:
         os.environ.setdefault("GRADIO_TEMP_DIR", str(demo_folder() / "gradio"))  # some modules read it at import
-    try:
-        import gradio
-    except ImportError:
-        raise RegproxyError(f"regproxy demo needs Gradio: {INSTALL_HINT}") from None
-    return gradio
+    return require_extra("gradio", "demo", "regproxy demo")
 
 
 _FOLDER: list[Path] = []

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import binascii
 import glob
-import importlib
 import math
 import zipfile
 import zlib
@@ -21,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from regproxy_cli.constants import IGNORE_INDEX, IMAGE_SUFFIXES
-from regproxy_cli.errors import RegproxyError, one_line
+from regproxy_cli.errors import RegproxyError, one_line, require_extra
 from regproxy_cli.files import inside, leaves
 
 # What a damaged or hostile zip raises on reading: bad headers, a corrupt deflate stream, an encrypted or
@@ -64,10 +63,8 @@ class Source:
 
 
 def require(module: str, purpose: str) -> ModuleType:
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise RegproxyError(f"{purpose} needs the 'annotations' extra: pip install 'regproxy[annotations]'") from None
+    """pycocotools or OpenCV (the 'annotations' extra), or one error line naming it."""
+    return require_extra(module, "annotations", purpose)
 
 
 def check_labels(labels: np.ndarray) -> np.ndarray:
