@@ -153,7 +153,7 @@ UNSET = {"backbone": None, "num_classes": None, "m": None, "inference_mode": Non
 
 @pytest.mark.parametrize("argv, expected", [
     (["--zoo", "s16-city"], ("config", ZOO["s16-city"].config())),
-    (["--backbone", "s16", "--classes", "19", "--head-depth", "3"],
+    (["--backbone", "s16", "--num-classes", "19", "--m", "3"],
      ("kwargs", {**UNSET, "backbone": "s16", "num_classes": 19, "m": 3})),
     (["--mode", "slide", "--window-stride", "512", "--test-scale", "1024x2048"],
      ("kwargs", {**UNSET, "inference_mode": "slide", "window_stride": 512, "test_scale": (2048, 1024)})),
@@ -203,7 +203,7 @@ def test_flops_passes_every_option(monkeypatch):
 
     counted = Recorder(FlopCount(params=1, true_macs=2, paper_macs=1, stem_true_macs=0, stem_paper_macs=0, windows=8))
     monkeypatch.setattr(flops_module, "count_flops", counted)
-    rows = json.loads(invoke("flops", "-b", "t16", "--size", "768", "--classes", "19", "--region-res", "2x8",
+    rows = json.loads(invoke("flops", "-b", "t16", "--size", "768", "--num-classes", "19", "--region-res", "2x8",
                              "--baseline", "--slide-image", "1024x2048", "--slide-stride", "512", "--json").output)
     (spec,), options = counted.only
     assert spec.name == "t16"
@@ -249,7 +249,7 @@ def test_choices_are_listed_and_checked(command, option, choices):
 
 
 @pytest.mark.parametrize("command, expected", [
-    ("flops", ["--backbone", "--size", "--classes", "--region-res", "--baseline", "--slide-image", "--json",
+    ("flops", ["--backbone", "--size", "--num-classes", "--dataset", "--region-res", "--baseline", "--slide-image", "--json",
                "paper", "Examples"]),
     ("backbones", ["--json", "regproxy.backbones"]),
 ])
@@ -272,7 +272,7 @@ def test_backbones_table_lists_the_built_ins():
     (["flops", "-b", "vit-huge"], "error: unknown backbone 'vit-huge'; available: b16, demo8, l16, r26-s32, r50-l32, s16, t16"),
     (["flops", "-b", "s16", "--region-res", "17"], "error: region resolution '17' must be h or hxw with h, w in 1..16"),
     (["flops", "-b", "s16", "--slide-image", "big"], "error: --slide-image 'big' must be HEIGHTxWIDTH"),
-    (["flops", "-b", "s16", "--classes", "0"], "error: --classes must be at least 1, got 0"),
+    (["flops", "-b", "s16", "--num-classes", "0"], "error: --num-classes must be at least 1, got 0"),
     (["flops", "-b", "s16", "--size", "0"], "error: input size must be positive, got 0"),
     (["flops", "-b", "s16", "--slide-image", "1024x2048", "--slide-stride", "0"], "error: sliding-window stride"),
 ])

@@ -124,6 +124,6 @@ def test_flops_cli_table_shows_paper_figures_and_the_stem_note(cli):
     assert "linear baseline" in result.stdout and "ViT-L/16" in result.stdout and "325" in result.stdout
     result = cli("flops", "-b", "r50-l32", env={"COLUMNS": "120"})
     assert "leaves the ResNet stem out; ours counts it (82.2 G without it)" in result.stdout
-    result = cli("flops", "--size", "768", "--classes", "19", "--slide-image", "1024x2048", "--slide-stride", "512",
+    result = cli("flops", "--size", "768", "--num-classes", "19", "--slide-image", "1024x2048", "--slide-stride", "512",
                  "-b", "b16", env={"COLUMNS": "120"})
     assert "768²x8" in result.stdout and "1064" in result.stdout

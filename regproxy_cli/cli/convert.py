@@ -32,7 +32,7 @@ EXAMPLES = """[bold]Examples[/]
 
   regproxy convert regproxy-s16-ade.pth models/s16-ade --zoo s16-ade
 
-  regproxy convert my_run.pth models/mine --backbone s16 --head-depth 3
+  regproxy convert my_run.pth models/mine --backbone s16 --m 3
 
   regproxy convert my_run.pth models/mine --mode slide --window-stride 512 --test-scale 2048x1024
 
@@ -49,9 +49,10 @@ def convert(
     )] = None,
     zoo: Annotated[str | None, typer.Option("--zoo", help=f"Take this zoo entry's settings: {', '.join(ZOO)}.")] = None,
     backbone: Annotated[str | None, typer.Option(help="Backbone name, when it cannot be told from the weights.")] = None,
-    classes: Annotated[int | None, typer.Option(help="Number of classes (checked against the weights).")] = None,
-    head_depth: Annotated[int | None, typer.Option(
-        "--head-depth", help="Token-head depth M, blocks before the affinity tap (default: from the checkpoint)."
+    num_classes: Annotated[int | None, typer.Option(
+        "--num-classes", help="Number of classes (checked against the weights).")] = None,
+    m: Annotated[int | None, typer.Option(
+        "--m", help="M, the token-head depth: blocks before the affinity tap (default: from the checkpoint)."
     )] = None,
     mode: Annotated[Mode | None, typer.Option(
         "--mode", help="whole | slide: how the model is tested (default: from the checkpoint or the zoo)."
@@ -68,9 +69,9 @@ def convert(
     if all_into is not None:
         if source is not None:
             raise RegproxyError("--all DIR converts the cached zoo releases: give no SOURCE or DESTINATION with it")
-        if zoo or backbone or classes or head_depth is not None or mode or window_stride or test_scale:
+        if zoo or backbone or num_classes or m is not None or mode or window_stride or test_scale:
             raise RegproxyError("--all DIR uses each zoo entry's settings: do not combine it with --zoo/--backbone/"
-                                "--classes/--head-depth/--mode/--window-stride/--test-scale")
+                                "--num-classes/--m/--mode/--window-stride/--test-scale")
         convert_all(all_into)
         return
     if source is None or destination is None:
@@ -78,8 +79,8 @@ def convert(
     if zoo is not None:
         if zoo not in ZOO:
             raise RegproxyError(f"unknown zoo model {zoo!r}; available: {', '.join(ZOO)}")
-        if backbone or classes or head_depth is not None or mode or window_stride or test_scale:
-            raise RegproxyError("--zoo sets everything; do not combine it with --backbone/--classes/--head-depth/"
+        if backbone or num_classes or m is not None or mode or window_stride or test_scale:
+            raise RegproxyError("--zoo sets everything; do not combine it with --backbone/--num-classes/--m/"
                                 "--mode/--window-stride/--test-scale")
         converted = convert_authors_checkpoint(source, ZOO[zoo].config())
     else:
@@ -88,7 +89,7 @@ def convert(
             sides = parse_size("--test-scale", test_scale)
             scale = (max(sides), min(sides))  # mmseg's keep-ratio bound: the order does not matter
         converted = convert_authors_checkpoint(
-            source, known=zoo_configs(), backbone=backbone, num_classes=classes, m=head_depth,
+            source, known=zoo_configs(), backbone=backbone, num_classes=num_classes, m=m,
             inference_mode=mode.value if mode else None, window_stride=window_stride, test_scale=scale,
         )
     save_pretrained(converted, destination)

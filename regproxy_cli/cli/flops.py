@@ -37,7 +37,7 @@ EXAMPLES = """[bold]Examples[/]
 
   regproxy flops --baseline                        # the linear baselines of Table 3
 
-  regproxy flops --size 768 --classes 19 --slide-image 1024x2048 --slide-stride 512   # Table 5
+  regproxy flops --size 768 --num-classes 19 --slide-image 1024x2048 --slide-stride 512   # Table 5
 
   regproxy flops --plot fig2.png --run runs/demo --log-x         # the paper's Fig. 2, and your run on it"""
 
@@ -55,7 +55,7 @@ def flops(
     size: Annotated[
         int | None, typer.Option(help="Square input size; default: each backbone's paper crop (512, or 640 for L).")
     ] = None,
-    classes: Annotated[int, typer.Option(help="Number of classes K.")] = len(ADE20K_CLASSES),
+    num_classes: Annotated[int, typer.Option("--num-classes", help="Number of classes K.")] = len(ADE20K_CLASSES),
     region_res: Annotated[str, typer.Option(help="Region resolution h or hxw (1..16): output stride = stride / h.")] = "4",
     baseline: Annotated[bool, typer.Option("--baseline", help="Count the linear baselines instead.")] = False,
     slide_image: Annotated[
@@ -69,23 +69,23 @@ def flops(
     run: Annotated[
         list[Path] | None, typer.Option("--run", help="With --plot: an evaluated run or report folder (repeatable).")
     ] = None,
-    zoo: Annotated[ZooDataset, typer.Option(help="With --plot: the zoo models of this dataset.")] = ZooDataset.ade20k,
+    dataset: Annotated[ZooDataset, typer.Option(help="With --plot: the zoo models of this dataset.")] = ZooDataset.ade20k,
     log_x: Annotated[bool, typer.Option("--log-x", help="With --plot: logarithmic GFLOPs axis.")] = False,
 ) -> None:
     if plot is not None:
-        _plot(plot, run or [], zoo, log_x, as_json, conflicts={
-            "--backbone": bool(backbone), "--size": size is not None, "--classes": classes != len(ADE20K_CLASSES),
+        _plot(plot, run or [], dataset, log_x, as_json, conflicts={
+            "--backbone": bool(backbone), "--size": size is not None, "--num-classes": num_classes != len(ADE20K_CLASSES),
             "--region-res": region_res != "4", "--baseline": baseline, "--slide-image": slide_image is not None,
             "--slide-stride": slide_stride is not None})
         return
-    for option, given in (("--run", bool(run)), ("--zoo", zoo != ZooDataset.ade20k), ("--log-x", log_x)):
+    for option, given in (("--run", bool(run)), ("--dataset", dataset != ZooDataset.ade20k), ("--log-x", log_x)):
         if given:
             raise RegproxyError(f"{option} needs --plot FILE")
     region = parse_region_res(region_res)
     image = parse_size("--slide-image", slide_image) if slide_image else None
-    if classes < 1:
-        raise RegproxyError(f"--classes must be at least 1, got {classes}")
-    rows = flops_rows(backbone, size=size, classes=classes, region_res=region, baseline=baseline, slide_image=image,
+    if num_classes < 1:
+        raise RegproxyError(f"--num-classes must be at least 1, got {num_classes}")
+    rows = flops_rows(backbone, size=size, classes=num_classes, region_res=region, baseline=baseline, slide_image=image,
                       slide_stride=slide_stride)
     if as_json:
         print_json(rows)
