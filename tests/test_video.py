@@ -2,6 +2,7 @@
 image predict on the decoded frames."""
 
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -258,3 +259,16 @@ def test_predict_cli_bad_videos_fail_with_one_line(tmp_path, model_dir, clip, cl
     result = cli("predict", str(clip), "--model", str(model_dir), "--out", str(out), env=env)
     assert result.returncode == 1
     assert result.stderr.strip() == "error: reading and writing videos needs the 'video' extra: pip install 'regproxy[video]'"
+
+
+def test_videos_get_distinct_output_names_by_predicts_rule():
+    """Same stems in two folders, and a video whose stem is another's folder-prefixed name: no two share a file."""
+    from regproxy_cli.engine.runner import output_names
+    from regproxy_cli.engine.video import VIDEO_OUTPUT_FILES
+
+    paths = [Path("x/clip.mp4"), Path("y/clip.mp4"), Path("z/x_clip.mov"), Path("w/solo.mkv")]
+    names = output_names(paths, files=VIDEO_OUTPUT_FILES)
+    assert names == {Path("z/x_clip.mov"): "x_clip", Path("w/solo.mkv"): "solo", Path("x/clip.mp4"): "x_clip_mp4",
+                     Path("y/clip.mp4"): "y_clip"}
+    written = [template.format(name) for name in names.values() for template in VIDEO_OUTPUT_FILES]
+    assert len(set(written)) == len(written)

@@ -12,8 +12,8 @@ from tqdm import tqdm
 from regproxy_cli.cli.options import Precision, Provider, check_precision, model_device, parse_device
 from regproxy_cli.cli.output import console, err_console, print_classes_present, print_error
 from regproxy_cli.data.video import VideoReader, import_av
-from regproxy_cli.engine.runner import open_model
-from regproxy_cli.engine.video import expand_videos, predict_video
+from regproxy_cli.engine.runner import open_model, output_names
+from regproxy_cli.engine.video import VIDEO_OUTPUT_FILES, expand_videos, predict_video
 from regproxy_cli.errors import RegproxyError
 
 FRAMES_HELP = ("Videos: also write each segmented frame's label PNG, OUT/<video name>/<frame number>.png "
@@ -49,10 +49,10 @@ def predict_videos(
     run_precision = check_precision(precision, torch_device)
     segmenter = open_model(model, torch_device, precision=run_precision, provider=provider.value,
                            compile_network=compile_network, status=err_console.status)
-    stems = Counter(p.stem for p in paths)
+    stems = output_names(paths, files=VIDEO_OUTPUT_FILES)  # the rule predict applies to images
     reports, failed = [], []
     for path in paths:
-        stem = path.stem if stems[path.stem] == 1 else f"{path.parent.name}_{path.stem}"
+        stem = stems[path]
         try:
             with VideoReader(path) as video:  # the frame count for the bar, and a bad file fails before any output
                 total = video.info.frames_estimate

@@ -127,12 +127,14 @@ OUTPUT_FILES = ("{}.png", "{}_overlay.png", "{}_regions.png", "{}_maxprob.png", 
                 "{}_disagreement.png", "{}_probs.npz", "{}.json")
 
 
-def output_names(paths: list[Path], levels: tuple[str, ...] = ()) -> dict[Path, str]:
+def output_names(paths: list[Path], levels: tuple[str, ...] = (), files: tuple[str, ...] = OUTPUT_FILES
+                 ) -> dict[Path, str]:
     """Each input's output name, distinct by construction: the stem; for a stem several inputs share,
     ``<folder>_<stem>``; when that (or one of its files, e.g. ``x_overlay.png`` of an input ``x_overlay``) is taken,
     ``<folder>_<stem>_<suffix>``, then ``-2``, ``-3``, ... Names and file names are compared ignoring case (a
-    case-insensitive file system would merge them)."""
-    templates = OUTPUT_FILES + tuple(f"{{}}_{level}.png" for level in levels)
+    case-insensitive file system would merge them). ``files`` are the templates of what one input writes (a
+    video: :data:`~regproxy_cli.engine.video.VIDEO_OUTPUT_FILES`)."""
+    templates = files + tuple(f"{{}}_{level}.png" for level in levels)
     stems = Counter(p.stem.casefold() for p in paths)
     taken = {COCO_FILE.casefold(), "cvat.zip"}  # the run's own files: an input named 'predictions' must not get them
     names: dict[Path, str] = {}

@@ -23,6 +23,8 @@ from regproxy_cli.images import save_label_png
 from regproxy_cli.inference.pipeline import forward_batch, predict_label_batch, run_pipeline
 from regproxy_cli.viz import overlay
 
+VIDEO_OUTPUT_FILES = ("{}_overlay.mp4", "{}")  # what one video writes: the overlay, the folder of label maps
+
 
 @dataclass
 class VideoReport:
