@@ -225,18 +225,18 @@ def train_md(s: dict) -> str:
 
 
 def quality_md(q: dict) -> str:
-    runs, setup = q.get("runs", []), q.get("setup", {})
-    if not runs:
+    """docs/quality.json as bench.quality writes it: its own tables (mean ± sd over seeds, per generator)."""
+    from bench.quality import markdown
+
+    summary, setup = q.get("summary", {}), q.get("setup", {})
+    if not summary:
         return "No quality results yet: run `python -m bench.quality`."
-    rows = [[r["model"], r["output_stride"], f"{r['mIoU']:.1f}", f"{r['BF']:.1f}", f"{r['line_IoU']:.1f}",
-             f"{r['true_GMACs']:.3f}", f"{r['params'] / 1e6:.3f}"] for r in runs]
+    seeds = ", ".join(map(str, setup.get("seeds", [])))
     return (f"`python -m bench.quality`: {setup.get('backbone')} from scratch, every model trained with the same "
-            f"seed, data and budget ({setup.get('iters')} iterations of batch {setup.get('batch_size')}, "
-            f"{setup.get('train_images')} training scenes), scored on {setup.get('val_images')} validation "
-            f"scenes at {setup.get('image_size')}²; boundary F with a {setup.get('boundary_tolerance_px')} px "
-            "tolerance; thin-line IoU: the 2-4 px line class.\n\n"
-            + _table(["model", "output stride", "mIoU", "boundary F", "thin-line IoU", "true GMACs", "params (M)"],
-                     rows))
+            f"data and budget ({setup.get('iters')} iterations of batch {setup.get('batch_size')}, "
+            f"{setup.get('train_images')} training scenes, seeds {seeds}), scored on {setup.get('val_images')} "
+            f"validation scenes at {setup.get('image_size')}²; boundary F with a {setup.get('boundary_tolerance_px')} "
+            "px tolerance.\n" + markdown(summary))
 
 
 SECTION_TITLES = [
