@@ -25,7 +25,7 @@ Two counts: [bold]paper[/] follows the convention of the paper's tables (mmcv's 
 everything inside attention); [bold]true[/] counts every matrix product, attention and painting included.
 Counting runs on meta tensors: no weights are allocated.
 
---plot FILE draws the paper's Fig. 2: mIoU against GFLOPs for the zoo models of --zoo (the paper's single-scale
+--plot FILE draws the paper's Fig. 2: mIoU against GFLOPs for the zoo models of --dataset (the paper's single-scale
 mIoU) and for each --run DIR (an eval --report folder, or a training run / model directory with eval.json or
 its own validation mIoU), GFLOPs counted at each model's crop size. Needs matplotlib: pip install 'regproxy[report]'."""
 
@@ -100,7 +100,7 @@ def _plot(path: Path, runs: list[Path], zoo: ZooDataset, log_x: bool, as_json: b
         raise RegproxyError(f"--plot counts every model as it is configured; drop {', '.join(given)}")
     points = flops_points(runs, None if zoo == ZooDataset.none else zoo.value)
     if not points:
-        raise RegproxyError("--plot: nothing to draw (--zoo none and no --run)")
+        raise RegproxyError("--plot: nothing to draw (--dataset none and no --run)")
     plot_flops(points, path, log_x=log_x)
     if as_json:
         print_json(points)
