@@ -51,6 +51,21 @@ def test_segment_shrinks_large_uploads_and_draws_regions(model):
     assert result.regions is not None and result.regions.shape == (154, 1024, 3)
 
 
+def test_demo_runs_the_network_at_the_precision_asked(model, monkeypatch):
+    """--precision reaches the page: the network runs under predict's autocast at bf16 (labels as predict's bf16
+    ones); fp16 on a CPU is the one error line predict gives."""
+    image = np.random.default_rng(1).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    seen = []
+    real_autocast = demo.autocast
+    monkeypatch.setattr(demo, "autocast", lambda device, precision: seen.append(precision) or real_autocast(
+        device, precision))
+    result = demo.segment(model, image, "whole", "bf16")
+    assert seen == ["bf16"]
+    assert (result.labels == predict_labels(model, image, mode="whole", precision="bf16")).mean() > 0.99
+    with pytest.raises(RegproxyError, match="fp16 needs a CUDA device"):
+        demo.segment(model, image, "whole", "fp16")
+
+
 def test_class_table_and_confidence_colours():
     labels = np.array([[0, 0, 2], [2, 2, 2]])
     rows = demo.class_shares(labels, ["a", "b", "c"], [(255, 0, 0), (0, 255, 0), (0, 0, 255)])

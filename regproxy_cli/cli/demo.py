@@ -7,9 +7,17 @@ from typing import Annotated
 
 import typer
 
-from regproxy_cli.cli.options import DeviceOption, ModelOption, model_device, parse_device
+from regproxy_cli.cli.options import (
+    DeviceOption,
+    ModelOption,
+    Precision,
+    PrecisionOption,
+    check_precision,
+    model_device,
+    parse_device,
+)
 from regproxy_cli.cli.output import console
-from regproxy_cli.hub.zoo import load_model
+from regproxy_cli.engine.runner import open_model
 from regproxy_cli.web.demo import check_port, import_gradio, serve
 
 SUMMARY = "A local web page: upload an image, see its classes, regions and confidence (the 'demo' extra)."
@@ -38,10 +46,12 @@ def demo(
     examples: Annotated[Path | None, typer.Option(help="A folder of example images (default: generated scenes).",
                                                   file_okay=False)] = None,
     device: DeviceOption = "auto",
+    precision: PrecisionOption = Precision.fp32,
 ) -> None:
     import_gradio()  # a missing extra or a taken port stops here, before the model loads
     check_port(host, port)
     torch_device = parse_device(model_device(device, model))
-    segmenter = load_model(model).to(torch_device)
-    serve(segmenter, host=host, port=port, examples=examples, title=model,
+    run_precision = check_precision(precision, torch_device)
+    segmenter = open_model(model, torch_device, precision=run_precision)  # as predict opens it
+    serve(segmenter, host=host, port=port, examples=examples, title=model, precision=run_precision,
           ready=lambda url: console.print(f"regproxy demo of {model} on {url} (Ctrl+C stops it)"))

@@ -36,7 +36,7 @@ from regproxy_cli.errors import RegproxyError, require_extra
 from regproxy_cli.images import load_image, save_png_atomic
 from regproxy_cli.inference.predictor import device_of, normalise, to_rgb_array
 from regproxy_cli.inference.protocol import TestProtocol, segment_probs
-from regproxy_cli.inference.runtime import synchronize
+from regproxy_cli.inference.runtime import autocast, synchronize
 from regproxy_cli.viz import overlay, predict_regions
 
 MODES = (*INFERENCE_MODES, "tta")  # the demo's third: the paper's multi-scale + flip test
@@ -133,12 +133,14 @@ def region_picture(model: nn.Module, image: np.ndarray) -> np.ndarray | None:
     return predict_regions(model, image)
 
 
-def segment(model: nn.Module, image: np.ndarray, mode: str = "whole") -> Segmentation:
-    """Labels, confidence and regions of one (H, W, 3) uint8 RGB image (shrunk to :data:`MAX_SIDE` first)."""
+def segment(model: nn.Module, image: np.ndarray, mode: str = "whole", precision: str = "fp32") -> Segmentation:
+    """Labels, confidence and regions of one (H, W, 3) uint8 RGB image (shrunk to :data:`MAX_SIDE` first), the
+    network at ``precision`` (fp32, or bf16 / fp16 autocast, as predict runs it)."""
     start = time.perf_counter()
     image = fit_size(to_rgb_array(image))
-    labels, confidence = segment_with_confidence(model, image, mode)
-    regions = region_picture(model, image)
+    with autocast(device_of(model), precision):
+        labels, confidence = segment_with_confidence(model, image, mode)
+        regions = region_picture(model, image)
     synchronize(device_of(model))
     return Segmentation(image, labels, confidence, regions, mode, time.perf_counter() - start)
 
@@ -206,7 +208,7 @@ def example_images(folder: str | os.PathLike | None, scratch: str | os.PathLike,
     return paths
 
 
-def build_demo(model: nn.Module, examples: list[Path], title: str = "RegProxy") -> Any:
+def build_demo(model: nn.Module, examples: list[Path], title: str = "RegProxy", precision: str = "fp32") -> Any:
     """The page as a ``gradio.Blocks``; it opens with the first example already segmented (whole image)."""
     gr = import_gradio()
     config = model.config
@@ -217,7 +219,7 @@ def build_demo(model: nn.Module, examples: list[Path], title: str = "RegProxy") 
         if image is None:
             return None, None, None, class_table([]), "", None
         try:
-            result = segment(model, image, mode)
+            result = segment(model, image, mode, precision)
         except RegproxyError as exc:
             raise gr.Error(str(exc)) from None
         rows = class_shares(result.labels, config.classes, palette)
@@ -293,6 +295,7 @@ def serve(
     examples: str | os.PathLike | None = None,
     title: str = "RegProxy",
     ready: Callable[[str], None] | None = None,
+    precision: str = "fp32",
 ) -> None:
     """Serve the demo page for ``model`` on ``http://host:port/`` until interrupted; ``ready`` gets the URL once
     it answers."""
@@ -305,7 +308,7 @@ def serve(
     try:
         with tempfile.TemporaryDirectory(prefix="examples-", dir=demo_folder()) as scratch:
             paths = example_images(examples, scratch)
-            blocks = build_demo(model, paths, title)
+            blocks = build_demo(model, paths, title, precision)
             try:
                 blocks.launch(server_name=host, server_port=port, share=False, inbrowser=False,
                               prevent_thread_lock=True, quiet=True, ssr_mode=False, mcp_server=False,
