@@ -93,7 +93,7 @@ def test_broken_directories_give_one_line_errors(tmp_path):
     ({"mean": "imagenet"}, "key mean: expected a list, got 'imagenet'"),
     ({"std": [0, 0, 0]}, r"key std\[0\]: must be > 0, got 0.0"),
     ({"format_version": "1"}, "key format_version: expected int, got '1'"),
-    ({"inference_mode": "tiles"}, "key inference_mode: 'tiles' is not one of slide, whole"),
+    ({"inference_mode": "tiles"}, "key inference_mode: 'tiles' is not one of whole, slide"),
     ({"baseline": "no"}, "key baseline: expected bool, got 'no'"),
 ])
 def test_model_config_json_is_validated_at_load_one_line_naming_the_key(tmp_path, change, message):
