@@ -7,14 +7,13 @@ through the entry-point machinery; the Hub's offline and gated failures as one l
 import importlib
 import json
 import os
-import sys
-import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
 import onnxruntime
 import pytest
 import timm
+import tomllib
 import torch
 import torch.nn.functional as F
 from huggingface_hub.errors import GatedRepoError
