@@ -374,3 +374,19 @@ def test_full_size_tokens_equal_timm_forward_features(name):
         reference = _timm_patch_tokens(backbone.vit, x, spec.stride, 5)
     torch.testing.assert_close(final, reference, rtol=0, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("name", DINO_NAMES)
+def test_true_gmacs_at_512_agree_with_torchs_counter(name):
+    """The count `regproxy flops` and docs/backbones.md give, against torch.utils.flop_counter (meta tensors)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from regproxy_cli.model.flops import count_flops
+
+    spec = _declared_spec(name)
+    ours = count_flops(spec, size=512).true_macs
+    with torch.device("meta"):
+        model = build_model(spec, 150, img_size=512 if spec.stride == 16 else 518).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, 512, 512, device="meta"))
+    assert ours == pytest.approx(counter.get_total_flops() / 2, rel=0.01)

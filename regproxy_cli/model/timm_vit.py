@@ -148,6 +148,20 @@ class TimmViTBackbone(nn.Module):
         use_sdpa = self.attention_kernel(*x.shape[-2:]) == "sdpa"
         for attention, timm_fused in self._attention:
             attention.fused_attn = timm_fused and use_sdpa
+        x, (gh, gw), block_args = self.embed(x)
+        tap = x
+        with self._linear_weights_in_bf16(x):
+            for index, block in enumerate(self.vit.blocks):
+                x = block(x, **block_args)
+                if index + 1 == self.m:
+                    tap = x
+        final = self.vit.norm(x)
+        return self._to_grid(tap, gh, gw), self._to_grid(final, gh, gw)
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], dict[str, torch.Tensor]]:
+        """The token sequence the blocks start from, (B, prefix + rows * cols, C), its (rows, cols) grid and the
+        keyword arguments every block takes (DINOv3's rotary embedding): padding to the stride, patch embedding,
+        position embedding and prefix tokens. Peers built on the same ViT (bench/dino.py) start here too."""
         height, width = x.shape[-2:]
         pad_h, pad_w = -height % self.stride, -width % self.stride
         if pad_h or pad_w:
@@ -175,15 +189,7 @@ class TimmViTBackbone(nn.Module):
         if self.vit.patch_drop is not None:  # timm's Eva keeps None where VisionTransformer keeps an Identity
             x = self.vit.patch_drop(x)
         x = self.vit.norm_pre(x)
-
-        tap = x
-        with self._linear_weights_in_bf16(x):
-            for index, block in enumerate(self.vit.blocks):
-                x = block(x, **block_args)
-                if index + 1 == self.m:
-                    tap = x
-        final = self.vit.norm(x)
-        return self._to_grid(tap, gh, gw), self._to_grid(final, gh, gw)
+        return x, (gh, gw), block_args
 
     @contextmanager
     def _linear_weights_in_bf16(self, x: torch.Tensor) -> Iterator[None]:
