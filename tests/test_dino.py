@@ -390,3 +390,27 @@ def test_true_gmacs_at_512_agree_with_torchs_counter(name):
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.zeros(1, 3, 512, 512, device="meta"))
     assert ours == pytest.approx(counter.get_total_flops() / 2, rel=0.01)
+
+
+@pytest.mark.parametrize("spec", TINY_DINO_SPECS, ids=lambda s: s.name)
+def test_pretrained_weights_resolve_through_timms_names_from_the_hub_cache(spec, hub_cache):
+    """`pretrained: true` asks timm for `timm/<name>.<tag>`; with the file in the Hub cache it loads offline. DINOv2's
+    position embedding (stored for 37x37 at 518^2) is resized to the crop's grid without prefix rows."""
+    from safetensors.torch import save_file
+
+    from conftest import hub_snapshot
+
+    arch = spec.pretrained.split(".")[0]
+    source = timm.create_model(arch, num_classes=0, embed_dim=32, depth=2, num_heads=2)  # DINOv2: 518^2, 37x37
+    _randomise(source)
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file(state, str(hub_snapshot(hub_cache, f"timm/{spec.pretrained}") / "model.safetensors"))
+    model = build_model(spec, 3, pretrained=True, img_size=6 * spec.stride)
+    vit = model.backbone.vit
+    for name, tensor in state.items():
+        if name == "pos_embed":
+            expected = resample_abs_pos_embed(tensor, new_size=[6, 6], old_size=[37, 37], num_prefix_tokens=0,
+                                              interpolation="bicubic", antialias=False)
+            torch.testing.assert_close(vit.pos_embed, expected, rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(vit.state_dict()[name], tensor), name
