@@ -414,3 +414,16 @@ def test_pretrained_weights_resolve_through_timms_names_from_the_hub_cache(spec,
             torch.testing.assert_close(vit.pos_embed, expected, rtol=0, atol=1e-6)
         else:
             assert torch.equal(vit.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("spec", TINY_DINO_SPECS, ids=lambda s: s.name)
+def test_registers_and_layer_scale_are_not_weight_decayed(spec):
+    from regproxy_cli.engine.train import param_groups
+
+    model = build_model(spec.name, 3)
+    decay, no_decay = param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    gammas = {n for n in names.values() if "gamma" in n}
+    assert len(gammas) == 4 and gammas | {"backbone.vit.reg_token", "backbone.vit.cls_token"} <= skipped
+    assert "backbone.vit.blocks.0.attn.qkv.weight" in {names[id(p)] for p in decay["params"]}
