@@ -427,3 +427,20 @@ def test_registers_and_layer_scale_are_not_weight_decayed(spec):
     gammas = {n for n in names.values() if "gamma" in n}
     assert len(gammas) == 4 and gammas | {"backbone.vit.reg_token", "backbone.vit.cls_token"} <= skipped
     assert "backbone.vit.blocks.0.attn.qkv.weight" in {names[id(p)] for p in decay["params"]}
+
+
+def test_sliding_windows_at_stride_14_equal_a_naive_loop():
+    """Windows of 70 (5 x 14) every 42 (3 x 14) over a 100 x 150 image: each window the model's own logits."""
+    from regproxy_cli.inference.protocol import slide_logits
+
+    torch.manual_seed(0)
+    model = build_model("tiny-dinov2", 3).eval()
+    image = torch.randn(1, 3, 100, 150)
+    got = slide_logits(model, image, num_classes=3, window=(70, 70), stride=(42, 42), batch_size=4)
+    total, count = torch.zeros(3, 100, 150), torch.zeros(100, 150)
+    for y in (0, 30):  # 0, 42 -> the last window is moved back to end at the border (mmseg)
+        for x in (0, 42, 80):
+            with torch.no_grad():
+                total[:, y:y + 70, x:x + 70] += model(image[..., y:y + 70, x:x + 70])[0]
+            count[y:y + 70, x:x + 70] += 1
+    torch.testing.assert_close(got[0], total / count, rtol=0, atol=1e-5)
