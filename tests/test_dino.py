@@ -444,3 +444,14 @@ def test_sliding_windows_at_stride_14_equal_a_naive_loop():
                 total[:, y:y + 70, x:x + 70] += model(image[..., y:y + 70, x:x + 70])[0]
             count[y:y + 70, x:x + 70] += 1
     torch.testing.assert_close(got[0], total / count, rtol=0, atol=1e-5)
+
+
+def test_a_rotary_embedding_other_than_dinov3s_is_refused_in_one_line():
+    """EVA-style axial rope (timm's RotaryEmbeddingCat) is computed differently; the wrapper must not guess."""
+    from regproxy_cli.model.timm_vit import TimmViTBackbone
+
+    vit = timm.create_model("vit_base_patch16_rope_224", num_classes=0, embed_dim=32, depth=2, num_heads=2,
+                            dynamic_img_size=True)
+    with pytest.raises(RegproxyError, match="only DINOv3's axial rotary embedding") as info:
+        TimmViTBackbone(vit, m=1, stride=16)
+    assert "\n" not in str(info.value)

@@ -50,8 +50,13 @@ class TimmViTBackbone(nn.Module):
         has_pos = getattr(vit, "pos_embed", None) is not None
         if self.rope is None and not has_pos:
             raise RegproxyError("TimmViTBackbone needs a timm ViT with a learned or a rotary position embedding")
+        # rope_embedding writes out DINOv3's rope with its defaults; any other rope (EVA's, mixed, offset or
+        # differently normalised grids) would be silently wrong, so it is refused
         if self.rope is not None and (has_pos or getattr(vit, "rope_mixed", False)
-                                      or not hasattr(self.rope, "periods")):
+                                      or not hasattr(self.rope, "periods")
+                                      or getattr(self.rope, "normalize_coords", "separate") != "separate"
+                                      or getattr(self.rope, "grid_offset", 0.0) != 0.0
+                                      or getattr(self.rope, "grid_indexing", "ij") != "ij"):
             raise RegproxyError("unsupported timm ViT: only DINOv3's axial rotary embedding (and no learned "
                                 "position embedding beside it) is supported")
         self.vit = vit
