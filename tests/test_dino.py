@@ -455,3 +455,14 @@ def test_a_rotary_embedding_other_than_dinov3s_is_refused_in_one_line():
     with pytest.raises(RegproxyError, match="only DINOv3's axial rotary embedding") as info:
         TimmViTBackbone(vit, m=1, stride=16)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["dinov3-s16-ade", "dinov3-s16-city", "dinov2-s14-ade", "dinov2-s14-city"])
+def test_frozen_recipes_load_and_their_crops_and_windows_are_multiples_of_the_stride(name):
+    from regproxy_cli.engine.config import load_config
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    spec = _declared_spec(config.model.backbone)
+    assert config.model.freeze == "backbone" and config.model.pretrained
+    assert config.data.crop % spec.stride == 0 and config.test.stride % spec.stride == 0
+    assert config.model.m == (spec.m if name.endswith("ade") else 3)
