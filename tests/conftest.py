@@ -35,7 +35,20 @@ TINY_HYBRID = BackboneSpec(
     pretrained="vit_small_r26_s32_384.augreg_in21k_ft_in1k", crop_size=64,
     factory=partial(create_timm_vit, "vit_small_r26_s32_384", stride=32, **_TINY),
 )
+# the 2025 plain ViTs at the same tiny size: DINOv3 (rotary embeddings, registers, layer scale) and DINOv2 with
+# registers at patch 14 (a stride that is not a power of two); crops are multiples of the stride
+TINY_DINOV3 = BackboneSpec(
+    name="tiny-dinov3", title="tiny DINOv3/16", stride=16, m=1, width=32, depth=2, heads=2, num_prefix_tokens=5,
+    pretrained="vit_small_patch16_dinov3.lvd1689m", crop_size=64,
+    factory=partial(create_timm_vit, "vit_small_patch16_dinov3", stride=16, **_TINY),
+)
+TINY_DINOV2 = BackboneSpec(
+    name="tiny-dinov2", title="tiny DINOv2/14", stride=14, m=1, width=32, depth=2, heads=2, num_prefix_tokens=5,
+    pretrained="vit_small_patch14_reg4_dinov2.lvd142m", crop_size=70,
+    factory=partial(create_timm_vit, "vit_small_patch14_reg4_dinov2", stride=14, **_TINY),
+)
 TINY_SPECS = [TINY_VIT, TINY_DEIT, TINY_HYBRID]
+TINY_DINO_SPECS = [TINY_DINOV3, TINY_DINOV2]
 
 
 class SteepPointwise(SegmentationModel):
@@ -159,7 +172,8 @@ def tiny_backbones_installed(tmp_path_factory):
     info = site / "regproxy_test_tiny-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: regproxy-test-tiny\nVersion: 0.1\n")
-    names = {"tiny-vit": "TINY_VIT", "tiny-deit": "TINY_DEIT", "tiny-hybrid": "TINY_HYBRID"}
+    names = {"tiny-vit": "TINY_VIT", "tiny-deit": "TINY_DEIT", "tiny-hybrid": "TINY_HYBRID",
+             "tiny-dinov3": "TINY_DINOV3", "tiny-dinov2": "TINY_DINOV2"}
     lines = "\n".join(f"{name} = conftest:{attr}" for name, attr in names.items())
     (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\n{lines}\n")
     tests_dir = os.path.dirname(__file__)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import TINY_HYBRID, TINY_VIT
+from conftest import TINY_DINOV2, TINY_DINOV3, TINY_HYBRID, TINY_VIT
 from regproxy_cli import build_model
 from regproxy_cli.model.flops import PAPER_FIGURES, count_flops, count_model, sliding_windows
 
@@ -75,7 +75,7 @@ def test_true_counts_agree_with_torch_flop_counter(case, explicit_attention):
     assert ours == pytest.approx(torch_macs, rel=0.01)
 
 
-@pytest.mark.parametrize("spec", [TINY_VIT, TINY_HYBRID], ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", [TINY_VIT, TINY_HYBRID, TINY_DINOV3, TINY_DINOV2], ids=lambda s: s.name)
 def test_true_counts_agree_with_torch_on_real_tensors(spec, explicit_attention):
     model = build_model(spec, 5, region_res=(8, 8)).eval()
     ours = count_model(model, 96, 128).true_macs

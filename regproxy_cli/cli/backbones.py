@@ -21,8 +21,8 @@ def backbones(
         print_json([{f: getattr(s, f) for f in fields} for s in specs])
         return
     table = Table(title="Installed backbones")
-    for column in ("name", "backbone", "stride", "M", "width", "depth", "heads", "prefix", "crop", "ImageNet weights"):
-        table.add_column(column, justify="left" if column in ("name", "backbone", "ImageNet weights") else "right")
+    for column in ("name", "backbone", "stride", "M", "width", "depth", "heads", "prefix", "crop", "starts from"):
+        table.add_column(column, justify="left" if column in ("name", "backbone", "starts from") else "right")
     for s in specs:
         table.add_row(
             s.name, s.title, str(s.stride), str(s.m), str(s.width), str(s.depth), str(s.heads),

@@ -11,6 +11,13 @@ error: the tensors would have the same names and mean something else.
 (and a hybrid's CNN stem), the prefix tokens, the position embedding and the first N transformer blocks.
 Frozen parameters are left out of the optimiser, and the modules made only of frozen parameters stay in eval
 mode during training, so batch-norm statistics (hybrid stems) do not move and drop path is off there.
+
+What a frozen part costs: nothing backward. Autograd records an operation only when one of its inputs requires a
+gradient; the image does not, and a frozen parameter does not, so no graph is built through the frozen blocks and
+their activations are freed as the forward goes (measured by ``python -m bench.frozen``). ``backbone`` is the
+frozen-features recipe of DINOv2/DINOv3 (their linear probe): the whole ViT frozen, RegProxy's affinity head and
+token classifier trained on the tap and final tokens. ``blocks:M`` freezes exactly the blocks before the tap, so
+the token head (the blocks after it, and the final norm) trains with the proxy head.
 """
 
 from __future__ import annotations
@@ -151,11 +158,17 @@ def init_from(model: nn.Module, source: nn.Module, spec: str) -> InitReport:
 
 
 def _resized_pos_embed(value: torch.Tensor, source_backbone: nn.Module, target_backbone: nn.Module) -> torch.Tensor:
-    """A position embedding laid out for the source's grid, resampled to the target's (prefix tokens untouched)."""
+    """A position embedding laid out for the source's grid, resampled to the target's (prefix rows untouched).
+
+    The backbone resizes it as its own forward does (``resample_pos_embed``: prefix rows, if its layout has them,
+    kept); a backbone with rotary embeddings only (DINOv3) has no ``pos_embed`` and never gets here.
+    """
     prefix = target_backbone.num_prefix_tokens
     if source_backbone.num_prefix_tokens != prefix:
         raise RegproxyError(f"model.init_from: {source_backbone.num_prefix_tokens} prefix tokens in the source, "
                             f"{prefix} in the model")
+    if hasattr(target_backbone, "resample_pos_embed"):
+        return target_backbone.resample_pos_embed(value, target_backbone.pos_grid, source_backbone.pos_grid)
     return resample_abs_pos_embed(value, new_size=list(target_backbone.pos_grid),
                                   old_size=list(source_backbone.pos_grid), num_prefix_tokens=prefix,
                                   interpolation="bicubic", antialias=False)

@@ -54,7 +54,9 @@ from regproxy_cli.model.config import ModelConfig
 from regproxy_cli.model.plugins import get_backbone
 from regproxy_cli.model.regproxy import build_from_config
 
-NO_DECAY_KEYS = ("pos_embed", "cls_token", "dist_token", "norm")  # the authors' paramwise_cfg, in our names
+# the authors' paramwise_cfg, in our names; DINOv2/v3's register tokens and layer-scale gammas (ls1.gamma, gamma_1)
+# are prefix tokens and per-channel scales like those, so they are not decayed either (as timm and DINOv2 do)
+NO_DECAY_KEYS = ("pos_embed", "cls_token", "dist_token", "norm", "reg_token", "gamma")
 
 
 class TrainStream(Dataset):

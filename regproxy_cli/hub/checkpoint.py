@@ -75,6 +75,28 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], wh
     if problems:
         raise RegproxyError(f"{where}: weights do not fit the model: {'; '.join(problems)}")
     model.load_state_dict(state, strict=True, assign=True)
+    _materialise_non_persistent_buffers(model, next(iter(state.values())).device if state else torch.device("cpu"))
+
+
+def _materialise_non_persistent_buffers(model: nn.Module, device: torch.device) -> None:
+    """Rebuild the buffers a state dict does not carry (left on the meta device by the meta build).
+
+    A model is built on the meta device and its weights assigned; a non-persistent buffer (DINOv3's rotary periods
+    in timm's ``RotaryEmbeddingDinoV3``) is not in the file and would stay meta, failing at the first ``.to()``. timm
+    modules that own such buffers recompute them in ``init_non_persistent_buffers``.
+    """
+    for name, module in model.named_modules():
+        meta = [key for key in module._non_persistent_buffers_set
+                if module._buffers.get(key) is not None and module._buffers[key].is_meta]
+        if not meta:
+            continue
+        rebuild = getattr(module, "init_non_persistent_buffers", None)
+        if rebuild is None:
+            raise RegproxyError(f"cannot load a model whose {name or 'model'} has buffers that are not saved "
+                                f"({', '.join(meta)}) and no init_non_persistent_buffers() to recompute them")
+        for key in meta:
+            module._buffers[key] = torch.empty_like(module._buffers[key], device=device)
+        rebuild()
 
 
 CITATION = """@inproceedings{zhang2022regproxy,

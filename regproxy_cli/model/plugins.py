@@ -32,7 +32,7 @@ class Backbone(Protocol):
     ``stride`` itself, and returns ``(tap, final)``, both (B, C, ceil(H/stride), ceil(W/stride)):
     ``tap`` is the token grid after the first ``m`` blocks (no norm; ``m = 0`` is right after the
     stem and position embedding), ``final`` the last block's output after the final norm. Prefix
-    tokens (cls, distillation) are dropped from both.
+    tokens (cls, distillation, registers) are dropped from both.
     """
 
     stride: int
@@ -62,7 +62,7 @@ class BackboneSpec:
         width: token dimension D.
         depth: number of transformer blocks.
         heads: attention heads.
-        num_prefix_tokens: cls (+ distillation) tokens in front of the patch tokens.
+        num_prefix_tokens: cls (+ distillation, + registers) tokens in front of the patch tokens.
         pretrained: timm model name with tag (``vit_small_patch16_384.augreg_in21k_ft_in1k``); the
             ImageNet weights training starts from, fetched from the Hub as ``timm/<pretrained>``; None for a
             backbone that is trained from scratch.
