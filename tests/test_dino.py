@@ -264,8 +264,8 @@ def test_frozen_training_on_generated_scenes_keeps_the_backbone_and_the_head_lea
     settings = {
         "model": {"backbone": "tiny-dinov2", "pretrained": False, "freeze": "backbone"},
         "data": {"kind": "synthetic", "root": str(tmp_path / "scenes"), "synthetic_train": 8, "synthetic_val": 2,
-                 "synthetic_size": 70, "crop": 70, "scale": [140, 70], "workers": 0},
-        "test": {"mode": "whole", "scale": None},
+                 "synthetic_size": 70, "crop_size": 70, "scale": [140, 70], "workers": 0},
+        "test": {"inference_mode": "whole", "test_scale": None},
         "optim": {"lr": 2e-2, "batch_size": 4, "iters": 30, "warmup_iters": 1},
         "run": {"out_dir": str(tmp_path / "run"), "eval_every": 30, "save_every": 30, "log_every": 10,
                 "threads": 1},
@@ -464,5 +464,5 @@ def test_frozen_recipes_load_and_their_crops_and_windows_are_multiples_of_the_st
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
     spec = _declared_spec(config.model.backbone)
     assert config.model.freeze == "backbone" and config.model.pretrained
-    assert config.data.crop % spec.stride == 0 and config.test.stride % spec.stride == 0
+    assert config.data.crop_size % spec.stride == 0 and config.test.window_stride % spec.stride == 0
     assert config.model.m == (spec.m if name.endswith("ade") else 3)
