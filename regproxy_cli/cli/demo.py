@@ -7,9 +7,20 @@ from typing import Annotated
 
 import typer
 
-from regproxy_cli.cli.options import DeviceOption, ModelOption, model_device, parse_device
+from regproxy_cli.cli.options import (
+    DeviceOption,
+    ModelOption,
+    Precision,
+    PrecisionOption,
+    check_precision,
+    model_device,
+    parse_device,
+)
 from regproxy_cli.cli.output import console
+from regproxy_cli.engine.runner import check_onnx_options
+from regproxy_cli.errors import RegproxyError
 from regproxy_cli.hub.zoo import load_model
+from regproxy_cli.inference.quantize import quantize_int8
 from regproxy_cli.web.demo import check_port, import_gradio, serve
 
 SUMMARY = "A local web page: upload an image, see its classes, regions and confidence (the 'demo' extra)."
@@ -28,7 +39,9 @@ EXAMPLES = """[bold]Examples[/]
 
   regproxy demo --model runs/demo/best
 
-  regproxy demo --model s16-ade --examples photos/ --port 8080"""
+  regproxy demo --model s16-ade --examples photos/ --port 8080
+
+  regproxy demo --model runs/demo/best --device cpu --precision int8"""
 
 
 def demo(
@@ -38,10 +51,17 @@ def demo(
     examples: Annotated[Path | None, typer.Option(help="A folder of example images (default: generated scenes).",
                                                   file_okay=False)] = None,
     device: DeviceOption = "auto",
+    precision: PrecisionOption = Precision.fp32,
 ) -> None:
     import_gradio()  # a missing extra or a taken port stops here, before the model loads
     check_port(host, port)
     torch_device = parse_device(model_device(device, model))
+    run_precision = check_precision(precision, torch_device)
+    if run_precision not in ("fp32", "int8"):  # the page's calls run without autocast: int8 is a model conversion
+        raise RegproxyError(f"the demo runs fp32 or int8, not {run_precision}")
     segmenter = load_model(model).to(torch_device)
+    check_onnx_options(segmenter, run_precision, compile_network=False)
+    if run_precision == "int8":
+        quantize_int8(segmenter)
     serve(segmenter, host=host, port=port, examples=examples, title=model,
           ready=lambda url: console.print(f"regproxy demo of {model} on {url} (Ctrl+C stops it)"))
