@@ -156,3 +156,12 @@ def test_the_demo_takes_fp32_or_int8_only(cli, model_dir):
     result = cli("demo", "--model", str(model_dir), "--device", "cpu", "--precision", "bf16", "--port", "45871")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "fp32 or int8" in result.stderr
+
+
+def test_benchmark_names_the_fastest_path_for_each_kind_of_cpu():
+    from regproxy_cli.inference.benchmark import CPU_PATHS, cpu_fast_path
+
+    assert cpu_fast_path(frozenset({"avx2"}))[0] == "fp32"
+    for flag, precision, _ in CPU_PATHS:
+        assert cpu_fast_path(frozenset({flag, "avx512f"}))[0] == precision
+    assert cpu_fast_path(frozenset({"amx_bf16", "avx512_bf16", "avx512_vnni"}))[0] == CPU_PATHS[0][1]

@@ -15,6 +15,7 @@ from regproxy_cli.data.transforms import rescale_size
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.images import load_image
 from regproxy_cli.inference.protocol import segment_labels, slide_logits
+from regproxy_cli.inference.quantize import check_int8_model
 from regproxy_cli.inference.runtime import autocast
 from regproxy_cli.model.config import ModelConfig
 from regproxy_cli.model.resize import resize_argmax
@@ -103,6 +104,7 @@ def predict_labels(
         batch_size: sliding windows per forward pass.
         precision: fp32, or bf16 / fp16 autocast for the network (resizing and argmax stay float32).
     """
+    check_int8_model(model, precision)
     config = model.config
     mode = check_mode_and_scale(config, mode, scale)
     rgb = to_rgb_array(image)

@@ -97,6 +97,14 @@ class Int8Linear(nn.Module):
         return out.reshape(*shape[:-1], self.out_features)
 
 
+def check_int8_model(model: nn.Module, precision: str) -> None:
+    """At ``precision`` int8 the model must have been converted (:func:`quantize_int8`): otherwise it would run
+    float32 while saying int8. One error line."""
+    if precision == "int8" and not any(isinstance(m, Int8Linear) for m in getattr(model, "backbone", model).modules()):
+        raise RegproxyError("precision int8 needs a model converted by regproxy_cli.inference.quantize.quantize_int8 "
+                            "first (the CLI does it when it opens the model)")
+
+
 def _linears(backbone: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     """(parent, attribute, layer) of every plain ``nn.Linear`` inside ``backbone``."""
     found = []
