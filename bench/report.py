@@ -278,7 +278,8 @@ def quality_md(q: dict) -> str:
     runs, setup = q.get("runs", []), q.get("setup", {})
     if not runs:
         return "No quality results yet: run `python -m bench.quality`."
-    rows = [[r["model"], r["output_stride"], f"{r['mIoU']:.1f}", f"{r['BF']:.1f}", f"{r['line_IoU']:.1f}",
+    rows = [[r["model"], r["output_stride"], f"{r['mIoU']:.1f}", f"{r['BF']:.1f}",
+             f"{r['line_IoU']:.1f}" if "line_IoU" in r else "—",  # docs/quality.json runs may predate the column
              f"{r['true_GMACs']:.3f}", f"{r['params'] / 1e6:.3f}"] for r in runs]
     return (f"`python -m bench.quality`: {setup.get('backbone')} from scratch, every model trained with the same "
             f"seed, data and budget ({setup.get('iters')} iterations of batch {setup.get('batch_size')}, "

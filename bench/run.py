@@ -449,7 +449,7 @@ def section_agreement(args, device) -> dict:
     from regproxy_cli.inference.predictor import predict_labels
 
     demo = REPO / "runs" / "quality" / "RegProxy_hw4" / "best"
-    s16_name, s16_path = _scene_trained_s16(iters=10 if args.quick else 500)
+    s16_name, s16_path = _scene_trained_s16(iters=10 if args.quick else args.agreement_iters)
     models = {s16_name: s16_path}
     if demo.exists():
         models["ViT-Demo/8 RegProxy h=w=4 (bench/quality.py)"] = demo
@@ -582,6 +582,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default docs/benchmarks.json; "
                         "--quick writes to a temporary file unless given)")
     parser.add_argument("--memory-one", nargs=3, metavar=("MODEL", "SIZE", "BATCH"), help=argparse.SUPPRESS)
+    parser.add_argument("--agreement-iters", type=int, default=500,
+                        help="training iterations of the agreement section's scene-trained S/16")
     parser.add_argument("--int8-one", nargs=3, metavar=("ISA", "SIZE", "ROUNDS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
