@@ -222,11 +222,28 @@ def eomt_md(s: dict) -> str:
               f"{ms[(f'eomt-{size}', p)] / ms[(f'regproxy-{size}16', p)]:.2f}× the time"
               for size in ("s", "l") for p in ("fp32", "bf16")
               if (f"eomt-{size}", p) in ms and (f"regproxy-{size}16", p) in ms]
+    gmacs = {r["model"]: r["gmacs"] for r in s["rows"]}
+    accuracy = [[_name(model), crop, miou, f"{gmacs[model]:.1f}" if model in gmacs else "—", source]
+                for model, crop, miou, source in ADE20K_PAPERS]
     return ("Image → label map, 512², batch 1, interleaved in one process (random weights, 150 classes; ms: the "
             "fastest of the rounds, and their median; EoMT's post-processing as its `transformers` image processor "
             "does it, bench/peers.py):\n\n"
             + _table(["model", "precision", "ms (min)", "ms (median)", "true GMACs"], table)
-            + ("\n\n" + "; ".join(ratios) + "." if ratios else ""))
+            + ("\n\n" + "; ".join(ratios) + "." if ratios else "")
+            + "\n\nAccuracy per FLOP: ADE20K val mIoU (single scale) as the papers and their authors' releases "
+            "give it, against the true GMACs counted here at 512² (RegProxy by `regproxy flops`, EoMT by "
+            "`torch.utils.flop_counter`, as for every peer). The backbones' pre-training differs: RegProxy's ViTs "
+            "are ImageNet-21k (AugReg), EoMT-L's is DINOv2 (LVD-142M):\n\n"
+            + _table(["model", "training crop", "ADE20K mIoU", "true GMACs at 512²", "source"], accuracy))
+
+
+# ADE20K val mIoU, single scale, cited (not measured here): model, training crop, mIoU, where it is published
+ADE20K_PAPERS = [
+    ("regproxy-s16", "512²", "47.6", "RegProxy paper / the authors' release (`regproxy models`)"),
+    ("regproxy-l16", "640²", "52.9", "RegProxy paper / the authors' release (`regproxy models`)"),
+    ("eomt-s", "—", "not published", "EoMT reports ViT-S on COCO panoptic only"),
+    ("eomt-l", "512²", "58.4", "EoMT authors' model zoo (DINOv2-L, `ade20k_semantic_eomt_large_512`)"),
+]
 
 
 def int8_md(s: dict) -> str:
