@@ -458,7 +458,7 @@ def section_agreement(args, device) -> dict:
     from regproxy_cli.engine.metrics import ConfusionMatrix
     from regproxy_cli.inference.quantize import quantize_int8
 
-    count = 8 if args.quick else 50
+    count = 8 if args.quick else args.agreement_images
     precisions = ["bf16"] + (["int8"] if device.type == "cpu" else [])
     rows = []
     for name, path in models.items():
@@ -584,6 +584,7 @@ def main() -> None:
     parser.add_argument("--memory-one", nargs=3, metavar=("MODEL", "SIZE", "BATCH"), help=argparse.SUPPRESS)
     parser.add_argument("--agreement-iters", type=int, default=500,
                         help="training iterations of the agreement section's scene-trained S/16")
+    parser.add_argument("--agreement-images", type=int, default=50, help="validation scenes per size (agreement)")
     parser.add_argument("--int8-one", nargs=3, metavar=("ISA", "SIZE", "ROUNDS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
