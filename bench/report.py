@@ -350,7 +350,10 @@ def write_report(results: dict, path: Path) -> None:
             s = sections[key]
             ran_on = s.get("machine") or m
             where = ", ".join([ran_on["cpu"], f"torch {ran_on['versions']['torch']}"] if ran_on != m else [])
-            parts += ["", f"## {title}", "", render(s), "", (f"<sub>{s['device']}, {where + ', ' if where else ''}"
+            parts += ["", f"## {title}", "", render(s)]
+            if s.get("note"):  # what the run's numbers need read with them (added to the JSON by hand)
+                parts += ["", f"**Note.** {s['note']}"]
+            parts += ["", (f"<sub>{s['device']}, {where + ', ' if where else ''}"
                       f"{s['date']}, {s['seconds']:.0f} s</sub>")]
     quality = REPO / "docs" / "quality.json"
     if quality.exists():
