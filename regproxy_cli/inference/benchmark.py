@@ -50,10 +50,10 @@ class BenchmarkResult:
 # pixels in a thousand (bf16) or a few in a hundred (int8) on a trained model.
 CPU_PATHS: tuple[tuple[str, str, str], ...] = (
     ("amx_bf16", "bf16", "AMX runs bf16 products on its tiles: bf16 measured 2-3x fp32 here, int8 1.1-1.6x"),
-    ("avx512_bf16", "int8", "AVX512-BF16 without AMX: int8 on VNNI measured 1.7x fp32, bf16 1.0x, with oneDNN "
-     "held to AVX512-BF16 on an AMX Xeon (an emulation)"),
-    ("avx512_vnni", "int8", "AVX512-VNNI without BF16: int8 products on VNNI, 1.0-1.5x fp32 measured with oneDNN "
-     "held to AVX512-VNNI (an emulation)"),
+    ("avx512_bf16", "int8", ("AVX512-BF16 without AMX: int8 on VNNI measured 1.7x fp32, bf16 1.0x, with oneDNN "
+                             "held to AVX512-BF16 on an AMX Xeon (an emulation)")),
+    ("avx512_vnni", "int8", ("AVX512-VNNI without BF16: int8 products on VNNI, 1.0-1.5x fp32 measured with oneDNN "
+                             "held to AVX512-VNNI (an emulation)")),
 )
 
 
