@@ -17,6 +17,7 @@ head and the label step) stays float32, so int8 changes labels only through the 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -27,13 +28,25 @@ from regproxy_cli.errors import RegproxyError
 QMAX = 255  # activations are uint8: oneDNN's u8 x s8 product is the one VNNI computes natively
 
 
+@functools.cache  # one probe per process
 def int8_supported() -> str | None:
-    """Why this PyTorch cannot run int8 here (one line), or None when it can."""
+    """Why this PyTorch cannot run int8 here (one line), or None when it can.
+
+    Besides the ops being there, one tiny product with each post-op used is run: the ops' schema and post-ops have
+    changed across PyTorch versions, and a refusal is better found here than on the first image."""
     if not torch.backends.mkldnn.is_available():
         return "this PyTorch build has no oneDNN (mkldnn)"
     missing = [op for op in ("qlinear_prepack", "qlinear_pointwise") if not hasattr(torch.ops.onednn, op)]
     if missing:
         return f"this PyTorch ({torch.__version__}) has no torch.ops.onednn.{missing[0]}"
+    try:
+        probe = nn.Linear(8, 4)
+        with torch.inference_mode():
+            for gelu in (False, True):
+                Int8Linear(probe, gelu=gelu)(torch.ones(2, 8))
+    except (RuntimeError, TypeError, NotImplementedError) as exc:  # schema or post-op this PyTorch does not have
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"this PyTorch's ({torch.__version__}) oneDNN int8 linear refused a test product: {message[:160]}"
     return None
 
 
