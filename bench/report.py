@@ -313,7 +313,7 @@ SECTION_TITLES = [
     ("slide", "Sliding-window inference", slide_md),
     ("memory", "Peak memory", memory_md),
     ("fastpath", "Fast CPU paths", fastpath_md),
-    ("precision", "fp32, bf16 and int8 against SegFormer-B1", precision_md),
+    ("precision", "Precisions against SegFormer-B1", precision_md),
     ("int8", "int8 on CPU, with and without AMX", int8_md),
     ("eomt", "Against EoMT (CVPR 2025)", eomt_md),
     ("agreement", "bf16 and int8 on trained models", agreement_md),
