@@ -178,9 +178,11 @@ def _rounded(values: list[float | None]) -> list[float | None]:
     return [None if v is None else round(v, 2) for v in values]
 
 
-def run_json(args: list[str], timeout: float = 1800) -> dict:
-    """Run a bench script in a fresh Python process (for clean peak-memory readings) and parse its JSON line."""
-    result = subprocess.run([sys.executable, *args], check=False, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+def run_json(args: list[str], timeout: float = 1800, env: dict[str, str] | None = None) -> dict:
+    """Run a bench script in a fresh Python process (for clean peak-memory readings, or ``env`` read at import,
+    such as ``ONEDNN_MAX_CPU_ISA``) and parse its JSON line."""
+    result = subprocess.run([sys.executable, *args], check=False, capture_output=True, text=True, timeout=timeout,
+                            cwd=REPO, env={**os.environ, **(env or {})})
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

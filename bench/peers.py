@@ -16,6 +16,13 @@ returns before the argmax), so a timing covers everything between the normalised
   checkpoint. Post-processing: the 1/4-resolution mask logits are resized to 384x384 (``transformers`` hard-codes
   this size for every model), class probabilities without the null class are combined with mask sigmoids,
   sum over queries, and the (B, K, 384, 384) result is resized to the input size.
+* ``eomt-s`` / ``eomt-l``: EoMT (CVPR 2025, "Your ViT is Secretly an Image Segmentation Model"): a plain ViT
+  (S: 384 wide, 12 blocks, 6 heads; L: 1024, 24, 16; patch 16, 4 register tokens as DINOv2's) whose last 4
+  blocks also carry 100 query tokens, a 2-step upscaler to 1/4 resolution and mask/class heads. At inference the
+  masked attention is annealed away (``attn_mask_probs`` all 0, as the released checkpoints run). Post-processing as
+  ``EomtImageProcessor.post_process_semantic_segmentation``: the 1/4-resolution mask logits are resized to the
+  processor's size (the input size here), class probabilities without the null class are combined with mask
+  sigmoids, summed over queries, and the result resized to the target (the input) size.
 
     python -m bench.peers [--size 512] [--classes 150] [--repeats 2]
 
@@ -32,6 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
+    EomtConfig,
+    EomtForUniversalSegmentation,
     Mask2FormerConfig,
     Mask2FormerForUniversalSegmentation,
     SegformerConfig,
@@ -49,7 +58,12 @@ PEERS: dict[str, str] = {
     "segformer-b1": "SegFormer-B1: MiT-b1 encoder + all-MLP decoder (256), logits at 1/4 resized to the input",
     "upernet-swin-t": "UperNet (PPM + FPN, 512) on Swin-T, no auxiliary head, logits resized to the input",
     "mask2former-swin-t": "Mask2Former on Swin-T (100 queries, 9+1 decoder layers), semantic inference to the input",
+    "eomt-s": "EoMT-S: ViT-S/16 with 100 queries in its last 4 blocks, semantic inference to the input",
+    "eomt-l": "EoMT-L: ViT-L/16 with 100 queries in its last 4 blocks, semantic inference to the input",
 }
+
+# EoMT's ViT sizes (DINOv2 with registers, patch 16 as the EoMT checkpoints use): width, blocks, heads.
+_EOMT = {"eomt-s": (384, 12, 6), "eomt-l": (1024, 24, 16)}
 
 # MiT encoder widths and heads; depths are 2,2,2,2 for both and the decoder is 256 wide in both ADE checkpoints.
 _MIT = {
@@ -124,6 +138,21 @@ class Mask2FormerPeer(_Peer):
         return torch.einsum("bqc,bqhw->bchw", classes, masks.sigmoid())
 
 
+class EomtPeer(_Peer):
+    """EoMT followed by the semantic inference of its ``transformers`` image processor, at the input's size.
+
+    The processor resizes the mask logits to its own size before combining them with the classes; for the 512x512
+    ADE20K model that is the input size, so the combined scores are already at the input size and :meth:`forward`'s
+    resize (and :meth:`labels`' resize-argmax) leaves their size as it is.
+    """
+
+    def low_res_scores(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=x)
+        masks = F.interpolate(out.masks_queries_logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        classes = out.class_queries_logits.softmax(dim=-1)[..., :-1]  # drop the null ("no object") class
+        return torch.einsum("bqc,bqhw->bchw", classes, masks.sigmoid())
+
+
 def build_peer(name: str, num_classes: int = 150) -> nn.Module:
     """A randomly initialised peer in eval mode: (B, 3, H, W) normalised image -> (B, num_classes, H, W) scores."""
     if name in _MIT:
@@ -169,6 +198,24 @@ def build_peer(name: str, num_classes: int = 150) -> nn.Module:
             num_labels=num_classes,
         )
         peer = Mask2FormerPeer(Mask2FormerForUniversalSegmentation(config))
+    elif name in _EOMT:
+        width, depth, heads = _EOMT[name]
+        config = EomtConfig(
+            hidden_size=width,
+            num_hidden_layers=depth,
+            num_attention_heads=heads,
+            patch_size=16,
+            image_size=512,  # the 512x512 ADE20K model; the token grid is fixed by this size
+            num_register_tokens=4,
+            num_blocks=4,
+            num_queries=100,
+            num_labels=num_classes,
+        )
+        eomt = EomtForUniversalSegmentation(config)
+        # trained EoMT anneals its masked attention to nothing: at inference no block is masked (the paper's point,
+        # and the released checkpoints' buffer); with the default 1s every query block would build masks
+        eomt.attn_mask_probs.zero_()
+        peer = EomtPeer(eomt)
     else:
         raise RegproxyError(f"unknown peer {name!r}; choose one of {', '.join(PEERS)}")
     return peer.eval()

@@ -12,7 +12,8 @@ NAMES = {
     "regproxy-t16": "RegProxy-Ti/16", "regproxy-s16": "RegProxy-S/16", "regproxy-b16": "RegProxy-B/16",
     "linear-t16": "linear Ti/16", "linear-s16": "linear S/16", "linear-b16": "linear B/16",
     "segformer-b0": "SegFormer-B0", "segformer-b1": "SegFormer-B1", "upernet-swin-t": "UperNet Swin-T",
-    "mask2former-swin-t": "Mask2Former Swin-T",
+    "mask2former-swin-t": "Mask2Former Swin-T", "regproxy-l16": "RegProxy-L/16", "eomt-s": "EoMT-S",
+    "eomt-l": "EoMT-L",
 }
 
 
@@ -184,11 +185,23 @@ def precision_md(s: dict) -> str:
             ours, peer = rows[("regproxy-s16", precision, batch)], rows[("segformer-b1", precision, batch)]
             table.append([f"{ours['size']}², batch {batch}", precision, f"{ours['images_per_s']:.2f}",
                           f"{peer['images_per_s']:.2f}", f"{ours['images_per_s'] / peer['images_per_s']:.2f}×"])
+        if ("regproxy-s16", "int8", batch) in rows:  # against SegFormer-B1's faster precision
+            ours = rows[("regproxy-s16", "int8", batch)]
+            peer = max((rows[("segformer-b1", p, batch)] for p in ("fp32", "bf16")), key=lambda r: r["images_per_s"])
+            table.append([f"{ours['size']}², batch {batch}", f"int8 (SegFormer {peer['precision']})",
+                          f"{ours['images_per_s']:.2f}", f"{peer['images_per_s']:.2f}",
+                          f"{ours['images_per_s'] / peer['images_per_s']:.2f}×"])
     slide = {(r["model"], r["precision"]): r["ms"] for r in s["slide"]}
     h, w = s["slide"][0]["image"]
-    for precision in ("fp32", "bf16"):
-        ours, peer = slide[("regproxy-s16", precision)], slide[("segformer-b1", precision)]
-        table.append([f"{w}×{h} sliding windows", precision, f"{1e3 / ours:.3f}", f"{1e3 / peer:.3f}",
+    for precision in ("fp32", "bf16", "int8"):
+        if ("regproxy-s16", precision) not in slide:
+            continue
+        ours = slide[("regproxy-s16", precision)]
+        peer_precision = precision if precision != "int8" else min(
+            ("fp32", "bf16"), key=lambda p: slide[("segformer-b1", p)])
+        peer = slide[("segformer-b1", peer_precision)]
+        label = precision if precision != "int8" else f"int8 (SegFormer {peer_precision})"
+        table.append([f"{w}×{h} sliding windows", label, f"{1e3 / ours:.3f}", f"{1e3 / peer:.3f}",
                       f"{peer / ours:.2f}×"])
     speedups = [f"batch {b}: RegProxy {rows[('regproxy-s16', 'fp32', b)]['ms'] / rows[('regproxy-s16', 'bf16', b)]['ms']:.2f}×, "
                 f"SegFormer {rows[('segformer-b1', 'fp32', b)]['ms'] / rows[('segformer-b1', 'bf16', b)]['ms']:.2f}×"
@@ -201,12 +214,66 @@ def precision_md(s: dict) -> str:
             + "\n\nbf16 over fp32: " + "; ".join(speedups) + ".")
 
 
+def eomt_md(s: dict) -> str:
+    table = [[_name(r["model"]), r["precision"], f"{r['ms']:.0f}", f"{r['ms_median']:.0f}", f"{r['gmacs']:.1f}"]
+             for r in s["rows"]]
+    ms = {(r["model"], r["precision"]): r["ms"] for r in s["rows"]}
+    ratios = [f"EoMT-{size.upper()} / RegProxy-{size.upper()}/16, {p}: "
+              f"{ms[(f'eomt-{size}', p)] / ms[(f'regproxy-{size}16', p)]:.2f}× the time"
+              for size in ("s", "l") for p in ("fp32", "bf16")
+              if (f"eomt-{size}", p) in ms and (f"regproxy-{size}16", p) in ms]
+    gmacs = {r["model"]: r["gmacs"] for r in s["rows"]}
+    accuracy = [[_name(model), crop, miou, f"{gmacs[model]:.1f}" if model in gmacs else "—", source]
+                for model, crop, miou, source in ADE20K_PAPERS]
+    return ("Image → label map, 512², batch 1, interleaved in one process (random weights, 150 classes; ms: the "
+            "fastest of the rounds, and their median; EoMT's post-processing as its `transformers` image processor "
+            "does it, bench/peers.py):\n\n"
+            + _table(["model", "precision", "ms (min)", "ms (median)", "true GMACs"], table)
+            + ("\n\n" + "; ".join(ratios) + "." if ratios else "")
+            + "\n\nAccuracy per FLOP: ADE20K val mIoU (single scale) as the papers and their authors' releases "
+            "give it, against the true GMACs counted here at 512² (RegProxy by `regproxy flops`, EoMT by "
+            "`torch.utils.flop_counter`, as for every peer). The backbones' pre-training differs: RegProxy's ViTs "
+            "are ImageNet-21k (AugReg), EoMT-L's is DINOv2 (LVD-142M):\n\n"
+            + _table(["model", "training crop", "ADE20K mIoU", "true GMACs at 512²", "source"], accuracy))
+
+
+# ADE20K val mIoU, single scale, cited (not measured here): model, training crop, mIoU, where it is published
+ADE20K_PAPERS = [
+    ("regproxy-s16", "512²", "47.6", "RegProxy paper / the authors' release (`regproxy models`)"),
+    ("regproxy-l16", "640²", "52.9", "RegProxy paper / the authors' release (`regproxy models`)"),
+    ("eomt-s", "—", "not published", "EoMT reports ViT-S on COCO panoptic only"),
+    ("eomt-l", "512²", "58.4", "EoMT authors' model zoo (DINOv2-L, `ade20k_semantic_eomt_large_512`)"),
+]
+
+
+def int8_md(s: dict) -> str:
+    if "skipped" in s:
+        return s["skipped"]
+    names = list(s["runs"][0]["ms"])
+    table = []
+    for run in s["runs"]:
+        base = run["ms"]["fp32 eager"]
+        for name in names:
+            table.append([run["isa"], name, f"{run['ms'][name]:.0f}", f"{run['ms_median'][name]:.0f}",
+                          f"{base / run['ms'][name]:.2f}×", f"{100 * run['agreement'][name]:.2f}%"])
+    return (f"RegProxy-S/16, {s['size']}², batch 1, image → label map, each ISA setting in its own process "
+            "(`ONEDNN_MAX_CPU_ISA` caps oneDNN's kernels: an emulation of a CPU without AMX, for oneDNN only); ms: "
+            "fastest and median of the interleaved rounds; agreement with fp32 labels on another scene (random "
+            "weights: a worst case; trained models in the agreement section):\n\n"
+            + _table(["oneDNN ISA", "path", "ms (min)", "ms (median)", "over fp32 (min)", "label agreement"], table))
+
+
 def agreement_md(s: dict) -> str:
-    rows = [[r.get("model", s.get("model")), f"{r['size']}²", r["images"], f"{100 * r['agreement']:.3f}%",
-             "—" if r.get("val_mIoU") is None else f"{r['val_mIoU']:.1f}"] for r in s["rows"]]
-    return ("bf16 autocast against fp32 on trained models, generated validation scenes, label maps from "
-            "`predict_labels` (val mIoU: the model's own score at 128², for how well it is trained):\n\n"
-            + _table(["model", "size", "images", "label agreement", "val mIoU"], rows))
+    rows = [[r.get("model", s.get("model")), f"{r['size']}²", r["images"], r.get("precision", "bf16"),
+             f"{100 * r['agreement']:.3f}%",
+             "—" if r.get("val_mIoU") is None else f"{r['val_mIoU']:.1f}",
+             "—" if r.get("mIoU") is None else f"{r['mIoU']['fp32']:.2f} → {r['mIoU'][r.get('precision', 'bf16')]:.2f}"]
+            for r in s["rows"]]
+    return ("bf16 autocast and int8 against fp32 on trained models, generated validation scenes, label maps from "
+            "`predict_labels` (val mIoU: the model's own score at 128², for how well it is trained; mIoU fp32 → "
+            "other: on these scenes, against their ground truth):\n\n"
+            + _table(["model", "size", "images", "precision", "label agreement", "val mIoU", "mIoU fp32 → other"],
+                     rows))
 
 
 def postprocess_md(s: dict) -> str:
@@ -245,8 +312,10 @@ SECTION_TITLES = [
     ("slide", "Sliding-window inference", slide_md),
     ("memory", "Peak memory", memory_md),
     ("fastpath", "Fast CPU paths", fastpath_md),
-    ("precision", "fp32 and bf16 against SegFormer-B1", precision_md),
-    ("agreement", "bf16 on trained models", agreement_md),
+    ("precision", "Precisions against SegFormer-B1", precision_md),
+    ("int8", "int8 on CPU, with and without AMX", int8_md),
+    ("eomt", "Against EoMT (CVPR 2025)", eomt_md),
+    ("agreement", "bf16 and int8 on trained models", agreement_md),
     ("postprocess", "Post-processing and painting", postprocess_md),
     ("train", "Training throughput", train_md),
 ]
@@ -280,7 +349,10 @@ def write_report(results: dict, path: Path) -> None:
             s = sections[key]
             ran_on = s.get("machine") or m
             where = ", ".join([ran_on["cpu"], f"torch {ran_on['versions']['torch']}"] if ran_on != m else [])
-            parts += ["", f"## {title}", "", render(s), "", (f"<sub>{s['device']}, {where + ', ' if where else ''}"
+            parts += ["", f"## {title}", "", render(s)]
+            if s.get("note"):  # what the run's numbers need read with them (added to the JSON by hand)
+                parts += ["", f"**Note.** {s['note']}"]
+            parts += ["", (f"<sub>{s['device']}, {where + ', ' if where else ''}"
                       f"{s['date']}, {s['seconds']:.0f} s</sub>")]
     quality = REPO / "docs" / "quality.json"
     if quality.exists():

@@ -50,7 +50,9 @@ from .common import REPO, current_rss_mb, interleaved, machine, matmul_gflops, m
 RESULTS = REPO / "docs" / "benchmarks.json"
 REPORT = REPO / "docs" / "benchmarks.md"
 OURS = ("t16", "s16", "b16")
+LARGE = ("l16",)  # timed against EoMT-L only (section eomt): seconds a call on 2 cores
 PEERS = ("segformer-b0", "segformer-b1", "upernet-swin-t", "mask2former-swin-t")
+EOMT = ("eomt-s", "eomt-l")
 CLASSES = 150  # ADE20K
 
 
@@ -61,7 +63,7 @@ def build(name: str, device: torch.device, num_classes: int = CLASSES) -> torch.
     """``regproxy-s16``, ``linear-s16`` or a peer name -> an eval-mode model on ``device`` (random weights)."""
     torch.manual_seed(0)
     kind, _, backbone = name.partition("-")
-    if kind in ("regproxy", "linear") and backbone in OURS:
+    if kind in ("regproxy", "linear") and backbone in OURS + LARGE:
         model = build_model(backbone, num_classes, baseline=kind == "linear")
     else:
         from .peers import build_peer
@@ -74,7 +76,7 @@ def build(name: str, device: torch.device, num_classes: int = CLASSES) -> torch.
 def true_gmacs(name: str, size: int, num_classes: int = CLASSES) -> float:
     """True multiply-adds of one image (attention and painting included), in G."""
     kind, _, backbone = name.partition("-")
-    if kind in ("regproxy", "linear") and backbone in OURS:
+    if kind in ("regproxy", "linear") and backbone in OURS + LARGE:
         with torch.device("meta"):
             model = build_model(backbone, num_classes, baseline=kind == "linear")
         return count_model(model, size, size).true_macs / 1e9
@@ -203,17 +205,23 @@ def section_slide(args, device) -> dict:
 
 
 def section_precision(args, device) -> dict:
-    """fp32 against bf16 autocast, RegProxy-S/16 against SegFormer-B1, in one process: 512^2 at batch 1 and 8, and
-    a 2048x1024 image through 512^2 sliding windows (stride 341, 8 windows a pass)."""
+    """fp32 against bf16 autocast (and, on CPU, RegProxy's --precision int8), RegProxy-S/16 against SegFormer-B1, in
+    one process: 512^2 at batch 1 and 8, and a 2048x1024 image through 512^2 sliding windows (stride 341, 8 windows
+    a pass)."""
     size = 128 if args.quick else 512
     height, width, window, stride = (256, 512, 128, 85) if args.quick else (1024, 2048, 512, 341)
     names = ["regproxy-s16", "segformer-b1"]
-    models = {name: build(name, device) for name in names}
-    precisions = ["fp32", "bf16"]
+    built = {name: build(name, device) for name in names}
+    models = {(name, p): built[name] for name in names for p in ("fp32", "bf16")}  # bf16: the same model, autocast
+    if device.type == "cpu":  # --precision int8: RegProxy's backbone linear layers (SegFormer has no int8 path here)
+        from regproxy_cli.inference.quantize import quantize_int8
+
+        models[("regproxy-s16", "int8")] = build("regproxy-s16", device)
+        quantize_int8(models[("regproxy-s16", "int8")])
     rows = []
     for batch in (1, 8):
         x = scenes(batch, size, device)
-        calls = {(n, p): labels_call(models[n], x, p) for n in names for p in precisions}
+        calls = {(n, p): labels_call(model, x, p) for (n, p), model in models.items()}
         times = interleaved(calls, rounds=3 if args.quick or batch == 8 else 7, warmup=1, device=device)
         rows += [{"model": n, "precision": p, "size": size, "batch": batch, "ms": 1e3 * median(times[(n, p)]),
                   "images_per_s": batch / median(times[(n, p)])} for n, p in calls]
@@ -228,7 +236,7 @@ def section_precision(args, device) -> dict:
             return logits.argmax(1)
         return call
 
-    calls = {(n, p): sliding(models[n], p) for n in names for p in precisions}
+    calls = {(n, p): sliding(model, p) for (n, p), model in models.items()}
     times = interleaved(calls, rounds=2, warmup=1, device=device)
     slide = [{"model": n, "precision": p, "image": [height, width], "ms": 1e3 * median(times[(n, p)])}
              for n, p in calls]
@@ -441,28 +449,44 @@ def section_agreement(args, device) -> dict:
     from regproxy_cli.inference.predictor import predict_labels
 
     demo = REPO / "runs" / "quality" / "RegProxy_hw4" / "best"
-    s16_name, s16_path = _scene_trained_s16(iters=10 if args.quick else 500)
+    s16_name, s16_path = _scene_trained_s16(iters=10 if args.quick else args.agreement_iters)
     models = {s16_name: s16_path}
     if demo.exists():
         models["ViT-Demo/8 RegProxy h=w=4 (bench/quality.py)"] = demo
     else:
         _progress(f"agreement: {demo} is missing (`python -m bench.quality` trains it); S/16 only")
-    count = 8 if args.quick else 50
+    from regproxy_cli.engine.metrics import ConfusionMatrix
+    from regproxy_cli.inference.quantize import quantize_int8
+
+    count = 8 if args.quick else args.agreement_images
+    precisions = ["bf16"] + (["int8"] if device.type == "cpu" else [])
     rows = []
     for name, path in models.items():
         model = load_model(str(path)).to(device)
+        int8 = load_model(str(path)).to(device)
+        if "int8" in precisions:
+            quantize_int8(int8)
         for size in (128, 512):  # the training size, and scenes 4x larger
             scenes = SyntheticScenes(count, size=(size, size), num_classes=model.config.num_classes, seed=0,
                                      split="val")
-            same = total = 0
+            same = dict.fromkeys(precisions, 0)
+            total = 0
+            scores = {p: ConfusionMatrix(model.config.num_classes) for p in ["fp32", *precisions]}
             for index in range(count):
-                image = scenes.render(index)[0]
-                fp32 = predict_labels(model, image)
-                bf16 = predict_labels(model, image, precision="bf16")
-                same += int((fp32 == bf16).sum())
-                total += fp32.size
-            rows.append({"model": name, "size": size, "images": count, "agreement": same / total,
-                         "val_mIoU": model.config.metrics.get("mIoU") if model.config.metrics else None})
+                image, truth = scenes.render(index)
+                labels = {"fp32": predict_labels(model, image)}
+                for precision in precisions:
+                    labels[precision] = predict_labels(int8 if precision == "int8" else model, image,
+                                                       precision=precision)
+                    same[precision] += int((labels["fp32"] == labels[precision]).sum())
+                for precision, predicted in labels.items():
+                    scores[precision].update(torch.from_numpy(predicted), torch.from_numpy(truth.astype("int64")))
+                total += labels["fp32"].size
+            miou = {p: 100 * float(c.compute()["mIoU"]) for p, c in scores.items()}
+            rows += [{"model": name, "size": size, "images": count, "precision": p, "agreement": same[p] / total,
+                      "mIoU": {"fp32": miou["fp32"], p: miou[p]},
+                      "val_mIoU": model.config.metrics.get("mIoU") if model.config.metrics else None}
+                     for p in precisions]
     return {"rows": rows}
 
 
@@ -478,10 +502,67 @@ def _scene_trained_s16(iters: int) -> tuple[str, Path]:
     return f"RegProxy-S/16 trained from scratch on the scenes ({iters} iterations)", run_dir / "best"
 
 
+def section_eomt(args, device) -> dict:
+    """RegProxy-S/16 and L/16 against EoMT-S and EoMT-L (bench/peers.py), 512^2, batch 1, image -> labels,
+    interleaved in one process, fp32 and bf16; true GMACs counted alike (FlopCounterMode for EoMT)."""
+    size = 128 if args.quick else 512
+    names = ["regproxy-t16", "eomt-s"] if args.quick else ["regproxy-s16", "eomt-s", "regproxy-l16", "eomt-l"]
+    models = {name: build(name, device) for name in names}
+    x = scenes(1, size, device)
+    precisions = ["fp32"] if args.quick else ["fp32", "bf16"]
+    calls = {(n, p): labels_call(models[n], x, p) for n in names for p in precisions}
+    times = interleaved(calls, rounds=3 if args.quick else 5, warmup=1, device=device)
+    rows = [{"model": n, "precision": p, "size": size, "ms": 1e3 * min(times[(n, p)]),
+             "ms_median": 1e3 * median(times[(n, p)]), "gmacs": true_gmacs(n, size),
+             "rounds": len(times[(n, p)])} for n, p in calls]
+    return {"rows": rows}
+
+
+def int8_one(isa: str | None, size: int, rounds: int) -> dict:
+    """Run in a fresh process (oneDNN reads ONEDNN_MAX_CPU_ISA once, at load): S/16 fp32 eager against bf16
+    autocast and --precision int8 (dynamic, and static scales calibrated on 4 other scenes), interleaved; label
+    agreement with fp32 on a further scene (random weights: a worst case, see section agreement)."""
+    from regproxy_cli.inference.quantize import calibrate_int8, quantize_int8
+
+    device = torch.device("cpu")
+    fp32 = build("regproxy-s16", device)
+    dynamic = build("regproxy-s16", device)
+    quantize_int8(dynamic)
+    static = build("regproxy-s16", device)
+    quantize_int8(static, calibrate_int8(static, [scenes(1, size, device, seed=s) for s in range(10, 14)]))
+    x, image = scenes(1, size, device), scenes(1, size, device, seed=7)
+    contenders = {"fp32 eager": (fp32, "fp32"), "bf16 autocast": (fp32, "bf16"),
+                  "int8 (dynamic scales)": (dynamic, "int8"), "int8 (static scales)": (static, "int8"),
+                  "int8 + bf16 attention": (dynamic, "bf16")}
+    calls = {name: labels_call(model, x, precision) for name, (model, precision) in contenders.items()}
+    times = interleaved(calls, rounds=rounds, warmup=2, device=device)
+    reference = labels_call(fp32, image)()
+    agreement = {name: _agree(labels_call(model, image, precision)(), reference)
+                 for name, (model, precision) in contenders.items()}
+    return {"isa": isa or "default", "ms": {n: 1e3 * min(t) for n, t in times.items()},
+            "ms_median": {n: 1e3 * median(t) for n, t in times.items()}, "agreement": agreement,
+            "rounds": rounds}
+
+
+def section_int8(args, device) -> dict:
+    """--precision int8 against fp32 and bf16 (int8_one), on this CPU as it is and with oneDNN held to AVX512-VNNI
+    and to AVX512-BF16 (``ONEDNN_MAX_CPU_ISA``): an emulation of an AVX-512 CPU without AMX, for oneDNN's kernels
+    only (it is not such a machine: caches, clocks and memory stay this one's)."""
+    if device.type != "cpu":
+        return {"skipped": "int8 runs on CPU only"}
+    size, rounds = (128, 3) if args.quick else (512, 9)
+    runs = []
+    for isa in (None, "AVX512_CORE_BF16", "AVX512_CORE_VNNI"):
+        env = {"ONEDNN_MAX_CPU_ISA": isa} if isa else {}
+        runs.append(run_json(["-m", "bench.run", "--int8-one", isa or "default", str(size), str(rounds)], env=env))
+        _progress(f"int8 {isa or 'default'} done")
+    return {"size": size, "runs": runs}
+
+
 SECTIONS = {
     "overhead": section_overhead, "latency": section_latency, "slide": section_slide, "memory": section_memory,
     "fastpath": section_fastpath, "agreement": section_agreement, "postprocess": section_postprocess,
-    "train": section_train, "precision": section_precision,
+    "train": section_train, "precision": section_precision, "eomt": section_eomt, "int8": section_int8,
 }
 
 
@@ -501,8 +582,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default docs/benchmarks.json; "
                         "--quick writes to a temporary file unless given)")
     parser.add_argument("--memory-one", nargs=3, metavar=("MODEL", "SIZE", "BATCH"), help=argparse.SUPPRESS)
+    parser.add_argument("--agreement-iters", type=int, default=500,
+                        help="training iterations of the agreement section's scene-trained S/16")
+    parser.add_argument("--agreement-images", type=int, default=50, help="validation scenes per size (agreement)")
+    parser.add_argument("--int8-one", nargs=3, metavar=("ISA", "SIZE", "ROUNDS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.int8_one:
+        isa, size, rounds = args.int8_one
+        print(json.dumps(int8_one(None if isa == "default" else isa, int(size), int(rounds))))
+        return
     if args.memory_one:
         name, size, batch = args.memory_one
         print(json.dumps(memory_one(name, int(size), int(batch), device)))

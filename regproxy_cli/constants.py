@@ -12,8 +12,9 @@ IGNORE_INDEX = 255  # label id of pixels that are neither trained on nor scored 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
-# How the network may compute (autocast): fp16 needs CUDA. The one list the CLI, the configs and the runtime check.
-PRECISIONS = ("fp32", "bf16", "fp16")
+# How the network may compute: fp32, bf16/fp16 autocast (fp16 needs CUDA), int8 (inference on CPU only: the backbone's
+# linear layers in oneDNN int8, inference/quantize.py). The one list the CLI, the configs and the runtime check.
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 # How a model sees an image at test time: whole, or in crop-sized sliding windows (mmseg 0.17's test modes).
 INFERENCE_MODES = ("whole", "slide")
 

@@ -24,6 +24,7 @@ from regproxy_cli.engine.analyze import SOURCES, region_entropy, write_region_en
 from regproxy_cli.engine.evaluate import open_eval_dataset
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.hub.zoo import load_model
+from regproxy_cli.inference.quantize import quantize_int8
 from regproxy_cli.plots import require_matplotlib
 
 SUMMARY = "Analyses of a trained model: region entropy of the learned regions (regions)."
@@ -64,6 +65,8 @@ def regions(
     if not segmenter.has_regions:
         raise RegproxyError(f"{model}: analyze regions needs a RegProxy model (this one has no learned regions)")
     segmenter = segmenter.to(torch_device)
+    if run_precision == "int8":
+        quantize_int8(segmenter)
     result = region_entropy(segmenter, dataset, limit=limit, progress=not as_json, precision=run_precision)
     written = write_region_entropy(result, out, title=f"Region entropy: {model}, {result.images} images")
     summary = result.summary()

@@ -36,7 +36,9 @@ EXAMPLES = """[bold]Examples[/]
 
   regproxy demo --model runs/demo/best
 
-  regproxy demo --model s16-ade --examples photos/ --port 8080"""
+  regproxy demo --model s16-ade --examples photos/ --port 8080
+
+  regproxy demo --model runs/demo/best --device cpu --precision int8"""
 
 
 def demo(

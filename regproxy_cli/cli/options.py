@@ -12,13 +12,14 @@ import typer
 from regproxy_cli.constants import INFERENCE_MODES, PRECISIONS
 from regproxy_cli.engine.distributed import Runtime, setup_runtime
 from regproxy_cli.errors import RegproxyError
+from regproxy_cli.inference.quantize import check_int8
 from regproxy_cli.inference.runtime import autocast, resolve_device, set_tf32
 
 # Typer's choices are Enums: built from the one list in constants, so a new precision or mode is one edit there.
 Mode = Enum("Mode", {name: name for name in INFERENCE_MODES}, type=str)
 Mode.__doc__ = "How a model sees an image: whole, or in crop-sized sliding windows."
 Precision = Enum("Precision", {name: name for name in PRECISIONS}, type=str)
-Precision.__doc__ = "The network's precision: fp32, or bf16 / fp16 autocast."
+Precision.__doc__ = "The network's precision: fp32, bf16 / fp16 autocast, or int8 linear layers (CPU)."
 
 
 class Provider(str, Enum):
@@ -31,7 +32,8 @@ class Provider(str, Enum):
 
 
 MODEL_HELP = "Zoo name (see `regproxy models`), Hub repo id (owner/name), model directory or authors' .pth file."
-PRECISION_HELP = "The network's precision: fp32, or bf16 / fp16 autocast (bf16: CPU or GPU, fp16: CUDA only)."
+PRECISION_HELP = ("The network's precision: fp32, or bf16 / fp16 autocast (bf16: CPU or GPU, fp16: CUDA only), or int8 "
+                  "(CPU only: the backbone's linear layers in oneDNN int8).")
 COMPILE_HELP = "torch.compile the backbone first (seconds to a minute); pays off over many images of one size."
 DEVICE_HELP = "auto (the first CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:1, mps ..."
 MODE_HELP = "whole | slide (default: the model's own protocol)."
@@ -93,6 +95,8 @@ def check_batch(batch: int) -> int:
 def check_precision(precision: Precision, device: torch.device) -> str:
     """``--precision``: one this device runs, or one error line (before any image is read)."""
     autocast(device, precision.value)
+    if precision.value == "int8":
+        check_int8(device)
     return precision.value
 
 

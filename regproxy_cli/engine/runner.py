@@ -31,6 +31,7 @@ from regproxy_cli.hub.zoo import load_model
 from regproxy_cli.images import load_image, save_label_png, save_png_atomic
 from regproxy_cli.inference.confidence import ConfidenceMaps, predict_confidence
 from regproxy_cli.inference.pipeline import forward_batch, predict_label_batch, run_pipeline
+from regproxy_cli.inference.quantize import quantize_int8
 from regproxy_cli.inference.runtime import compile_backbone
 from regproxy_cli.model.classifiers import label_levels
 from regproxy_cli.onnx.runtime import OnnxModel
@@ -52,6 +53,8 @@ def open_model(
     PyTorch, and ``compile_network`` compiles the backbone, warmed up at the crop size, inside ``status(message)``."""
     segmenter = load_model(model, provider=provider).to(device)
     check_onnx_options(segmenter, precision, compile_network, regions)
+    if precision == "int8":  # a conversion made once, before any compiling
+        quantize_int8(segmenter)
     if compile_network:
         crop = segmenter.config.crop_size
         with status(f"compiling the backbone ({crop}x{crop} warm-up)"):

@@ -409,6 +409,8 @@ def train(config: TrainConfig, *, resume: bool = False, allow_config_change: boo
                             f"optim.accum_steps ({o.accum_steps})")
     if r.precision == "fp16" and runtime.device.type != "cuda":
         raise RegproxyError("run.precision fp16 needs CUDA; use bf16 on CPU")
+    if r.precision == "int8":  # int8 quantizes a trained model for inference; its rounding has no gradient
+        raise RegproxyError("run.precision int8 is for inference (predict, eval, benchmark); train at fp32 or bf16")
     if r.threads:
         torch.set_num_threads(r.threads)
     out_dir = Path(r.out_dir)

@@ -11,6 +11,7 @@ from torch import nn
 
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.inference.predictor import device_of
+from regproxy_cli.inference.quantize import check_int8_model
 from regproxy_cli.inference.runtime import autocast, synchronize
 from regproxy_cli.model.attention import cpu_info
 
@@ -37,9 +38,34 @@ class BenchmarkResult:
     times_ms: list[float]
     max_memory_allocated: int | None  # bytes, CUDA only
     attention: str | None  # the attention kernel the backbone ran: sdpa or explicit (measured on CPU bf16)
+    fast_path: tuple[str, str] | None = None  # CPU: (precision, why) of the fastest measured path on this CPU kind
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+# The fastest CPU path for RegProxy-S/16 at 512^2 per kind of CPU, as measured (docs/benchmarks.md, sections int8
+# and fastpath; CPUs without AMX emulated with ONEDNN_MAX_CPU_ISA where no such machine was at hand). --precision
+# stays fp32 unless asked: fp32 gives the published mIoU and the same labels everywhere; the others change a few
+# pixels in a thousand (bf16) or a few in a hundred (int8) on a trained model.
+CPU_PATHS: tuple[tuple[str, str, str], ...] = (
+    ("amx_bf16", "bf16", "AMX runs bf16 products on its tiles: bf16 measured 2-3x fp32 here, int8 1.1-1.6x"),
+    ("avx512_bf16", "int8", ("AVX512-BF16 without AMX: int8 on VNNI measured 1.7x fp32, bf16 1.0x, with oneDNN "
+                             "held to AVX512-BF16 on an AMX Xeon (an emulation)")),
+    ("avx512_vnni", "int8", ("AVX512-VNNI without BF16: int8 products on VNNI, 1.0-1.5x fp32 measured with oneDNN "
+                             "held to AVX512-VNNI (an emulation)")),
+)
+
+
+def cpu_fast_path(flags: frozenset[str] | None = None) -> tuple[str, str]:
+    """(precision, why) of the fastest measured path on a CPU with ``flags`` (default: this CPU's); fp32 when the
+    CPU has none of AMX, AVX512-BF16 or AVX512-VNNI. ``ONEDNN_MAX_CPU_ISA`` capping oneDNN below a flag the CPU has
+    is not seen here (it changes which of oneDNN's kernels run, not the flags)."""
+    flags = cpu_info()[1] if flags is None else flags
+    for flag, precision, why in CPU_PATHS:
+        if flag in flags:
+            return precision, why
+    return "fp32", "no AMX, AVX512-BF16 or AVX512-VNNI: bf16 and int8 gain nothing measurable over fp32 here"
 
 
 def device_name(device: torch.device) -> str:
@@ -75,6 +101,7 @@ def benchmark_labels(
     """
     if batch < 1 or iters < 1 or warmup < 0:
         raise RegproxyError(f"need batch >= 1, iters >= 1 and warmup >= 0, got {batch}, {iters}, {warmup}")
+    check_int8_model(model, precision)
     config = model.config
     height, width = size or (config.crop_size, config.crop_size)
     if min(height, width) < 1:
@@ -104,5 +131,5 @@ def benchmark_labels(
         ms_per_image_median=statistics.median(per_image), ms_per_image_min=min(per_image),
         ms_per_image_max=max(per_image), times_ms=[1000 * t for t in times],
         max_memory_allocated=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        attention=attention,
+        attention=attention, fast_path=cpu_fast_path() if device.type == "cpu" else None,
     )

@@ -14,6 +14,7 @@ from torch import nn
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.images import load_image
 from regproxy_cli.inference.protocol import TestProtocol, network_logits, segment_labels
+from regproxy_cli.inference.quantize import check_int8_model
 from regproxy_cli.inference.runtime import autocast
 from regproxy_cli.model.config import ModelConfig
 from regproxy_cli.model.resize import resize_argmax
@@ -64,6 +65,7 @@ def predict_labels(
         batch_size: sliding windows per forward pass.
         precision: fp32, or bf16 / fp16 autocast for the network (resizing and argmax stay float32).
     """
+    check_int8_model(model, precision)
     protocol = TestProtocol.from_config(model.config, mode=mode, tta=tta, scale=scale, batch_size=batch_size)
     rgb = to_rgb_array(image)
     height, width = rgb.shape[:2]

@@ -10,7 +10,7 @@ from torch import nn
 from regproxy_cli.constants import PRECISIONS
 from regproxy_cli.errors import RegproxyError
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: no autocast
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32 and int8: no autocast
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
@@ -83,12 +83,16 @@ def tf32_state() -> dict[str, bool]:
 def autocast(device: torch.device | str, precision: str = "fp32") -> torch.autocast:
     """The autocast context for running a model at ``precision`` (fp32: a disabled one, i.e. plain fp32).
 
-    bf16 runs on CPUs (fast where they have AVX512-BF16 or AMX) and GPUs; fp16 only on CUDA.
+    bf16 runs on CPUs (fast where they have AVX512-BF16 or AMX) and GPUs; fp16 only on CUDA. int8 is a conversion of
+    the model made once when it is opened (:func:`regproxy_cli.inference.quantize.quantize_int8`), on CPU only; its
+    context is a disabled one: what the int8 layers do not compute runs in float32.
     """
     dtype = autocast_dtype(precision)
     device_type = torch.device(device).type
     if precision == "fp16" and device_type != "cuda":
         raise RegproxyError("fp16 needs a CUDA device; use bf16 on CPU")
+    if precision == "int8" and device_type != "cpu":
+        raise RegproxyError("--precision int8 runs on CPU only (oneDNN's int8 kernels); use bf16 or fp16 on a GPU")
     return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
