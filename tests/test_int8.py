@@ -151,11 +151,21 @@ def test_benchmark_and_predict_run_int8_from_the_cli(cli, model_dir, tmp_path):
     assert any(out.rglob("*.png"))
 
 
-def test_the_demo_takes_fp32_or_int8_only(cli, model_dir):
+def test_the_demo_opens_the_model_as_predict_does_int8_included(cli, model_dir):
+    """demo --precision int8 converts the model once (open_model) and its page segments as predict's int8 does;
+    fp16 on a CPU is predict's one error line."""
     pytest.importorskip("gradio")
-    result = cli("demo", "--model", str(model_dir), "--device", "cpu", "--precision", "bf16", "--port", "45871")
+    from regproxy_cli.engine.runner import open_model
+    from regproxy_cli.inference.predictor import predict_labels
+    from regproxy_cli.web import demo
+
+    model = open_model(str(model_dir), torch.device("cpu"), precision="int8")
+    image = np.random.default_rng(2).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    labels = demo.segment(model, image, "whole", "int8").labels
+    assert (labels == predict_labels(model, image, mode="whole", precision="int8")).mean() > 0.99
+    result = cli("demo", "--model", str(model_dir), "--device", "cpu", "--precision", "fp16", "--port", "45871")
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "fp32 or int8" in result.stderr
+    assert "fp16 needs a CUDA device" in result.stderr
 
 
 def test_benchmark_names_the_fastest_path_for_each_kind_of_cpu():
