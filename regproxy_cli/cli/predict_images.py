@@ -102,7 +102,7 @@ def predict_images(inputs: list[str], *, model: str, out: Path, device: str, pre
         if report.written:
             print_classes_present(segmenter.config.classes, report.pixels, report.images, "images")
             console.print(f"wrote {len(report.written)} label maps to {out}")
-    if problems or report.failed or not report.written:
+    if runtime.main and (problems or report.failed or not report.written):  # torchrun reports rank 0's status
         raise typer.Exit(1)
 
 

@@ -36,7 +36,9 @@ from regproxy_cli.images import decode_image, label_png_bytes
 RAY_MISSING = "--engine ray needs Ray Data, the 'ray' extra: pip install 'regproxy[ray]'"
 FAILURES_FILE = "failures.jsonl"
 PARQUET_DIR = "labels.parquet"  # --format parquet: one Parquet dataset of (path, labels PNG, class histogram)
-READ_CPUS = 1.0  # what each read task asks for, at most: the actors never take the last CPU reading needs
+# What each read task asks for, at most: the actors never take the CPUs reading needs. Less than an actor's CPU, so
+# Ray does not fuse decoding into the actors (equal requests let it), where it would keep a GPU waiting.
+READ_CPUS = 0.5
 BATCH = 16  # rows per actor call: enough to fill a size bucket, few enough to show progress
 
 
@@ -104,7 +106,7 @@ def plan_resources(cpus: float, gpus: float, workers: int | None, gpus_per_worke
     """(actors, CPUs per actor, CPUs per read task) for a cluster of ``cpus`` and ``gpus``.
 
     Ray's read tasks need CPUs too: an actor pool that takes every CPU leaves them none, and ``map_batches`` then
-    waits forever without an error (2 actors of 1 CPU each on a 2-CPU cluster). So reading keeps up to one CPU,
+    waits forever without an error (2 actors of 1 CPU each on a 2-CPU cluster). So reading keeps half a CPU,
     and the actors share the rest. Without ``workers``: one actor per ``gpus_per_worker`` of the GPUs, or one per
     remaining CPU."""
     if gpus_per_worker < 0:
@@ -221,7 +223,7 @@ def error_line(path: str, error: BaseException) -> str:
     return message if message.startswith(path) else f"{path}: {message}"
 
 
-def _decode_row(row: dict[str, Any]) -> dict[str, Any]:
+def decode_row(row: dict[str, Any]) -> dict[str, Any]:
     """Ray's read task: a file's bytes -> its RGB image, or a tiny placeholder and the error line."""
     path = str(row["path"])
     try:
@@ -307,14 +309,16 @@ def predict_ray(
                           confidence=options.get("confidence", False), save_probs=options.get("save_probs", False))
     already = done_parquet(out) if parquet else set()
     todo, report = [], ScaleReport(classes=list(local.config.classes))
+    rewritten: set[str] = set()
     for source in sources:
-        complete = source.key in already if parquet else all(
-            f.exists() for f in writer.expected(source.path, regions=options.get("regions", False),
-                                                tta=options.get("tta", False)))
-        if complete:
+        expected = [] if parquet else writer.expected(source.path, regions=options.get("regions", False),
+                                                      tta=options.get("tta", False))
+        if (source.key in already) if parquet else all(f.exists() for f in expected):
             report.skipped += 1
         else:
             todo.append(source)
+            rewritten.update(f.name for f in expected)
+    remove_partial(out, rewritten)
     del local
     started = not ray.is_initialized()
     if started:
@@ -341,6 +345,16 @@ def predict_ray(
     return report
 
 
+def remove_partial(out: Path, names: set[str]) -> None:
+    """Remove what a killed run left half-written for the files ``names`` it writes again: the hidden temporary
+    files of :func:`~regproxy_cli.files.write_atomic` (``.NAME.XXXXXXXX.tmp``). One listing of ``out``."""
+    for entry in os.scandir(out):
+        if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
+            target = entry.name[1:-len(".tmp")].rpartition(".")[0]
+            if target in names:
+                Path(entry.path).unlink(missing_ok=True)
+
+
 def _levels(model: Any) -> dict:
     from regproxy_cli.engine.runner import level_maps
 
@@ -362,7 +376,7 @@ def _run(ray: Any, todo: list[Source], model: str, out: Path, report: ScaleRepor
     """The Ray Data pipeline: read + decode (read tasks), segment + write (the actor pool), counted here."""
     dataset = ray.data.read_binary_files([s.read for s in todo], include_paths=True, num_cpus=read,
                                          override_num_blocks=min(len(todo), 200))
-    dataset = dataset.map(_decode_row, num_cpus=read)
+    dataset = dataset.map(decode_row, num_cpus=read)
     if device == "auto":
         device = "cuda" if gpus_per_worker > 0 else "cpu"
     results = dataset.map_batches(
