@@ -1,7 +1,7 @@
 """`regproxy predict --engine ray`: a local Ray cluster started in this process (2 CPUs, loopback only) gives
 exactly plain predict's files; a killed job resumes to exactly the missing outputs; a corrupt image is one row of
-failures.jsonl. Skipped only when the `ray` extra is not installed; every Ray test has a hard time limit, so a hang
-fails the test instead of the run."""
+failures.jsonl (the kill test is `slow`: CI runs it with the slow tests). Skipped only when the `ray` extra is not
+installed; every Ray test has a hard time limit, so a hang fails the test instead of the run."""
 
 import json
 import os
@@ -129,6 +129,7 @@ def test_ray_parquet_from_file_uris(tmp_path, model, model_dir, ray_cluster, tim
     assert (again.written, again.skipped) == (0, 6)
 
 
+@pytest.mark.slow  # about 100 s on 2 shared cores: two CLI runs and their actors' start-up
 def test_killed_job_resumes_to_exactly_the_rest(tmp_path, model, model_dir, ray_cluster, time_limit):
     """The CLI on this cluster (--address), killed once outputs exist; the rerun writes exactly the missing ones
     and leaves the complete ones untouched; the end result is plain predict's."""

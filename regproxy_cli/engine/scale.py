@@ -238,7 +238,8 @@ class ScaleReport:
 
     written: int = 0
     skipped: int = 0
-    failed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # error lines, each starting with the input as given
+    failures: list[dict] = field(default_factory=list)  # failures.jsonl's rows: path, error
     seconds: float = 0.0
     workers: int = 0
     classes: list[str] = field(default_factory=list)  # the model's, for the summary
@@ -332,7 +333,8 @@ def predict_ray(
                                                          workers, gpus_per_worker)
         if todo:
             begin = time.perf_counter()
-            _run_guarded(ray, todo, model, out, report, names={s.key: names[s.path] for s in todo}, device=device,
+            _run_guarded(ray, todo, model, out, report, names={s.key: names[s.path] for s in todo},
+                         shown={s.key: s.read if "://" in s.read else str(s.path) for s in todo}, device=device,
                  provider=provider, per_actor=per_actor, read=read, gpus_per_worker=gpus_per_worker,
                  threads=max(1, int(resources.get("CPU", 1) // report.workers)), parquet=parquet,
                  rows=batch_size_rows, formats=[] if parquet else formats, **options)
@@ -340,8 +342,7 @@ def predict_ray(
     finally:
         if started:
             ray.shutdown()
-    failures = [{"path": line.split(": ", 1)[0], "error": line} for line in report.failed]
-    write_text_atomic(out / FAILURES_FILE, "".join(json.dumps(row) + "\n" for row in failures))
+    write_text_atomic(out / FAILURES_FILE, "".join(json.dumps(row) + "\n" for row in report.failures))
     return report
 
 
@@ -371,7 +372,7 @@ def _run_guarded(ray: Any, *args: Any, **kwargs: Any) -> None:
 
 
 def _run(ray: Any, todo: list[Source], model: str, out: Path, report: ScaleReport, *, names: dict[str, str],
-         device: str, provider: str, per_actor: float, read: float, gpus_per_worker: float, threads: int,
+         shown: dict[str, str], device: str, provider: str, per_actor: float, read: float, gpus_per_worker: float, threads: int,
          parquet: bool, rows: int, **options: Any) -> None:
     """The Ray Data pipeline: read + decode (read tasks), segment + write (the actor pool), counted here."""
     dataset = ray.data.read_binary_files([s.read for s in todo], include_paths=True, num_cpus=read,
@@ -389,7 +390,11 @@ def _run(ray: Any, todo: list[Source], model: str, out: Path, report: ScaleRepor
     for batch in results.iter_batches(batch_format="numpy", batch_size=None):
         for path, error, histogram in zip(batch["path"], batch["error"], batch["histogram"]):
             if error:
-                report.failed.append(str(error))
+                key, error = str(path), str(error)
+                given = shown.get(key, key)  # the input as the user gave it, not the absolute path Ray reads
+                line = given + error[len(key):] if error.startswith(key) else f"{given}: {error}"
+                report.failed.append(line)
+                report.failures.append({"path": given, "error": line})
                 continue
             report.written += 1
             present = np.flatnonzero(histogram)
