@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -78,14 +79,24 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
         raise RegproxyError(f"{path}: is a directory, not an image")
     if not path.exists():
         raise RegproxyError(f"{path}: no such file")
+    return _decode(path, path)
+
+
+def decode_image(data: bytes, name: str | os.PathLike[str]) -> np.ndarray:
+    """:func:`load_image` of a file's bytes, read elsewhere (Ray's read tasks, from a local folder or s3://);
+    ``name`` names the file in the error line. Same array, same errors."""
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(source: Path | io.BytesIO, name: str | os.PathLike[str]) -> np.ndarray:
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image = ImageOps.exif_transpose(image)  # also forces the full decode, so truncation surfaces here
             return _to_rgb_array(image)
     except UnidentifiedImageError:
-        raise RegproxyError(f"{path}: not an image PIL can read") from None
+        raise RegproxyError(f"{name}: not an image PIL can read") from None
     except READ_ERRORS as error:
-        raise RegproxyError(f"{path}: cannot read the image ({one_line(error)})") from None
+        raise RegproxyError(f"{name}: cannot read the image ({one_line(error)})") from None
 
 
 def _to_pil(image: np.ndarray | Image.Image) -> Image.Image:
@@ -145,6 +156,18 @@ def save_label_png(path: str | os.PathLike[str], labels: np.ndarray, palette: An
         ValueError: ids are negative or do not fit the format.
         RegproxyError: the file cannot be written.
     """
+    save_png_atomic(path, label_picture(labels, palette))
+
+
+def label_png_bytes(labels: np.ndarray, palette: Any) -> bytes:
+    """The bytes :func:`save_label_png` writes, in memory (a Parquet column of label maps)."""
+    buffer = io.BytesIO()
+    label_picture(labels, palette).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def label_picture(labels: np.ndarray, palette: Any) -> Image.Image:
+    """The PIL image of :func:`save_label_png`: 8-bit palette up to 256 classes, 16-bit grey above."""
     colours = palette_array(palette)
     labels = np.asarray(labels)
     if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
@@ -161,4 +184,4 @@ def save_label_png(path: str | os.PathLike[str], labels: np.ndarray, palette: An
         picture.putpalette(full.tobytes())
     else:
         picture = Image.fromarray(labels.astype(np.uint16))
-    save_png_atomic(path, picture)
+    return picture

@@ -115,7 +115,7 @@ def test_eval_passes_every_option(monkeypatch, tmp_path):
 
 
 def test_predict_passes_every_option(monkeypatch, tmp_path):
-    from regproxy_cli.cli import predict as predict_cli
+    from regproxy_cli.cli import predict_images as predict_cli
     from regproxy_cli.engine import runner as engine_runner
 
     image = tmp_path / "a.png"
@@ -123,7 +123,7 @@ def test_predict_passes_every_option(monkeypatch, tmp_path):
     model = FakeModel()
     monkeypatch.setattr(engine_runner, "load_model", Recorder(model))
     files = Recorder(engine_runner.PredictReport(written=[tmp_path / "out" / "a.png"]))
-    monkeypatch.setattr(predict_cli, "predict_files", files)
+    monkeypatch.setattr(predict_cli, "predict_shard", files)
     loaded = Recorder(model)
     monkeypatch.setattr(engine_runner, "load_model", loaded)
     invoke("predict", str(image), "-m", "s16-ade", "-o", str(tmp_path / "out"), "--mode", "slide", "--scale", "0.5",

@@ -167,3 +167,40 @@ def test_torchrun_evaluation_equals_one_process(tmp_path):
     present = [c for c in one["per_class"].values() if c["IoU"] is not None]
     assert one["images"] == 5 and len(present) >= 2 and 0 < one["mIoU"] < 100
     assert np.isfinite(one["aAcc"])
+
+
+def test_torchrun_predict_equals_one_process(tmp_path):
+    """2 gloo processes, each its share of 7 images (4 + 3) and one corrupt file: the same files, byte for byte, as
+    one process (names from the whole list: two inputs share a stem), and one summary, from rank 0."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "in"
+    (folder / "more").mkdir(parents=True)
+    for index in range(7):
+        height, width = ((48, 64), (64, 40))[index % 2]
+        target = folder / "more" / "img0.png" if index == 6 else folder / f"img{index}.png"
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(target)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    torch.manual_seed(0)
+    save_pretrained(build_model("tiny-vit", 5), tmp_path / "model")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def predict(out, *launcher):
+        command = [*launcher, "-m", "regproxy_cli", "predict", str(folder), "--model", str(tmp_path / "model"),
+                   "--out", str(tmp_path / out), "--device", "cpu", "--format", "png", "--format", "labelme"]
+        return subprocess.run([sys.executable, *command], check=False, capture_output=True, text=True, timeout=300,
+                              env={**env, "COLUMNS": "200"})
+
+    single = predict("one")
+    double = predict("two", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
+    for result in (single, double):
+        assert result.returncode == 1, result.stderr[-3000:]  # the corrupt file
+        assert result.stdout.count("wrote 7 label maps") == 1
+        assert result.stderr.count("broken.jpg: not an image PIL can read") == 1
+        assert "regproxy_cli/" not in result.stderr  # no traceback of ours (torchrun prints its own for exit 1)
+    assert "Traceback" not in single.stderr
+    one = {p.name: p.read_bytes() for p in (tmp_path / "one").iterdir()}
+    two = {p.name: p.read_bytes() for p in (tmp_path / "two").iterdir()}
+    assert len(one) == 7 * 3 and "in_img0.png" in one and "more_img0.json" in one
+    assert one == two  # labelme's imagePath is relative to the output folder: ../in/...

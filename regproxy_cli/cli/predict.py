@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from tqdm import tqdm
 
 from regproxy_cli.cli.options import (
     CompileOption,
@@ -21,25 +20,10 @@ from regproxy_cli.cli.options import (
     ProviderOption,
     TtaOption,
     WindowBatchOption,
-    check_batch,
-    check_precision,
-    check_window_batch,
-    model_device,
-    parse_device,
 )
-from regproxy_cli.cli.output import console, err_console, print_classes_present, print_error
-from regproxy_cli.cli.video import EVERY_HELP, FRAMES_HELP, predict_videos
-from regproxy_cli.data.formats import check_formats
+from regproxy_cli.cli.predict_images import Engine, RegionsBy, check_options, predict_images, predict_on_ray
+from regproxy_cli.cli.video import EVERY_HELP, FRAMES_HELP, check_video_options, predict_videos
 from regproxy_cli.data.video import is_video
-from regproxy_cli.engine.runner import (
-    PredictReport,
-    check_opacity,
-    check_out_dir,
-    expand_inputs,
-    open_model,
-    predict_files,
-    prepare_out_dir,
-)
 from regproxy_cli.errors import RegproxyError
 
 SUMMARY = "Segment images into label PNGs, colour overlays and region pictures."
@@ -69,7 +53,9 @@ EXAMPLES = """[bold]Examples[/]
 
   regproxy predict photos/ 'more/*.png' --model s16-ade --out seg --regions --tta
 
-  regproxy predict photo.jpg --model s16-ade --confidence --tta --save-probs --opacity 0.35"""
+  regproxy predict photo.jpg --model s16-ade --confidence --tta --save-probs --opacity 0.35
+
+  regproxy predict photos/ --model s16-ade --engine ray --workers 2 --out seg"""
 
 BATCH_HELP = ("Images per forward pass on CUDA: consecutive images of one size are batched (not with --tta). On a CPU "
               "the network runs image by image anyway, so this only applies on CUDA.")
@@ -82,28 +68,29 @@ class OutputFormat(str, Enum):
     coco = "coco"
     labelme = "labelme"
     cvat = "cvat"
+    parquet = "parquet"
 
 
 FORMAT_HELP = ("Output format, repeatable (default: png): png (label PNG + overlay), coco (OUT/predictions.json), "
-               "labelme (OUT/<name>.json), cvat (OUT/cvat.zip). coco and labelme need the 'annotations' extra.")
+               "labelme (OUT/<name>.json), cvat (OUT/cvat.zip), parquet (--engine ray: OUT/labels.parquet/, rows of "
+               "path, label PNG bytes, class histogram). coco and labelme need the 'annotations' extra.")
 TOLERANCE_HELP = "labelme polygons: simplification tolerance in pixels (0: exact region boundaries)."
 CONFIDENCE_HELP = ("Also write heat maps of the top class probability and the entropy (and with --tta the views' "
                    "disagreement).")
 SAVE_PROBS_HELP = "Also write OUT/<name>_probs.npz: class probabilities (float16) and the confidence maps."
 
 
-class RegionsBy(str, Enum):
-    """How --regions tints each learned region: its token's predicted class, or a colour per token."""
-
-    cls = "class"
-    token = "token"
-    prototype = "prototype"
-
-
 REGIONS_BY_HELP = ("Tint each region with its token's predicted class colour (class), a colour per token (token) or "
                    "the shade of the class prototype its token matched (prototype, a protoseg model); implies "
                    "--regions.")
 PROTOTYPES_HELP = "Colour the learned regions by the prototype that painted them (a protoseg model); implies --regions."
+
+
+ENGINE_HELP = ("local: this process (under torchrun each process a share); ray: actors on a Ray cluster, one model each "
+               "(the 'ray' extra; docs/scale.md).")
+ADDRESS_HELP = "--engine ray: auto (a running cluster) or ray://HOST:10001; default RAY_ADDRESS, else a local one."
+WORKERS_HELP = "--engine ray: actors (default: one per --gpus-per-worker share of the GPUs, else per CPU but one)."
+GPUS_HELP = "--engine ray: GPUs per actor (0: CPU actors; 0.5: two share a GPU)."
 
 
 def predict(
@@ -129,53 +116,31 @@ def predict(
     batch: Annotated[int, typer.Option("--batch", help=BATCH_HELP)] = 1,
     frames: Annotated[bool, typer.Option("--frames", help=FRAMES_HELP)] = False,
     every: Annotated[int, typer.Option("--every", min=1, help=EVERY_HELP)] = 1,
+    engine: Annotated[Engine, typer.Option("--engine", help=ENGINE_HELP)] = Engine.local,
+    address: Annotated[str | None, typer.Option("--address", help=ADDRESS_HELP)] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help=WORKERS_HELP)] = None,
+    gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", min=0.0, help=GPUS_HELP)] = 0.0,
 ) -> None:
-    if prototypes:
-        if regions_by not in (None, RegionsBy.prototype):
-            raise RegproxyError(f"--prototypes colours regions by prototype; it cannot go with --regions-by "
-                                f"{regions_by.value}")
-        regions_by = RegionsBy.prototype
-    check_window_batch(window_batch)
-    check_batch(batch)
-    check_opacity(opacity)
+    regions_by = check_options(window_batch=window_batch, batch=batch, opacity=opacity, prototypes=prototypes,
+                               regions_by=regions_by, engine=engine, address=address, workers=workers,
+                               gpus_per_worker=gpus_per_worker)
     if any(is_video(item) for item in inputs):  # .mp4/.mov/.avi/.mkv/.webm: regproxy_cli.cli.video
-        image_only = {"--regions": regions or regions_by is not None, "--confidence": confidence,
-                      "--save-probs": save_probs, "--format": bool(formats) and formats != [OutputFormat.png]}
-        given = [option for option, used in image_only.items() if used]
-        if given:
-            raise RegproxyError(f"{', '.join(given)} apply to images; a video gets OUT/<name>_overlay.mp4 and, with "
-                                "--frames, label PNGs (segment videos and images in separate calls)")
+        check_video_options(regions=regions or regions_by is not None, confidence=confidence, save_probs=save_probs,
+                            formats=[f.value for f in formats or []], ray=engine is Engine.ray)
         return predict_videos(inputs, model=model, out=out, mode=mode.value if mode else None, scale=scale, tta=tta,
                               device=device, precision=precision, window_batch=window_batch, batch=batch,
                               compile_network=compile_network, provider=provider, frames=frames, every=every,
                               opacity=opacity)
-    regions = regions or regions_by is not None
-    output_formats = check_formats(formats or [OutputFormat.png])  # a missing extra stops here, before loading
-    torch_device = parse_device(model_device(device, model))
-    run_precision = check_precision(precision, torch_device)
-    paths, problems = expand_inputs(inputs)
-    check_out_dir(out)  # an --out that is a file or cannot be written stops here, before the model loads
-    segmenter = open_model(model, torch_device, precision=run_precision, provider=provider.value,
-                           compile_network=compile_network, regions=regions, status=err_console.status)
-    prepare_out_dir(out)  # created only once the model has loaded, and before the progress bar shows
-    partial = PredictReport()  # filled as images finish: what a Ctrl-C can report
-    try:
-        with tqdm(total=len(paths), unit="image", desc="segmenting", disable=not paths) as bar:
-            report = predict_files(segmenter, paths, out, regions=regions, progress=bar.update,
-                                   formats=output_formats, polygon_tolerance=polygon_tolerance,
-                                   regions_by=(regions_by or RegionsBy.cls).value, confidence=confidence,
-                                   save_probs=save_probs, opacity=opacity, mode=mode.value if mode else None,
-                                   tta=tta, scale=scale, batch_size=window_batch, precision=run_precision,
-                                   batch=batch, report=partial)
-    except KeyboardInterrupt:
-        err_console.print(f"interrupted: {len(partial.finished)} of {len(paths)} images written to {out} (each file "
-                          "complete); run the same command again to segment them all")
-        raise typer.Exit(130) from None
-    for problem in problems + report.failed:
-        print_error(problem)
-    if report.written:
-        print_classes_present(segmenter.config.classes, report.pixels, report.images, "images")
-        console.print(f"wrote {len(report.written)} label maps to {out}")
-    if problems or report.failed or not report.written:
-        raise typer.Exit(1)
-
+    output_formats = [f.value for f in formats or [OutputFormat.png]]
+    options = {"regions": regions or regions_by is not None, "regions_by": (regions_by or RegionsBy.cls).value,
+               "confidence": confidence, "save_probs": save_probs, "opacity": opacity, "tta": tta, "scale": scale,
+               "polygon_tolerance": polygon_tolerance, "mode": mode.value if mode else None,
+               "batch_size": window_batch, "batch": batch}
+    if engine is Engine.ray:
+        return predict_on_ray(inputs, model=model, out=out, compile_network=compile_network, address=address,
+                              workers=workers, gpus_per_worker=gpus_per_worker, device=device, precision=precision.value,
+                              provider=provider.value, formats=output_formats, **options)
+    if "parquet" in output_formats:
+        raise RegproxyError("--format parquet goes with --engine ray")
+    predict_images(inputs, model=model, out=out, device=device, precision=precision, provider=provider.value,
+                   compile_network=compile_network, formats=output_formats, **options)

@@ -22,6 +22,16 @@ EVERY_HELP = ("Videos: segment every Nth frame (0, N, 2N, ...). The overlay vide
               "rate; frames in between are drawn with the labels of the last segmented frame.")
 
 
+def check_video_options(*, regions: bool, confidence: bool, save_probs: bool, formats: list[str], ray: bool) -> None:
+    """The image-only options, refused for videos with one line."""
+    image_only = {"--regions": regions, "--confidence": confidence, "--save-probs": save_probs,
+                  "--format": bool(formats) and formats != ["png"], "--engine ray": ray}
+    given = [option for option, used in image_only.items() if used]
+    if given:
+        raise RegproxyError(f"{', '.join(given)} apply to images; a video gets OUT/<name>_overlay.mp4 and, with "
+                            "--frames, label PNGs (segment videos and images in separate calls)")
+
+
 def predict_videos(
     inputs: list[str],
     *,

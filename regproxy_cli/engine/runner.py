@@ -25,6 +25,7 @@ from torch import nn
 
 from regproxy_cli.constants import IMAGE_SUFFIXES
 from regproxy_cli.data.formats import COCO_FILE, AnnotationWriter, check_formats
+from regproxy_cli.engine.distributed import all_gather_objects, rank_world
 from regproxy_cli.errors import RegproxyError, one_line
 from regproxy_cli.files import write_atomic
 from regproxy_cli.hub.zoo import load_model
@@ -189,6 +190,7 @@ def predict_files(
     save_probs: bool = False,
     opacity: float = 0.5,
     report: PredictReport | None = None,
+    names: dict[Path, str] | None = None,
     **options,
 ) -> PredictReport:
     """Segment each image, writing ``<stem>.png`` (class ids, palette), ``<stem>_overlay.png`` (colours at weight
@@ -204,42 +206,26 @@ def predict_files(
     CUDA, up to ``batch`` consecutive same-size images share a forward pass
     (:func:`regproxy_cli.inference.pipeline.run_pipeline`). Outputs and the report do not depend on ``workers``.
 
-    Output names come from :func:`output_names` (distinct, fixed before the first write). Any exception while
+    Output names come from :func:`output_names` (distinct, fixed before the first write), or ``names`` when given
+    (a share of a longer list, named from the whole list: :func:`predict_shard`). Any exception while
     segmenting or writing one image is that image's error line in ``report.failed``. ``report`` (filled as images
     finish) may be passed in, so a caller still knows what was written when a Ctrl-C stops the run."""
     prepare_out_dir(out_dir)
-    palette = np.array(model.config.palette, dtype=np.uint8)
     report = PredictReport() if report is None else report
-    png = "png" in check_formats(formats)
-    annotations = AnnotationWriter(out_dir, formats, model.config.classes, model.config.palette,
-                                   polygon_tolerance=polygon_tolerance)
-    levels = level_maps(model)
-    names = output_names(paths, tuple(levels))
+    writer = OutputWriter(model, out_dir, paths if names is None else names, formats=formats,
+                          polygon_tolerance=polygon_tolerance, opacity=opacity, confidence=confidence,
+                          save_probs=save_probs)
 
     @_one_image
     def infer(images: list[np.ndarray]) -> list[tuple]:  # on this thread: the network
-        if confidence or save_probs:
-            maps = [predict_confidence(model, image, grid_probs=save_probs, **options) for image in images]
-            labels = [one.labels for one in maps]
-        else:
-            maps, labels = [None] * len(images), predict_label_batch(model, images, **options)
-        pictures = [predict_regions(model, image, scale=options.get("scale", 1.0), by=regions_by) if regions else None
-                    for image in images]
-        return list(zip(labels, pictures, maps))
+        return segment(model, images, regions=regions, regions_by=regions_by, confidence=confidence,
+                       save_probs=save_probs, **options)
 
     @_one_image
     def write(path: Path, image: np.ndarray, result: tuple):  # on the pool
-        labels, picture, maps = result
-        stem = names[path]
-        written = _write_outputs(out_dir, stem, image, labels, palette, picture, png=png, opacity=opacity)
-        for level, (lookup, level_palette) in levels.items():  # e.g. <stem>_category.png of an HSSN model
-            if png:
-                save_label_png(out_dir / f"{stem}_{level}.png", lookup[labels], level_palette)
-        if maps is not None:
-            _write_confidence(out_dir, stem, maps, model.config.classes, pictures=confidence, probs=save_probs)
-        annotations.add(stem, labels, path)
+        written, histogram = writer.write(path, image, result)
         report.finished.append(written)  # list.append is atomic: what an interrupted run can truly claim
-        return written, np.unique(labels, return_counts=True)
+        return written, histogram
 
     for path, done, error in run_pipeline(paths, load_image, infer, write, batch=forward_batch(model, batch),
                                           workers=workers):
@@ -252,8 +238,108 @@ def predict_files(
             report.images.update(ids.tolist())
         if progress is not None:
             progress()
-    annotations.close()  # COCO's predictions.json and the CVAT zip, once
+    writer.close()  # COCO's predictions.json and the CVAT zip, once
     return report
+
+
+def check_shardable(formats: list[str] | tuple[str, ...], world: int) -> None:
+    """COCO's predictions.json and the CVAT zip hold the whole run: one process writes them, not torchrun's several."""
+    whole = [f for f in formats if f in ("coco", "cvat")]
+    if world > 1 and whole:
+        raise RegproxyError(f"--format {' and '.join(whole)} write one file for the whole run; under torchrun use "
+                            "png or labelme, or run one process")
+
+
+def predict_shard(model: nn.Module, paths: list[Path], out_dir: Path, *, report: PredictReport | None = None,
+                  **options) -> PredictReport:
+    """:func:`predict_files` of this process's share of ``paths`` under torchrun (all of them in one process): every
+    ``world``-th path from the rank's own, sorted as :func:`expand_inputs` gave them, so the shares are disjoint and
+    together all the paths (sizes differ by one at most). Output names come from the whole list, so they are those
+    of one process. Returns every process's report merged (each process calls this; the collective waits for all).
+    """
+    rank, world = rank_world()
+    check_shardable(check_formats(options.get("formats", ("png",))), world)
+    names = output_names(paths, tuple(level_maps(model)))
+    mine = predict_files(model, paths[rank::world], out_dir, names=names, report=report, **options)
+    if world == 1:
+        return mine
+    merged = PredictReport()
+    for one in all_gather_objects(PredictReport(mine.written, mine.failed, [], mine.pixels, mine.images)):
+        merged.written += one.written
+        merged.failed += one.failed
+        merged.pixels.update(one.pixels)
+        merged.images.update(one.images)
+    return merged
+
+
+def segment(model: nn.Module, images: list[np.ndarray], *, regions: bool = False, regions_by: str = "class",
+            confidence: bool = False, save_probs: bool = False, **options) -> list[tuple]:
+    """(labels, regions picture or None, confidence maps or None) of each image: what :class:`OutputWriter` writes.
+    Same-size images share a forward pass on CUDA (:func:`~regproxy_cli.inference.pipeline.predict_label_batch`);
+    ``confidence``/``save_probs`` take labels from the confidence pass, one image at a time."""
+    if confidence or save_probs:
+        maps = [predict_confidence(model, image, grid_probs=save_probs, **options) for image in images]
+        labels = [one.labels for one in maps]
+    else:
+        maps, labels = [None] * len(images), predict_label_batch(model, images, **options)
+    pictures = [predict_regions(model, image, scale=options.get("scale", 1.0), by=regions_by) if regions else None
+                for image in images]
+    return list(zip(labels, pictures, maps))
+
+
+class OutputWriter:
+    """Every output file of a run's images, each under its name from :func:`output_names`: the label PNG and
+    overlay (format png), a hierarchical model's level PNGs, the regions picture, the confidence pictures and
+    ``.npz``, and the annotation files (:class:`~regproxy_cli.data.formats.AnnotationWriter`). Every file is written
+    atomically, so an image whose :meth:`expected` files all exist is complete (what a resumed run skips).
+
+    ``names``: the run's inputs (names are computed from them) or their names already computed, e.g. from a longer
+    list than this process writes (a torchrun rank's share, a Ray actor's batches)."""
+
+    def __init__(self, model: nn.Module, out_dir: Path, names: list[Path] | dict[Path, str], *,
+                 formats: list[str] | tuple[str, ...] = ("png",), polygon_tolerance: float = 1.0,
+                 opacity: float = 0.5, confidence: bool = False, save_probs: bool = False) -> None:
+        self.out_dir = Path(out_dir)
+        self.palette = np.array(model.config.palette, dtype=np.uint8)
+        self.classes = model.config.classes
+        self.formats = check_formats(formats)
+        self.png = "png" in self.formats
+        self.opacity, self.confidence, self.save_probs = opacity, confidence, save_probs
+        self.levels = level_maps(model)
+        self.names = names if isinstance(names, dict) else output_names(list(names), tuple(self.levels))
+        self.annotations = AnnotationWriter(self.out_dir, self.formats, model.config.classes, model.config.palette,
+                                            polygon_tolerance=polygon_tolerance)
+
+    def expected(self, path: Path, *, regions: bool = False, tta: bool = False) -> list[Path]:
+        """The files :meth:`write` leaves for ``path`` (not COCO's or CVAT's, which hold the whole run)."""
+        name = self.names[path]
+        files = [f"{name}.png", f"{name}_overlay.png"] + [f"{name}_{level}.png" for level in self.levels]
+        files = files if self.png else []
+        files += [f"{name}_regions.png"] if regions else []
+        if self.confidence:
+            files += [f"{name}_maxprob.png", f"{name}_entropy.png"] + ([f"{name}_disagreement.png"] if tta else [])
+        files += [f"{name}_probs.npz"] if self.save_probs else []
+        files += [f"{name}.json"] if "labelme" in self.formats else []
+        return [self.out_dir / file for file in files]
+
+    def write(self, path: Path, image: np.ndarray, result: tuple) -> tuple[Path, tuple[np.ndarray, np.ndarray]]:
+        """One image's files from :func:`segment`'s ``result``; returns (the label map's path, (class ids, pixel
+        counts))."""
+        labels, picture, maps = result
+        stem = self.names[path]
+        written = _write_outputs(self.out_dir, stem, image, labels, self.palette, picture, png=self.png,
+                                 opacity=self.opacity)
+        for level, (lookup, level_palette) in self.levels.items():  # e.g. <stem>_category.png of an HSSN model
+            if self.png:
+                save_label_png(self.out_dir / f"{stem}_{level}.png", lookup[labels], level_palette)
+        if maps is not None:
+            _write_confidence(self.out_dir, stem, maps, self.classes, pictures=self.confidence,
+                              probs=self.save_probs)
+        self.annotations.add(stem, labels, path)
+        return written, np.unique(labels, return_counts=True)
+
+    def close(self) -> None:
+        self.annotations.close()
 
 
 def _one_image(step: Callable) -> Callable:
