@@ -215,3 +215,9 @@ def test_require_extra_is_one_line_naming_the_extra(monkeypatch):
         require_extra("matplotlib", "report", "eval --report")
     assert str(error.value) == "eval --report needs the 'report' extra: pip install 'regproxy[report]'"
     assert require_extra("json", "none", "json") is sys.modules["json"]
+
+
+def test_cli_modules_stay_short():
+    """The CLI parses, calls one library function and renders: a command module past 150 lines holds library code."""
+    long = {p.name: n for p in (PACKAGE / "cli").glob("*.py") if (n := len(p.read_text().splitlines())) > 150}
+    assert not long, long

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from regproxy_cli.cli.options import DeviceOption, ModelOption, check_batch, parse_device, parse_size
 from regproxy_cli.cli.output import console, err_console
-from regproxy_cli.engine.evaluate import evaluate
+from regproxy_cli.engine.evaluate import compare_onnx_models
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.hub.zoo import load_model
 from regproxy_cli.onnx.export import (
@@ -24,10 +24,8 @@ from regproxy_cli.onnx.export import (
     CalibrationSet,
     check_onnx,
     export_onnx,
-    label_agreement,
     quantize_int8,
 )
-from regproxy_cli.onnx.runtime import load_onnx_model
 
 CHECK_TOLERANCE = 1e-4  # largest |ONNX - PyTorch| logit difference --check accepts (fp32)
 
@@ -73,9 +71,8 @@ def export(
     opset: Annotated[int, typer.Option(help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET}.")] = 17,
     static: Annotated[bool, typer.Option("--static", help="Fix batch and size instead of dynamic axes.")] = False,
     check: Annotated[bool, typer.Option(help="Compare onnxruntime's logits with PyTorch's on a random input.")] = True,
-    quantize: Annotated[Quantization | None, typer.Option(
-        help="Write OUT quantized: int8 (static, calibrated on --calibration)."
-    )] = None,
+    quantize: Annotated[Quantization | None, typer.Option(help="Write OUT quantized: int8 (static, calibrated on "
+                                                                "--calibration).")] = None,
     calibration: Annotated[Path | None, typer.Option(
         help="--quantize: a folder of images, or a dataset folder (its val split, labels give the mIoU change)."
     )] = None,
@@ -135,10 +132,8 @@ def _quantize(fp32_path: Path, output: Path, samples: CalibrationSet, size: tupl
     with err_console.status(f"calibrating int8 ranges on {len(samples)} images"):
         quantize_int8(fp32_path, output, samples, size=size)
     seconds = time.perf_counter() - started
-    fp32, int8 = load_onnx_model(fp32_path), load_onnx_model(output)
     with err_console.status("comparing the int8 model's labels with the fp32 model's"):
-        agreement = label_agreement(fp32, int8, samples.images())
-        scores = [evaluate(m, samples, progress=False)["mIoU"] for m in (fp32, int8)] if samples.labelled else None
+        agreement, scores = compare_onnx_models(fp32_path, output, samples)
 
     table = Table(title="int8 quantization", box=None, show_header=False, pad_edge=False)
     table.add_column(style="bold")

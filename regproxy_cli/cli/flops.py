@@ -42,10 +42,7 @@ EXAMPLES = """[bold]Examples[/]
   regproxy flops --plot fig2.png --run runs/demo --log-x         # the paper's Fig. 2, and your run on it"""
 
 
-class ZooDataset(str, Enum):
-    ade20k = "ade20k"
-    cityscapes = "cityscapes"
-    none = "none"
+ZooDataset = Enum("ZooDataset", {name: name for name in ("ade20k", "cityscapes", "none")}, type=str)
 
 
 def flops(

@@ -24,6 +24,8 @@ from regproxy_cli.errors import RegproxyError
 from regproxy_cli.images import save_label_png
 from regproxy_cli.inference.predictor import predict_labels
 from regproxy_cli.model.classifiers import label_levels
+from regproxy_cli.onnx.export import CalibrationSet, label_agreement
+from regproxy_cli.onnx.runtime import load_onnx_model
 
 
 @torch.inference_mode()
@@ -133,3 +135,12 @@ def _open_eval_dataset(data: str, split: str | None) -> SegmentationDataset:
     if not path.is_dir():
         raise RegproxyError(f"--data {data}: not a config file or a dataset folder")
     return open_dataset("auto", path, split or "val")
+
+
+def compare_onnx_models(reference: Path, candidate: Path, samples: CalibrationSet) -> tuple[float, list[float] | None]:
+    """(% of pixels whose label ``candidate`` shares with ``reference``, both files' mIoU or None) on ``samples``
+    (export --quantize: the int8 file against the fp32 one on the calibration images)."""
+    first, second = load_onnx_model(reference), load_onnx_model(candidate)
+    agreement = label_agreement(first, second, samples.images())
+    scores = [evaluate(m, samples, progress=False)["mIoU"] for m in (first, second)] if samples.labelled else None
+    return agreement, scores

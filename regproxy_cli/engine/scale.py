@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from regproxy_cli.constants import IMAGE_SUFFIXES
-from regproxy_cli.errors import RegproxyError, one_line
+from regproxy_cli.errors import RegproxyError, missing_extra, one_line, require_extra
 from regproxy_cli.files import write_atomic, write_text_atomic
 from regproxy_cli.images import decode_image, label_png_bytes
 
-RAY_MISSING = "--engine ray needs Ray Data, the 'ray' extra: pip install 'regproxy[ray]'"
+RAY_MISSING = missing_extra("ray", "--engine ray (Ray Data)")
 FAILURES_FILE = "failures.jsonl"
 PARQUET_DIR = "labels.parquet"  # --format parquet: one Parquet dataset of (path, labels PNG, class histogram)
 # What each read task asks for, at most: the actors never take the CPUs reading needs. Less than an actor's CPU, so
@@ -44,12 +44,8 @@ BATCH = 16  # rows per actor call: enough to fill a size bucket, few enough to s
 
 def import_ray() -> Any:
     """``ray`` with ``ray.data`` loaded, or one error line naming the extra."""
-    try:
-        import ray
-        import ray.data  # the Data library: ray without [data] lacks its dependencies
-    except ImportError as error:
-        raise RegproxyError(f"{RAY_MISSING} ({one_line(error)})") from None
-    return ray
+    require_extra("ray.data", "ray", "--engine ray (Ray Data)")  # ray without [data] lacks the Data library's needs
+    return require_extra("ray", "ray", "--engine ray (Ray Data)")
 
 
 @dataclass
