@@ -357,10 +357,9 @@ def write_report(results: dict, path: Path) -> None:
     quality = REPO / "docs" / "quality.json"
     if quality.exists():
         parts += ["", "## Quality per cost (generated data)", "", quality_md(json.loads(quality.read_text()))]
-    scale = REPO / "docs" / "scale_throughput.md"  # whole commands timed by bench.scale_throughput, kept as written
+    scale = REPO / "docs" / "scale_throughput.json"  # whole commands timed by bench.scale_throughput
     if scale.exists():
-        text = "\n".join(line for line in scale.read_text().splitlines() if not line.startswith("<!--"))
-        parts += ["", "## Predict at scale (`torchrun`, `--engine ray`)", "", text.strip()]
+        parts += ["", "## Predict at scale (`torchrun`, `--engine ray`)", "", json.loads(scale.read_text())["section"]]
     path.write_text("\n".join(parts) + "\n")
 
 

@@ -11,7 +11,7 @@ own start-up is not counted. One untimed run of each contender comes first; then
 and each run writes into a fresh folder; every engine's label PNGs and overlays are compared byte for byte with
 plain predict's. The model is ViT-Demo/8 RegProxy (5 classes) with random weights, saved as a model directory (a
 forward's speed does not depend on the values); every image is segmented at its own size. The section "Predict at
-scale" of docs/benchmarks.md comes from docs/scale_throughput.md, which this writes (unless ``--no-write``) and
+scale" of docs/benchmarks.md comes from docs/scale_throughput.json, which this writes (unless ``--no-write``) and
 ``python -m bench.report`` includes.
 """
 
@@ -37,7 +37,7 @@ from regproxy_cli.model.regproxy import build_model
 
 from .common import REPO, machine, median
 
-REPORT = REPO / "docs" / "scale_throughput.md"  # bench.report puts it into docs/benchmarks.md
+REPORT = REPO / "docs" / "scale_throughput.json"  # bench.report puts it into docs/benchmarks.md
 BEGIN, END = "<!-- scale-throughput -->", "<!-- /scale-throughput -->"
 SIZES = ((240, 320), (320, 240), (256, 256))  # mixed sizes, as a folder of photos has them
 
@@ -106,12 +106,12 @@ def section(result: dict) -> str:
 
 
 def write_section(text: str) -> None:
-    """docs/scale_throughput.md, then docs/benchmarks.md rebuilt around it (bench.report)."""
+    """docs/scale_throughput.json, then docs/benchmarks.md rebuilt around it (bench.report)."""
     from bench import report
 
     body = "\n".join(line for line in text.splitlines() if line not in (BEGIN, END) and not line.startswith("## "))
-    REPORT.write_text("<!-- written by python -m bench.scale_throughput; python -m bench.report includes it -->\n"
-                      + body.strip() + "\n")
+    REPORT.write_text(json.dumps({"source": "python -m bench.scale_throughput", "section": body.strip()}, indent=2,
+                                 ensure_ascii=False) + "\n")
     results = report.REPO / "docs" / "benchmarks.json"
     report.write_report(json.loads(results.read_text()), report.REPO / "docs" / "benchmarks.md")
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the numbers here")
-    parser.add_argument("--no-write", action="store_true", help="do not write docs/scale_throughput.md or docs/benchmarks.md")
+    parser.add_argument("--no-write", action="store_true", help="do not write docs/scale_throughput.json or docs/benchmarks.md")
     args = parser.parse_args(argv)
     import ray
 
