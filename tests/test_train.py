@@ -28,9 +28,9 @@ def tiny_config(tmp_path: Path, **sections) -> Path:
     """A config training tiny-vit on 64x64 synthetic scenes for a few iterations."""
     config = {
         "model": {"backbone": "tiny-vit", "pretrained": False, "drop_path_rate": 0.1},
-        "data": {"kind": "synthetic", "root": str(tmp_path / "data"), "crop": 64, "scale": [128, 64],
+        "data": {"kind": "synthetic", "root": str(tmp_path / "data"), "crop_size": 64, "scale": [128, 64],
                  "workers": 0, "synthetic_train": 12, "synthetic_val": 3, "synthetic_size": 64},
-        "test": {"mode": "whole", "scale": None},
+        "test": {"inference_mode": "whole", "test_scale": None},
         "optim": {"lr": 1e-3, "batch_size": 4, "iters": 6, "warmup_iters": 2},
         "run": {"out_dir": str(tmp_path / "run"), "eval_every": 3, "save_every": 2, "log_every": 1, "threads": 1},
     }
