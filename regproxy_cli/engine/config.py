@@ -161,9 +161,14 @@ def rename_old_keys(data: dict, *, warn: bool = True) -> dict:
             raise RegproxyError(f"config keys {old} and {new} are one setting: keep {new}")
         values[new_key] = values.pop(old_key)
         if warn:
-            warnings.warn(f"config key {old} is now {new}: rename it (the old name goes in the next release)",
-                          FutureWarning, stacklevel=3)
+            _warn_renamed(old)
     return data
+
+
+def _warn_renamed(old: str) -> None:
+    """The one FutureWarning of an old key name (in the YAML or a --set), pointing at the caller's caller."""
+    warnings.warn(f"config key {old} is now {RENAMED_KEYS[old]}: rename it (the old name goes in the next release)",
+                  FutureWarning, stacklevel=4)
 
 
 def _build(data: dict) -> TrainConfig:
@@ -177,8 +182,7 @@ def _set(data: dict, assignment: str) -> None:
     path, raw = assignment.split("=", 1)
     path = path.strip()
     if path in RENAMED_KEYS:
-        warnings.warn(f"config key {path} is now {RENAMED_KEYS[path]}: rename it (the old name goes in the next "
-                      "release)", FutureWarning, stacklevel=3)
+        _warn_renamed(path)
         path = RENAMED_KEYS[path]
     parts = path.split(".")
     if len(parts) != 2:
