@@ -2,6 +2,7 @@
 image predict on the decoded frames."""
 
 from fractions import Fraction
+from types import SimpleNamespace
 from pathlib import Path
 
 import av
@@ -40,11 +41,15 @@ def _encode(path, frames, fps=Fraction(12), fmt=None, options=None):
 
 
 def _decode(path):
-    """(the stream, its frames as RGB) read with PyAV directly."""
+    """(the stream's properties, its frames as RGB) read with PyAV directly.
+
+    The properties are copied while the file is open: PyAV 18 refuses to read a stream of a closed container."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-        return stream, frames
+        codec = SimpleNamespace(name=stream.codec_context.name, pix_fmt=stream.codec_context.pix_fmt)
+        return SimpleNamespace(width=stream.width, height=stream.height, average_rate=stream.average_rate,
+                               codec_context=codec), frames
 
 
 @pytest.fixture(scope="module")
