@@ -345,11 +345,13 @@ def write_report(results: dict, path: Path) -> None:
         headline(sections),
     ]
     for key, title, render in SECTION_TITLES:
-        if key in sections:
-            s = sections[key]
+        # the section as last measured, then as measured on other kinds of machine (bench.run keeps them as key@kind)
+        for name in [key] * (key in sections) + sorted(k for k in sections if k.startswith(f"{key}@")):
+            s = sections[name]
             ran_on = s.get("machine") or m
             where = ", ".join([ran_on["cpu"], f"torch {ran_on['versions']['torch']}"] if ran_on != m else [])
-            parts += ["", f"## {title}", "", render(s)]
+            heading = title if name == key else f"{title}: {name.split('@', 1)[1]}"
+            parts += ["", f"## {heading}", "", render(s)]
             if s.get("note"):  # what the run's numbers need read with them (added to the JSON by hand)
                 parts += ["", f"**Note.** {s['note']}"]
             parts += ["", (f"<sub>{s['device']}, {where + ', ' if where else ''}"

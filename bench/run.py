@@ -551,8 +551,12 @@ def section_int8(args, device) -> dict:
     if device.type != "cpu":
         return {"skipped": "int8 runs on CPU only"}
     size, rounds = (128, 3) if args.quick else (512, 9)
+    from regproxy_cli.model.attention import cpu_info
+
     runs = []
-    for isa in (None, "AVX512_CORE_BF16", "AVX512_CORE_VNNI"):
+    # the caps emulate CPUs below this one; on a CPU without AVX-512 they would change nothing
+    caps = ("AVX512_CORE_BF16", "AVX512_CORE_VNNI") if "avx512f" in cpu_info()[1] else ()
+    for isa in (None, *caps):
         env = {"ONEDNN_MAX_CPU_ISA": isa} if isa else {}
         runs.append(run_json(["-m", "bench.run", "--int8-one", isa or "default", str(size), str(rounds)], env=env))
         _progress(f"int8 {isa or 'default'} done")
@@ -567,6 +571,11 @@ SECTIONS = {
 
 
 # ------------------------------------------------------------------------------------------------- report
+
+
+def machine_kind(info: dict) -> str:
+    """A machine kind as the kernels see it: the CPU's name and matrix extensions (or the GPU)."""
+    return info["gpu"] or f"{info['cpu']} ({', '.join(info['isa'])})"
 
 
 def _progress(message: str) -> None:
@@ -604,6 +613,10 @@ def main() -> None:
         kept.setdefault("machine", results.get("machine"))
     results["machine"] = machine()
     def store(section: str, data: dict, seconds: float, partial: bool = False) -> None:
+        earlier = results["sections"].get(section)
+        if earlier and machine_kind(earlier["machine"]) != machine_kind(results["machine"]):
+            # another kind of machine measured it: kept beside this one (the report shows each kind's table)
+            results["sections"][f"{section}@{machine_kind(earlier['machine'])}"] = earlier
         results["sections"][section] = {**data, "device": str(device), "date": time.strftime("%Y-%m-%d"),
                                         "seconds": seconds, "machine": results["machine"],
                                         **({"partial": True} if partial else {})}

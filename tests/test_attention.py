@@ -127,3 +127,31 @@ def test_training_under_bf16_autocast_reaches_the_float32_weights():
         model(torch.randn(1, 3, 32, 32)).float().sum().backward()
     fc1 = model.backbone.vit.blocks[0].mlp.fc1.weight
     assert fc1.grad is not None and fc1.grad.abs().sum() > 0 and not model.backbone._bf16_copies
+
+
+@pytest.mark.parametrize("flags, warned", [({"avx2", "fma"}, True), ({"avx2", "avx512f", "avx512_bf16"}, False),
+                                           ({"avx2", "amx_bf16"}, False), (set(), False)])
+def test_cpu_bf16_without_bf16_instructions_warns_once_why_it_is_slow(monkeypatch, flags, warned):
+    import warnings
+
+    from regproxy_cli.inference import runtime
+
+    monkeypatch.setattr(runtime, "cpu_info", lambda: ("some cpu", frozenset(flags)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        autocast("cpu", "bf16")
+        autocast("cpu", "fp32")
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert messages == ([runtime.BF16_EMULATED] if warned else [])
+
+
+def test_the_cli_prints_a_warning_as_one_line(monkeypatch, capsys):
+    import warnings
+
+    from regproxy_cli.cli import app
+
+    monkeypatch.delenv("REGPROXY_DEBUG", raising=False)
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+    with pytest.raises(SystemExit):
+        app.main(["--version"])
+    assert warnings.formatwarning("bf16 is slow here", RuntimeWarning, "x.py", 3) == "warning: bf16 is slow here\n"

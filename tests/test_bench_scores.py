@@ -73,3 +73,23 @@ def test_the_benchmark_report_renders_from_the_committed_results(tmp_path):
     text = out.read_text()
     assert text.startswith("# Benchmarks") and "## Quality per cost (generated data)" in text
     assert "| RegProxy h=w=4 | 2 |" in text  # the quality table, from bench.quality's own renderer
+
+
+def test_a_section_measured_on_another_kind_of_machine_is_kept_and_shown_beside_the_new_one(tmp_path):
+    """bench.run keeps each machine kind's table (section@kind); the report shows both, the newest first."""
+    import json
+
+    from bench import report
+    from bench.run import machine_kind
+
+    results = json.loads((report.REPO / "docs" / "benchmarks.json").read_text())
+    int8 = results["sections"]["int8"]
+    other = {**int8["machine"], "cpu": "Some CPU", "isa": ["avx2"]}
+    kind = machine_kind(other)
+    assert kind == "Some CPU (avx2)" and machine_kind(int8["machine"]) != kind
+    results["sections"][f"int8@{kind}"] = {**int8, "machine": other, "date": "2000-01-01"}
+    out = tmp_path / "benchmarks.md"
+    report.write_report(results, out)
+    text = out.read_text()
+    title = "## int8 on CPU, with and without AMX"
+    assert text.index(f"{title}\n") < text.index(f"{title}: Some CPU (avx2)\n") < text.index("2000-01-01")

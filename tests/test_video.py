@@ -2,8 +2,8 @@
 image predict on the decoded frames."""
 
 from fractions import Fraction
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import av
 import numpy as np

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import warnings
 from typing import Annotated
 
 import typer
@@ -68,9 +69,15 @@ _register("demo", demo, demo.demo)
 app.add_typer(analyze_cli.app, name="analyze", help=analyze_cli.HELP, short_help=analyze_cli.SUMMARY)
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point. Set REGPROXY_DEBUG=1 to see tracebacks instead of one-line errors."""
     debug = os.environ.get("REGPROXY_DEBUG", "") not in ("", "0")
+    if not debug:  # a warning is one line too, without the source line that raised it
+        warnings.formatwarning = _one_line_warning
     try:
         app(args=argv, prog_name="regproxy")
     except RegproxyError as exc:

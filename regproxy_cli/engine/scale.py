@@ -372,7 +372,7 @@ def _run(ray: Any, todo: list[Source], model: str, out: Path, report: ScaleRepor
          parquet: bool, rows: int, **options: Any) -> None:
     """The Ray Data pipeline: read + decode (read tasks), segment + write (the actor pool), counted here."""
     dataset = ray.data.read_binary_files([s.read for s in todo], include_paths=True, num_cpus=read,
-                                         override_num_blocks=min(len(todo), 200))
+                                         override_num_blocks=max(1, min(len(todo) // rows, 200)))
     dataset = dataset.map(decode_row, num_cpus=read)
     if device == "auto":
         device = "cuda" if gpus_per_worker > 0 else "cpu"
