@@ -204,6 +204,15 @@ def section_slide(args, device) -> dict:
             "ms": {name: 1e3 * median(t) for name, t in times.items()}}
 
 
+def fast_precisions(device: torch.device) -> list[str]:
+    """fp32, and bf16 where it can be fast: a GPU, or a CPU with AVX512-BF16 or AMX. Without those instructions
+    oneDNN emulates bf16 (7.5x slower than fp32 on an AVX2 EPYC: minutes per table for nothing; section int8 still
+    times it once)."""
+    from regproxy_cli.inference.runtime import cpu_has_bf16
+
+    return ["fp32", "bf16"] if device.type != "cpu" or cpu_has_bf16() else ["fp32"]
+
+
 def section_precision(args, device) -> dict:
     """fp32 against bf16 autocast (and, on CPU, RegProxy's --precision int8), RegProxy-S/16 against SegFormer-B1, in
     one process: 512^2 at batch 1 and 8, and a 2048x1024 image through 512^2 sliding windows (stride 341, 8 windows
@@ -212,7 +221,7 @@ def section_precision(args, device) -> dict:
     height, width, window, stride = (256, 512, 128, 85) if args.quick else (1024, 2048, 512, 341)
     names = ["regproxy-s16", "segformer-b1"]
     built = {name: build(name, device) for name in names}
-    models = {(name, p): built[name] for name in names for p in ("fp32", "bf16")}  # bf16: the same model, autocast
+    models = {(name, p): built[name] for name in names for p in fast_precisions(device)}  # bf16: autocast
     if device.type == "cpu":  # --precision int8: RegProxy's backbone linear layers (SegFormer has no int8 path here)
         from regproxy_cli.inference.quantize import quantize_int8
 
@@ -509,7 +518,7 @@ def section_eomt(args, device) -> dict:
     names = ["regproxy-t16", "eomt-s"] if args.quick else ["regproxy-s16", "eomt-s", "regproxy-l16", "eomt-l"]
     models = {name: build(name, device) for name in names}
     x = scenes(1, size, device)
-    precisions = ["fp32"] if args.quick else ["fp32", "bf16"]
+    precisions = ["fp32"] if args.quick else fast_precisions(device)
     calls = {(n, p): labels_call(models[n], x, p) for n in names for p in precisions}
     times = interleaved(calls, rounds=3 if args.quick else 5, warmup=1, device=device)
     rows = [{"model": n, "precision": p, "size": size, "ms": 1e3 * min(times[(n, p)]),

@@ -171,7 +171,27 @@ def test_the_demo_opens_the_model_as_predict_does_int8_included(cli, model_dir):
 def test_benchmark_names_the_fastest_path_for_each_kind_of_cpu():
     from regproxy_cli.inference.benchmark import CPU_PATHS, cpu_fast_path
 
-    assert cpu_fast_path(frozenset({"avx2"}))[0] == "fp32"
+    assert cpu_fast_path(frozenset({"sse4_2"}))[0] == "fp32" and cpu_fast_path(frozenset())[0] == "fp32"
+    assert cpu_fast_path(frozenset({"avx2", "fma"}))[0] == "int8"
     for flag, precision, _ in CPU_PATHS:
         assert cpu_fast_path(frozenset({flag, "avx512f"}))[0] == precision
     assert cpu_fast_path(frozenset({"amx_bf16", "avx512_bf16", "avx512_vnni"}))[0] == CPU_PATHS[0][1]
+
+
+@pytest.mark.parametrize("flags, cap, qmax", [
+    ({"avx2"}, "", 127), ({"avx2", "avx512f"}, "", 127), ({"avx2", "avx_vnni"}, "", 255),
+    ({"avx512f", "avx512_vnni"}, "", 255), ({"amx_int8", "avx512_vnni"}, "avx512_core_amx", 255),
+    ({"avx512f", "avx512_vnni"}, "AVX2", 127), ({"avx512f", "avx512_vnni"}, "AVX512_CORE", 127)])
+def test_activations_keep_7_bits_where_int8_products_would_saturate_int16(monkeypatch, flags, cap, qmax):
+    from regproxy_cli.inference import quantize
+    from regproxy_cli.model import attention
+
+    monkeypatch.setattr(attention, "cpu_info", lambda: ("cpu", frozenset(flags)))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    quantize.activation_qmax.cache_clear()
+    try:
+        assert quantize.activation_qmax() == qmax
+        scale, zero = quantize._activation_qparams(-1.0, 3.0)
+        assert zero == round(1.0 / scale) and abs(scale * qmax - 4.0) < 1e-6
+    finally:
+        quantize.activation_qmax.cache_clear()

@@ -5,8 +5,9 @@ multiply-adds; the attention products are most of the rest). :func:`quantize_int
 backbone for an :class:`Int8Linear` once, when the model is opened for inference:
 
 * weights: int8, symmetric, one scale per output channel (the max |w| of the row / 127), packed once for oneDNN;
-* activations: uint8, asymmetric, one scale and zero point per call from the input's min and max (dynamic), or fixed
-  ones measured on calibration images (static, :func:`calibrate_int8`);
+* activations: uint8 (7 bits on CPUs without VNNI: :func:`activation_qmax`), asymmetric, one scale and zero point
+  per call from the input's min and max (dynamic), or fixed ones measured on calibration images (static,
+  :func:`calibrate_int8`);
 * the product: ``torch.ops.onednn.qlinear_pointwise`` (PyTorch's own x86 int8 kernel, the one inductor's int8
   lowering calls): u8 x s8 -> s32 on the CPU's int8 dot-product units (AVX512-VNNI, AMX-INT8 where there is AMX),
   dequantised to float32 with the bias added in the same kernel, and timm's ``fc1 -> GELU`` fused as its post-op.
@@ -18,6 +19,7 @@ head and the label step) stays float32, so int8 changes labels only through the 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterable
 
 import torch
@@ -25,7 +27,21 @@ from torch import nn
 
 from regproxy_cli.errors import RegproxyError
 
-QMAX = 255  # activations are uint8: oneDNN's u8 x s8 product is the one VNNI computes natively
+# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) below the int8 dot-product instructions (VNNI)
+CAPS_WITHOUT_VNNI = frozenset({"SSE41", "AVX", "AVX2", "AVX512_CORE"})
+
+
+@functools.cache  # the CPU and oneDNN's cap are fixed for the process
+def activation_qmax() -> int:
+    """The largest uint8 activation code: 255 on CPUs with VNNI (AVX512-VNNI, AVX-VNNI, AMX-INT8), whose u8 x s8
+    dot products accumulate in int32. Without VNNI oneDNN multiplies u8 x s8 pairs into int16 (``vpmaddubsw``),
+    which saturates when both are near full scale (255 x 127 x 2 > 32767): wrong outputs, measured on an AVX2
+    EPYC (a max error of 30% of the output range). There the activations keep 7 bits (PyTorch's ``reduce_range``)."""
+    from regproxy_cli.model.attention import cpu_info
+
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    vnni = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_info()[1])
+    return 255 if vnni and cap not in CAPS_WITHOUT_VNNI else 127
 
 
 @functools.cache  # one probe per process
@@ -62,8 +78,9 @@ def check_int8(device: torch.device | str) -> None:
 def _activation_qparams(low: float, high: float) -> tuple[float, int]:
     """uint8 scale and zero point covering [low, high] (widened to hold 0, so zero padding stays exact)."""
     low, high = min(low, 0.0), max(high, 0.0)
-    scale = max((high - low) / QMAX, 1e-8)
-    return scale, min(max(round(-low / scale), 0), QMAX)
+    qmax = activation_qmax()
+    scale = max((high - low) / qmax, 1e-8)
+    return scale, min(max(round(-low / scale), 0), qmax)
 
 
 class Int8Linear(nn.Module):
@@ -102,7 +119,7 @@ class Int8Linear(nn.Module):
             low, high = torch.aminmax(flat)
             scale, zero = _activation_qparams(float(low), float(high))
         # one in-place chain: x / scale + zero, rounded to nearest and clamped into uint8
-        quantized = flat.mul(1.0 / scale).add_(zero).round_().clamp_(0, QMAX).to(torch.uint8)
+        quantized = flat.mul(1.0 / scale).add_(zero).round_().clamp_(0, activation_qmax()).to(torch.uint8)
         out = torch.ops.onednn.qlinear_pointwise(
             quantized, scale, zero, self.packed, self.weight_scale, self.weight_zero_point, self.bias,
             1.0, 0, torch.float32, self.post_op, [], "none",

@@ -82,8 +82,8 @@ def tf32_state() -> dict[str, bool]:
     return {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
 
 
-BF16_EMULATED = ("bf16 on this CPU runs without bf16 instructions (no AVX512-BF16 or AMX): measured 7.7x slower than "
-                 "fp32 on an AVX2-only AMD EPYC; fp32 (or int8) is the fast path here")
+BF16_EMULATED = ("bf16 on this CPU runs without bf16 instructions (no AVX512-BF16 or AMX): measured 7.5x slower "
+                 "than fp32 on an AVX2-only AMD EPYC; fp32 (or int8) is the fast path here")
 
 
 def cpu_has_bf16() -> bool:
