@@ -468,7 +468,8 @@ def section_agreement(args, device) -> dict:
     from regproxy_cli.inference.quantize import quantize_int8
 
     count = 8 if args.quick else args.agreement_images
-    precisions = ["bf16"] + (["int8"] if device.type == "cpu" else [])
+    # bf16 only where it can be fast: emulated bf16 takes minutes here for a path nobody should take
+    precisions = [p for p in fast_precisions(device) if p != "fp32"] + (["int8"] if device.type == "cpu" else [])
     rows = []
     for name, path in models.items():
         model = load_model(str(path)).to(device)
