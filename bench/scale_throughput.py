@@ -10,8 +10,8 @@ local cluster (``ray start --head --num-cpus 2``) started for them and warmed by
 counted, as a cluster is up before jobs come. Plain predict and torchrun run with no cluster up: an idle Ray cluster
 takes CPU time (its GCS, raylet and Ray Data's service actors), and on 2 cores that slows torch's 2 threads a lot.
 One untimed run of each contender comes first; then they run round after round in a rotating order (bench.common's
-protocol) within each group, and each run writes into a fresh folder; every engine's label PNGs and overlays are compared byte for byte with
-plain predict's. The model is ViT-Demo/8 RegProxy (5 classes) with random weights, saved as a model directory (a
+protocol) within each group, and each run writes into a fresh folder; every engine's label PNGs and overlays are
+compared byte for byte with plain predict's. The model is ViT-Demo/8 RegProxy (5 classes) with random weights, saved as a model directory (a
 forward's speed does not depend on the values); every image is segmented at its own size. The section "Predict at
 scale" of docs/benchmarks.md comes from docs/scale_throughput.json, which this writes (unless ``--no-write``) and
 ``python -m bench.report`` includes.

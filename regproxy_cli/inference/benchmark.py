@@ -61,8 +61,8 @@ CPU_PATHS: tuple[tuple[str, str, str], ...] = (
 
 def cpu_fast_path(flags: frozenset[str] | None = None) -> tuple[str, str]:
     """(precision, why) of the fastest measured path on a CPU with ``flags`` (default: this CPU's); fp32 when the
-    CPU has none of AMX, AVX512-BF16, AVX512-VNNI or AVX2. ``ONEDNN_MAX_CPU_ISA`` capping oneDNN below a flag the CPU has
-    is not seen here (it changes which of oneDNN's kernels run, not the flags)."""
+    CPU has none of AMX, AVX512-BF16, AVX512-VNNI or AVX2. ``ONEDNN_MAX_CPU_ISA`` capping oneDNN below a flag the
+    CPU has is not seen here (it changes which of oneDNN's kernels run, not the flags)."""
     flags = cpu_info()[1] if flags is None else flags
     for flag, precision, why in CPU_PATHS:
         if flag in flags:
