@@ -276,7 +276,7 @@ def quantize_int8(
 ) -> Path:
     """Static int8 quantization of an exported fp32 file, written atomically to ``output``.
 
-    onnxruntime's ``quantize_static`` in QDQ format: per-channel int8 weights and int8 activations whose ranges
+    onnxruntime's ``quantize_static`` in QDQ format: per-channel 7-bit weights and int8 activations whose ranges
     are the min/max seen on ``calibration`` (each image whole, resized to ``size``, default the crop size, with
     :func:`calibration_input`), for the ``QUANTIZED_OPS``; the rest stays float32. The metadata is the source's
     plus ``regproxy.quantization`` = ``int8``.
@@ -303,8 +303,11 @@ def quantize_int8(
         quiet = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)
         try:
+            # reduce_range (7-bit weights): the file runs on CPUs we do not know, and on those without VNNI
+            # onnxruntime's int8 products saturate int16 (an MLP block off by 10% of its output range on an AVX2
+            # EPYC, 2.7% with 7-bit weights)
             quantize_static(str(source), str(Path(tmp) / "int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                            per_channel=True, op_types_to_quantize=list(QUANTIZED_OPS))
+                            per_channel=True, reduce_range=True, op_types_to_quantize=list(QUANTIZED_OPS))
         except (RuntimeError, ValueError) as exc:
             raise RegproxyError(f"int8 quantization of {source} failed: {str(exc).strip().splitlines()[0]}") from exc
         finally:
