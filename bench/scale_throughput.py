@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -58,23 +59,21 @@ def write_images(folder: Path, count: int) -> None:
         Image.fromarray(image).save(folder / f"street{index:04d}.jpg", quality=90)
 
 
-class Cluster:
-    """``ray start --head --num-cpus 2`` while in the ``with`` block, warmed by one untimed run; ``ray stop`` after
-    (which stops every Ray cluster of this machine: run the bench where no other is needed). The jobs find it with
-    ``--address auto``, as docs/scale.md tells users to, which also hands them the cluster's auth token."""
+RAY = str(Path(sys.executable).with_name("ray"))  # the ray command of this environment
 
-    def __init__(self, warm: list[str], out: Path) -> None:
-        self.warm, self.out = warm, out
 
-    def __enter__(self) -> None:
-        ray_cli = str(Path(sys.executable).with_name("ray"))
-        subprocess.run([ray_cli, "start", "--head", "--num-cpus", "2", "--include-dashboard",
-                        "false", "--disable-usage-stats"], check=True, capture_output=True)
-        run(self.warm, self.out)  # the first Ray Data job starts the cluster's service actors
-
-    def __exit__(self, *_: object) -> None:
-        subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], check=False,
-                       capture_output=True)
+@contextlib.contextmanager
+def cluster(warm: list[str], out: Path) -> Iterator[None]:
+    """``ray start --head --num-cpus 2`` while in the ``with`` block, warmed by one untimed run ``warm``; ``ray stop``
+    after (which stops every Ray cluster of this machine: run the bench where no other is needed). The jobs find it
+    with ``--address auto``, as docs/scale.md tells users to, which also hands them the cluster's auth token."""
+    subprocess.run([RAY, "start", "--head", "--num-cpus", "2", "--include-dashboard", "false",
+                    "--disable-usage-stats"], check=True, capture_output=True)
+    try:
+        run(warm, out)  # the first Ray Data job starts the cluster's service actors
+        yield
+    finally:
+        subprocess.run([RAY, "stop", "--force"], check=False, capture_output=True)
 
 
 def commands(images: Path, model: Path, address: str) -> dict[str, list[str]]:
@@ -172,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         groups = [names[:2], names[2:]]  # without a cluster; with one
         times: dict[str, list[float]] = {name: [] for name in names}
         for group in groups:
-            with Cluster(contenders["ray x1"], work / "warm") if "ray" in group[0] else contextlib.nullcontext():
+            with cluster(contenders["ray x1"], work / "warm") if "ray" in group[0] else contextlib.nullcontext():
                 for name in group:  # untimed: the page cache holds the images and the imports, as for every run
                     run(contenders[name], work / name.replace(" ", ""))
                 for round_index in range(args.rounds):
@@ -193,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
             large = commands(work / "large", work / "model", address)
             result["large"] = {"images": args.large}
             result["large"]["predict"] = run(large["predict"], work / "large-predict")
-            with Cluster(contenders["ray x1"], work / "warm"):
+            with cluster(contenders["ray x1"], work / "warm"):
                 result["large"]["ray x1"] = run(large["ray x1"], work / "large-rayx1")
             for name in ("predict", "ray x1"):
                 print(f"{args.large} images, {name}: {result['large'][name]:.1f} s", flush=True)
