@@ -237,3 +237,25 @@ def test_the_model_contract_is_declared_not_probed():
         assert model.stride == model.backbone.stride
     assert regproxy.has_regions and not baseline.has_regions
     assert regproxy.token_classifier is regproxy.head.classifier and baseline.token_classifier is baseline.classifier
+
+
+def test_the_package_api_resolves_on_first_use():
+    """`import regproxy_cli` loads no torch (a Ray read task, `regproxy --version`); each public name is the object
+    of the module that defines it, and a misspelt one is an AttributeError."""
+    import importlib
+    import subprocess
+    import sys
+
+    import regproxy_cli
+
+    code = "import sys, regproxy_cli; print('torch' in sys.modules, regproxy_cli.__version__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split()[0] == "False"
+    for name in regproxy_cli.__all__:
+        value = getattr(regproxy_cli, name)
+        module = regproxy_cli._LAZY.get(name)
+        if module is not None:
+            assert value is getattr(importlib.import_module(module), name)
+    assert set(regproxy_cli.__all__) <= set(dir(regproxy_cli))
+    with pytest.raises(AttributeError, match="build_modle"):
+        regproxy_cli.build_modle  # noqa: B018

@@ -83,6 +83,18 @@ def test_resources_leave_reading_a_cpu():
         scale.plan_resources(8, 1, 2, 1)
 
 
+def test_read_tasks_decode_without_importing_torch():
+    """Ray's read tasks import this module for decode_row: torch there cost each read process seconds of CPU, on
+    the cores where the actors import it. A fresh interpreter imports the module and decodes an image, torch-free."""
+    code = ("import io, sys; import numpy as np; from PIL import Image; from regproxy_cli.engine import scale\n"
+            "buffer = io.BytesIO(); Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(buffer, 'PNG')\n"
+            "row = scale.decode_row({'path': 'a.png', 'bytes': buffer.getvalue()})\n"
+            "assert row['image'].shape == (4, 6, 3) and not row['error'], row\n"
+            "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 def test_missing_extra_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(RegproxyError, match=r"pip install 'regproxy\[ray\]'"):

@@ -7,8 +7,10 @@ different sizes are never resized to one: each batch is split into buckets of on
 ``regproxy predict`` runs it. A rerun skips the inputs whose files all exist (every file is written atomically, so
 one that exists is complete); a file that cannot be decoded is one row of ``OUT/failures.jsonl``.
 
-Ray is imported only here, and only when used (the ``ray`` extra). :class:`RegProxyPredictor` also works in a
-pipeline of your own: ``ds.map_batches(RegProxyPredictor, fn_constructor_kwargs={...}, concurrency=2)`` over rows
+Ray is imported only here, and only when used (the ``ray`` extra). torch is imported only where a model runs: Ray's
+read tasks import this module for :func:`decode_row`, and importing torch there (seconds of CPU per read process)
+delayed the actors, which import it on the same cores. :class:`RegProxyPredictor` also works in a pipeline of your
+own: ``ds.map_batches(RegProxyPredictor, fn_constructor_kwargs={...}, concurrency=2)`` over rows
 of ``path`` and ``image`` (see docs/scale.md).
 """
 
@@ -26,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from regproxy_cli.constants import IMAGE_SUFFIXES
 from regproxy_cli.errors import RegproxyError, missing_extra, one_line, require_extra
@@ -137,6 +138,8 @@ class RegProxyPredictor:
 
     def __init__(self, model: str, out: str, *, names: dict[str, str] | None = None, device: str = "auto",
                  provider: str = "cpu", threads: int | None = None, parquet: bool = False, **options: Any) -> None:
+        import torch
+
         from regproxy_cli.engine.runner import OutputWriter, open_model
         from regproxy_cli.inference.runtime import resolve_device
 
@@ -281,6 +284,8 @@ def predict_ray(
     ``formats``: those of predict (png, labelme; coco and cvat hold the whole run, so not here) or ``parquet``.
     ``options``: :func:`~regproxy_cli.engine.runner.predict_files`'s. Inputs that cannot be listed are added to
     ``problems``. A ``KeyboardInterrupt`` leaves every written file complete; a rerun continues."""
+    import torch
+
     from regproxy_cli.engine.runner import OutputWriter, check_out_dir, open_model, output_names, prepare_out_dir
 
     formats = [str(getattr(f, "value", f)) for f in formats]
