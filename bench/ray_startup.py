@@ -29,20 +29,15 @@ from regproxy_cli.hub.checkpoint import save_pretrained
 from regproxy_cli.model.regproxy import build_model
 
 from .common import REPO, machine, median
-from .scale_throughput import cluster, commands, write_images
+from .scale_throughput import cluster, commands, run, write_images
 
 
 def timed(command: list[str], out: Path) -> dict[str, float]:
-    """One job: seconds to exit, and to its first and last label PNG or overlay."""
-    if out.exists():
-        shutil.rmtree(out)
-    begin = time.time()
-    result = subprocess.run([*command, "--out", str(out)], check=False, capture_output=True, text=True)
-    end = time.time()
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    """One job (bench.scale_throughput's ``run``): seconds to exit, and to its first and last label PNG or overlay."""
+    seconds = run(command, out)
+    begin = time.time() - seconds  # the job's start on the clock the files' modification times use
     written = sorted(p.stat().st_mtime for p in out.glob("*.png"))
-    return {"total": end - begin, "first": written[0] - begin, "last": written[-1] - begin}
+    return {"total": seconds, "first": written[0] - begin, "last": written[-1] - begin}
 
 
 def main(argv: list[str] | None = None) -> None:
