@@ -25,7 +25,7 @@ from regproxy_cli import RegproxyError, build_model
 from regproxy_cli.hub import remote as hub_module
 from regproxy_cli.hub import zoo as zoo_module
 from regproxy_cli.hub.checkpoint import save_pretrained
-from regproxy_cli.hub.zoo import ZOO, ZooEntry, load_model
+from regproxy_cli.hub.zoo import ZOO, ZooEntry, load_model, model_config
 
 TINY_ADE = ZooEntry("tiny-ade", "tiny-vit", "ade20k", 1, 64, "driveid", 1.0, 2.0)
 
@@ -105,6 +105,35 @@ def test_zoo_loads_its_pinned_hub_revision(caches, monkeypatch):
     save_pretrained(pinned, repo / "snapshots" / revision)
     (repo / "refs" / "v1").write_text(revision)
     assert torch.equal(load_model("tiny-ade").head.classifier.weight, pinned.head.classifier.weight)
+
+
+def test_model_config_finds_the_model_as_load_model_does_and_reads_only_its_config(caches, monkeypatch, tmp_path):
+    """A model directory, its weights file, a Hub repo and a zoo model on the Hub: load_model's config, read from
+    config.json; None where only loading tells (an authors' .pth, a zoo model the Hub lacks); load_model's errors."""
+    hub, _ = caches
+    model = build_model("tiny-vit", 4)
+    model.config.classes = ["sky", "road", "car", "tree"]
+    save_pretrained(model, tmp_path / "m")
+    _publish_to_fake_hub(hub, "someone/tiny-seg", model)
+    monkeypatch.setitem(ZOO, "tiny-ade", TINY_ADE)
+    _publish_to_fake_hub(hub, TINY_ADE.hub_repo, build_model("tiny-vit", 150), tag=TINY_ADE.hub_revision)
+    for spec in (tmp_path / "m", tmp_path / "m" / "model.safetensors", "someone/tiny-seg", "tiny-ade"):
+        config = model_config(spec)
+        assert config == load_model(spec).config and config.num_classes in (4, 150), spec
+    assert model_config(tmp_path / "m").classes == ["sky", "road", "car", "tree"]
+    (tmp_path / "authors.pth").write_bytes(b"an authors' checkpoint: only converting it tells its config")
+    assert model_config(tmp_path / "authors.pth") is None
+    assert model_config("s16-ade") is None  # offline with nothing cached: only the authors' release has it
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text((tmp_path / "m" / "config.json").read_text())
+    for spec, message in ((tmp_path / "half", "model.safetensors is missing"), ("./nope", "no such file"),
+                          ("someone/not-cached", "hf download someone/not-cached")):
+        with pytest.raises(RegproxyError, match=message):
+            model_config(spec)
+        with pytest.raises(RegproxyError, match=message):
+            load_model(spec)
+    with pytest.raises(RegproxyError, match="is for ONNX models"):
+        model_config(tmp_path / "m", provider="openvino")
 
 
 @pytest.fixture

@@ -37,9 +37,8 @@ from regproxy_cli.engine.distributed import all_gather_objects
 from regproxy_cli.engine.metrics import BoundaryFScore, ConfusionMatrix
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.files import read_json
-from regproxy_cli.hub.checkpoint import CONFIG_NAME
 from regproxy_cli.hub.zoo import ZOO
-from regproxy_cli.model.config import ModelConfig
+from regproxy_cli.model.config import CONFIG_NAME, ModelConfig
 from regproxy_cli.model.flops import count_flops
 from regproxy_cli.viz import colorize
 

@@ -20,13 +20,9 @@ from torch import nn
 
 from regproxy_cli.constants import VERSION
 from regproxy_cli.errors import RegproxyError, listed
-from regproxy_cli.files import read_json, write_atomic, write_text_atomic
-from regproxy_cli.model.config import ModelConfig
+from regproxy_cli.files import write_atomic, write_text_atomic
+from regproxy_cli.model.config import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, ModelConfig, read_model_config
 from regproxy_cli.model.regproxy import build_from_config
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-CARD_NAME = "README.md"
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, config: ModelConfig | None = None) -> Path:
@@ -46,11 +42,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, config: Mode
 def load_pretrained(directory: str | os.PathLike, *, map_location: str = "cpu") -> nn.Module:
     """Rebuild a model from a directory written by :func:`save_pretrained`; returned in eval mode."""
     directory = Path(directory)
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    for needed in (config_path, weights_path):
-        if not needed.is_file():
-            raise RegproxyError(f"{directory} is not a regproxy model directory: {needed.name} is missing")
-    config = ModelConfig.from_dict(read_json(config_path), where=str(config_path))
+    config, weights_path = read_model_config(directory), directory / WEIGHTS_NAME
     with torch.device("meta"):
         model = build_from_config(config)
     try:

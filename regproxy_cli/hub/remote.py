@@ -21,7 +21,7 @@ from huggingface_hub.errors import (
 )
 
 from regproxy_cli.errors import RegproxyError, one_line
-from regproxy_cli.hub.checkpoint import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, load_pretrained, model_card
+from regproxy_cli.model.config import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
 
 
 class HubModelMissing(RegproxyError):
@@ -88,6 +88,8 @@ def push_to_hub(directory: str | os.PathLike, repo_id: str, *, private: bool = F
     ``README.md`` is uploaded as it is. The directory itself is never changed.
     """
     from huggingface_hub import HfApi
+
+    from regproxy_cli.hub.checkpoint import load_pretrained, model_card  # torch: hub_snapshot alone does not need it
 
     directory = Path(directory).expanduser()
     if not directory.exists():

@@ -6,6 +6,10 @@ authors' original release (Google Drive), downloaded once, checked against its s
 at the first download) and converted on the fly into the local cache. Only a Hub that does not have the
 model (or is offline with nothing cached) falls back to the authors' release; any other Hub error is
 reported. Offline with nothing cached, the error says what to fetch and where to put it.
+
+Building a model needs torch; finding one does not: the modules that build, convert or run models are imported
+where a model is built, so :func:`model_config` (a model's classes and protocol) costs no torch import (Ray's
+driver plans a run with it while its actors load the model).
 """
 
 from __future__ import annotations
@@ -16,19 +20,18 @@ import re
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch.hub
 from huggingface_hub import constants
-from torch import nn
 
 from regproxy_cli.classes import ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
 from regproxy_cli.constants import cache_dir  # converted zoo models and the authors' downloads live here
 from regproxy_cli.errors import RegproxyError, one_line
-from regproxy_cli.hub.checkpoint import CONFIG_NAME, load_pretrained, save_pretrained
-from regproxy_cli.hub.convert import UnknownProtocolError, convert_authors_checkpoint, read_authors_checkpoint
 from regproxy_cli.hub.remote import HubModelMissing, hub_snapshot
-from regproxy_cli.model.config import ModelConfig
-from regproxy_cli.onnx.runtime import load_onnx_model
+from regproxy_cli.model.config import CONFIG_NAME, ModelConfig, read_model_config
+
+if TYPE_CHECKING:
+    from torch import nn
 
 HUB_ORG = "regproxy"
 _HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -101,24 +104,66 @@ def load_model(spec: str | os.PathLike, *, provider: str | None = None) -> nn.Mo
     through onnxruntime on ``provider`` (:class:`~regproxy_cli.onnx.runtime.OnnxModel`; cpu, openvino, cuda or
     tensorrt); any other model takes no provider but ``cpu``.
     """
+    from regproxy_cli.hub.checkpoint import load_pretrained
+
+    kind, target = _locate(spec, provider)
+    if kind == "onnx":
+        from regproxy_cli.onnx.runtime import load_onnx_model
+
+        return load_onnx_model(target, provider=provider)
+    if kind == "directory":
+        return load_pretrained(target)
+    if kind == "authors":
+        return _load_authors(target)
+    if kind == "zoo":
+        return _load_zoo(target)
+    return load_pretrained(hub_snapshot(target))
+
+
+def model_config(spec: str | os.PathLike, *, provider: str | None = None) -> ModelConfig | None:
+    """The config of the model ``spec`` names, found as :func:`load_model` finds it (and with its errors), read
+    without building the model or importing torch: a model directory or its weights file, a Hub repo (downloaded
+    into the Hugging Face cache when it is not there), a zoo model already converted or in that cache. None where
+    only loading tells: an ``.onnx`` file, an authors' ``.pth``, a zoo model still to be converted from the authors'
+    release."""
+    kind, target = _locate(spec, provider)
+    if kind == "directory":
+        return read_model_config(target)
+    if kind == "hub":
+        return read_model_config(hub_snapshot(target))
+    if kind == "zoo":
+        directory = _zoo_directory(target)
+        return read_model_config(directory) if directory is not None else None
+    return None
+
+
+def _locate(spec: str | os.PathLike, provider: str | None) -> tuple[str, Path | ZooEntry | str]:
+    """Where ``spec`` is: ("onnx", file), ("directory", model directory), ("authors", .pth file), ("zoo", entry)
+    or ("hub", repo id); one error line for a spec that names nothing."""
     path = Path(spec).expanduser()
     onnx_file = path.suffix.lower() == ".onnx"
     if onnx_file and path.is_file():
-        return load_onnx_model(path, provider=provider)
+        return "onnx", path
     if provider not in (None, "cpu") and not onnx_file:  # a missing .onnx is reported below
         raise RegproxyError(f"provider {provider!r} is for ONNX models (.onnx files); {spec} is a PyTorch model: "
                             "export it with `regproxy export`, or leave the provider out")
+    if path.is_dir():
+        return "directory", path
     if path.exists():
-        return _load_local(path)
+        if path.suffix != ".safetensors":
+            return "authors", path
+        if not (path.parent / CONFIG_NAME).is_file():
+            raise RegproxyError(f"{path}: a weights file needs its {CONFIG_NAME} beside it")
+        return "directory", path.parent
     name = str(spec)
     if name in ZOO:
-        return _load_zoo(ZOO[name])
+        return "zoo", ZOO[name]
     looks_local = name.startswith((".", "/", "~")) or path.suffix in (".pth", ".pt", ".safetensors", ".onnx") or (
         len(path.parts) > 1 and Path(path.parts[0]).is_dir())
     if looks_local:
         raise RegproxyError(f"{name}: no such file or directory")
     if _HUB_REPO_ID.fullmatch(name):
-        return load_pretrained(hub_snapshot(name))
+        return "hub", name
     raise RegproxyError(
         f"unknown model {name!r}: not an existing file or directory, a zoo name ({', '.join(ZOO)}) "
         f"or a Hugging Face Hub repo id (owner/name)"
@@ -130,14 +175,11 @@ def zoo_configs() -> dict[str, ModelConfig]:
     return {name: entry.config() for name, entry in ZOO.items()}
 
 
-def _load_local(path: Path) -> nn.Module:
-    if path.is_dir():
-        return load_pretrained(path)
-    if path.suffix == ".safetensors":
-        if not (path.parent / CONFIG_NAME).is_file():
-            raise RegproxyError(f"{path}: a weights file needs its {CONFIG_NAME} beside it")
-        return load_pretrained(path.parent)
-    try:  # an authors' .pth: architecture read off the weights, test protocol from its config or the zoo
+def _load_authors(path: Path) -> nn.Module:
+    """An authors' .pth: architecture read off the weights, test protocol from its config or the zoo."""
+    from regproxy_cli.hub.convert import UnknownProtocolError, convert_authors_checkpoint
+
+    try:
         return convert_authors_checkpoint(path, known=zoo_configs())
     except UnknownProtocolError as exc:
         raise RegproxyError(
@@ -146,17 +188,28 @@ def _load_local(path: Path) -> nn.Module:
         ) from None
 
 
-def _load_zoo(entry: ZooEntry) -> nn.Module:
+def _zoo_directory(entry: ZooEntry) -> Path | None:
+    """A zoo model's directory: converted in the local cache, else from the Hub (its cache, or downloaded); None
+    when the Hub does not have it (or is offline or unreachable with nothing cached): the authors' release has it."""
     converted = cache_dir() / "converted" / entry.name
     if (converted / CONFIG_NAME).is_file():
-        return load_pretrained(converted)
+        return converted
     try:
-        return load_pretrained(hub_snapshot(entry.hub_repo, revision=entry.hub_revision))
+        return hub_snapshot(entry.hub_repo, revision=entry.hub_revision)
     except HubModelMissing:
-        pass  # not published there, or offline/unreachable with nothing cached: the authors' release has it
+        return None
+
+
+def _load_zoo(entry: ZooEntry) -> nn.Module:
+    from regproxy_cli.hub.checkpoint import load_pretrained, save_pretrained
+    from regproxy_cli.hub.convert import convert_authors_checkpoint
+
+    directory = _zoo_directory(entry)
+    if directory is not None:
+        return load_pretrained(directory)
     original = _authors_checkpoint(entry)
     model = convert_authors_checkpoint(original, entry.config())
-    save_pretrained(model, converted)
+    save_pretrained(model, cache_dir() / "converted" / entry.name)
     return model
 
 
@@ -172,6 +225,9 @@ def convert_cached_releases(directory: str | os.PathLike) -> dict[str, Path | No
     recorded at first use) and converted with the entry's config. Returns every entry's model directory by
     name, None where its ``.pth`` is not in the cache (:func:`authors_checkpoint_path` says where it goes).
     """
+    from regproxy_cli.hub.checkpoint import save_pretrained
+    from regproxy_cli.hub.convert import convert_authors_checkpoint
+
     directory = Path(directory)
     written: dict[str, Path | None] = {}
     for name, entry in ZOO.items():
@@ -212,6 +268,8 @@ def _authors_checkpoint(entry: ZooEntry) -> Path:
         download(AUTHORS_URL.format(id=entry.drive_id), original, sha256=expected,
                  what=f"{entry.name} (authors' release)", page=entry.authors_url)
         digest = sha256_of(original)
+    from regproxy_cli.hub.convert import read_authors_checkpoint
+
     try:
         read_authors_checkpoint(original)
     except RegproxyError as exc:  # e.g. Google Drive answered with a web page instead of the file
@@ -238,6 +296,8 @@ def sha256_of(path: Path) -> str:
 
 def download(url: str, destination: Path, *, sha256: str | None, what: str, page: str | None = None) -> Path:
     """Download ``url`` to ``destination`` atomically with a progress bar; refuse it unless its sha256 is ``sha256``."""
+    import torch.hub
+
     destination.parent.mkdir(parents=True, exist_ok=True)
     try:
         torch.hub.download_url_to_file(url, str(destination), hash_prefix=sha256, progress=True)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 from regproxy_cli.classes import default_palette
 from regproxy_cli.constants import IMAGENET_MEAN, IMAGENET_STD, INFERENCE_MODES
 from regproxy_cli.errors import RegproxyError
+from regproxy_cli.files import read_json
 from regproxy_cli.schema import AT_LEAST_1, Rule, build, rule
 
+# A model directory (also a Hub repo): this schema as config.json, the weights, a generated model card
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
 FORMAT_VERSION = 1
 MAX_CLASSES = 65535  # a label PNG holds 16 bits; more would only build huge name and colour lists
 SIDE = Rule(low=1, high=1 << 16)  # a size in pixels
@@ -86,3 +93,13 @@ class ModelConfig:
         except RegproxyError as exc:  # __post_init__'s cross-key checks do not know the file
             message = str(exc)
             raise RegproxyError(message if message.startswith(f"{where}: ") else f"{where}: {message}") from None
+
+
+def read_model_config(directory: str | os.PathLike) -> ModelConfig:
+    """The config of a model directory whose weights are there too, read without building the model (no torch),
+    or one error line."""
+    directory = Path(directory)
+    for needed in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (directory / needed).is_file():
+            raise RegproxyError(f"{directory} is not a regproxy model directory: {needed} is missing")
+    return ModelConfig.from_dict(read_json(directory / CONFIG_NAME), where=str(directory / CONFIG_NAME))
