@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from regproxy_cli.engine.runner import expand_inputs, predict_files
+from regproxy_cli.engine.outputs import expand_inputs
+from regproxy_cli.engine.runner import predict_files
 from regproxy_cli.hub.checkpoint import save_pretrained
 from regproxy_cli.hub.zoo import load_model
 from regproxy_cli.images import load_image, save_label_png, save_png_atomic

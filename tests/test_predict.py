@@ -265,7 +265,7 @@ def test_colliding_input_names_give_distinct_outputs_and_a_true_count(tmp_path, 
 
 
 def test_output_names_are_distinct_even_against_each_others_files():
-    from regproxy_cli.engine.runner import OUTPUT_FILES, output_names
+    from regproxy_cli.engine.outputs import OUTPUT_FILES, output_names
 
     paths = [Path(p) for p in ("r/a/x.png", "r/a/x.jpg", "r/b/x.png", "r/a_x.png", "r/a/a_x.png", "r/x_overlay.png",
                                "r/X.PNG", "r/c/x_regions.tif", "r/a/x.bmp", "r/a_x_png.png", "r/predictions.png")]

@@ -268,7 +268,7 @@ def test_predict_cli_bad_videos_fail_with_one_line(tmp_path, model_dir, clip, cl
 
 def test_videos_get_distinct_output_names_by_predicts_rule():
     """Same stems in two folders, and a video whose stem is another's folder-prefixed name: no two share a file."""
-    from regproxy_cli.engine.runner import output_names
+    from regproxy_cli.engine.outputs import output_names
     from regproxy_cli.engine.video import VIDEO_OUTPUT_FILES
 
     paths = [Path("x/clip.mp4"), Path("y/clip.mp4"), Path("z/x_clip.mov"), Path("w/solo.mkv")]

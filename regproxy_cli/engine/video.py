@@ -17,7 +17,7 @@ import numpy as np
 from torch import nn
 
 from regproxy_cli.data.video import VideoReader, is_video, write_video
-from regproxy_cli.engine.runner import check_opacity
+from regproxy_cli.engine.outputs import check_opacity
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.images import save_label_png
 from regproxy_cli.inference.pipeline import forward_batch, predict_label_batch, run_pipeline

@@ -32,7 +32,6 @@ from tqdm import tqdm
 
 from regproxy_cli.classes import default_palette
 from regproxy_cli.constants import IGNORE_INDEX, IMAGE_SUFFIXES
-from regproxy_cli.data.datasets import read_classes_file
 from regproxy_cli.data.formats.coco import read_coco_source
 from regproxy_cli.data.formats.common import ZIP_ERRORS, Entry, Palette, plain_name
 from regproxy_cli.data.formats.cvat import read_cvat_source
@@ -164,7 +163,9 @@ def parse_classes(value: str | Sequence[str]) -> tuple[list[str], Palette | None
                 lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
                 # labelme's labels.txt starts with __ignore__: a convention, not a class
                 names = [line for line in lines if line and not line.startswith("#") and line != LABELME_IGNORE]
-            else:
+            else:  # imported here: the datasets module brings torch, which writing annotations does not need
+                from regproxy_cli.data.datasets import read_classes_file
+
                 spec = read_classes_file(path)
                 names, palette = spec["classes"], spec["palette"]
         else:

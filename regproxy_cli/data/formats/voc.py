@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from regproxy_cli.constants import IGNORE_INDEX
-from regproxy_cli.data.datasets import load_mask
 from regproxy_cli.data.formats.common import Entry, Palette, Source, by_stem, plain_name
 from regproxy_cli.errors import RegproxyError, listed, one_line
 
@@ -72,6 +71,9 @@ def read_voc_source(source: Path, wanted: list[str] | None, images: Path | None,
 
 def _voc_labels(path: Path, colours: Palette, count: int) -> Callable[[], np.ndarray]:
     def labels() -> np.ndarray:
+        # imported here: the datasets module brings torch, which reading and writing formats does not need
+        from regproxy_cli.data.datasets import load_mask
+
         values = load_mask(path, colours).astype(np.int64)  # palette indices; an RGB mask is decoded by colour
         bad = (values >= count) & (values != IGNORE_INDEX)
         if bad.any():
