@@ -5,6 +5,8 @@ installed; every Ray test has a hard time limit, so a hang fails the test instea
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +20,8 @@ from PIL import Image
 
 from regproxy_cli import RegproxyError
 from regproxy_cli.engine import scale
-from regproxy_cli.engine.runner import expand_inputs, output_names, predict_files
+from regproxy_cli.engine.outputs import expand_inputs, output_names
+from regproxy_cli.engine.runner import predict_files
 
 LIMIT_S = 240  # per Ray test: a few actors' start-up on 2 shared cores, with room
 
@@ -95,6 +98,31 @@ def test_read_tasks_decode_without_importing_torch():
     assert done.stdout.strip() == "[]"
 
 
+def test_the_driver_plans_a_linear_model_without_torch(model_dir):
+    """The driver reads classes and label levels off config.json (a linear classifier has none), so it starts Ray
+    without importing torch while the actors import it; a fresh interpreter checks."""
+    code = ("import sys; from regproxy_cli.engine import scale\n"
+            "print(scale.describe_model(sys.argv[1]))\n"
+            "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, str(model_dir)], capture_output=True, text=True, check=True)
+    classes = json.loads((model_dir / "config.json").read_text())["classes"]
+    assert done.stdout.splitlines() == [repr((classes, ())), "[]"]
+
+
+def test_the_driver_asks_another_classifier_for_its_levels(tmp_path):
+    """An HSSN model's category level names its files: only its classifier module knows the level, so the driver
+    loads that model (and the names match plain predict's)."""
+    from regproxy_cli import build_model, save_pretrained
+    from regproxy_cli.plugins.hssn import resolve_options
+
+    classes = ["sky", "road", "car"]
+    options = resolve_options({"hierarchy": {"stuff": ["sky", "road"], "thing": ["car"]}}, classes)
+    model = build_model("tiny-vit", 3, classifier="hssn", classifier_options=options)
+    model.config.classes = classes
+    save_pretrained(model, tmp_path / "hssn")
+    assert scale.describe_model(str(tmp_path / "hssn")) == (classes, ("category",))
+
+
 def test_missing_extra_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(RegproxyError, match=r"pip install 'regproxy\[ray\]'"):
@@ -114,6 +142,33 @@ def test_ray_equals_predict_and_the_corrupt_file_is_a_row(tmp_path, model, model
     rows = [json.loads(line) for line in (tmp_path / "ray" / scale.FAILURES_FILE).read_text().splitlines()]
     assert [row["path"] for row in rows] == [str(folder / "broken.jpg")]
     assert report.pixels == plain.pixels and report.images == plain.images
+
+
+def test_relative_paths_reach_actors_in_another_working_directory(tmp_path, model, model_dir, ray_cluster,
+                                                                 time_limit, monkeypatch):
+    """--model, --out and the inputs as relative paths, from a folder that is not the cluster's working directory:
+    the actors must load that model and write into that --out (they once wrote into their own directory)."""
+    _images(tmp_path / "in", count=3, bad=False)
+    shutil.copytree(model_dir, tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    report = scale.predict_ray(["in"], "model", Path("ray"), workers=1)
+    assert report.written == 3 and not report.failed
+    paths, _ = expand_inputs(["in"])
+    predict_files(model, paths, tmp_path / "plain")
+    assert _files(tmp_path / "ray") == _files(tmp_path / "plain")
+
+
+def test_a_model_that_fails_in_the_actors_is_one_plain_line(tmp_path, model_dir, ray_cluster, time_limit):
+    """The driver reads only config.json; corrupt weights fail in the actors, and the error is theirs, one line,
+    not Ray's remote traceback."""
+    shutil.copytree(model_dir, tmp_path / "model")
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"not a safetensors file")
+    folder = _images(tmp_path / "in", count=2, bad=False)
+    with pytest.raises(RegproxyError) as info:
+        scale.predict_ray([str(folder)], str(tmp_path / "model"), tmp_path / "out", workers=1)
+    message = str(info.value)
+    assert message.startswith(f"the Ray job failed: {tmp_path / 'model' / 'model.safetensors'}: cannot read weights")
+    assert "\n" not in message and "File " not in message and "Traceback" not in message
 
 
 def test_ray_parquet_from_file_uris(tmp_path, model, model_dir, ray_cluster, time_limit):
@@ -165,8 +220,11 @@ def test_killed_job_resumes_to_exactly_the_rest(tmp_path, model, model_dir, ray_
     complete = {p.stem[: -len("_overlay")] for p in out.glob("*_overlay.png")}
     assert 0 < len(complete) < 30, "the job was not killed half-way"
     stamps = {name: (out / f"{name}_overlay.png").stat().st_mtime_ns for name in complete}
-    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=LIMIT_S)
+    # -X importtime: the driver (this model's classifier is linear) reaches Ray and finishes without importing torch
+    result = subprocess.run([sys.executable, "-X", "importtime", *command[1:]], check=False, capture_output=True,
+                            text=True, timeout=LIMIT_S)
     assert result.returncode == 1, result.stderr  # the corrupt file: a failure row, exit status 1
+    assert not re.search(r"\|\s+torch$", result.stderr, re.MULTILINE), "the driver imported torch"
     assert f"wrote {30 - len(complete)} images" in result.stdout and f"{len(complete)} already complete" in result.stdout
     assert f"error: {folder / 'broken.jpg'}: cannot read the image" in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[result.stderr.find("Traceback") - 1500:][:5000]

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 
 from regproxy_cli.constants import IMAGE_SUFFIXES
+from regproxy_cli.data.formats import check_formats
+from regproxy_cli.engine.outputs import check_out_dir, expand_inputs, expected_files, output_names, prepare_out_dir
 from regproxy_cli.errors import RegproxyError, missing_extra, one_line, require_extra
 from regproxy_cli.files import write_atomic, write_text_atomic
 from regproxy_cli.images import decode_image, label_png_bytes
@@ -62,8 +64,6 @@ class Source:
 def expand_sources(inputs: Iterable[str]) -> tuple[list[Source], list[str]]:
     """Folders, globs and files as ``regproxy predict`` expands them, and URIs (``s3://``, ``gs://``, ``file://``:
     a file, a folder listed recursively or a glob) through fsspec -> (sources, problems)."""
-    from regproxy_cli.engine.runner import expand_inputs
-
     sources, problems, local = [], [], []
     for item in inputs:
         if "://" not in item:
@@ -132,7 +132,7 @@ class RegProxyPredictor:
     or with ``parquet`` one Parquet file per batch under ``out/labels.parquet/``. Returns one row per input: ``path``,
     ``error`` ("" when written) and ``histogram`` (pixels per class).
 
-    ``names`` maps each path to its output name (:func:`~regproxy_cli.engine.runner.output_names` of the whole run,
+    ``names`` maps each path to its output name (:func:`~regproxy_cli.engine.outputs.output_names` of the whole run,
     so names never collide across actors); without it a path's file stem is its name. ``options`` are those of
     :func:`~regproxy_cli.engine.runner.predict_files` (formats, regions, mode, tta, scale, precision, ...)."""
 
@@ -284,10 +284,6 @@ def predict_ray(
     ``formats``: those of predict (png, labelme; coco and cvat hold the whole run, so not here) or ``parquet``.
     ``options``: :func:`~regproxy_cli.engine.runner.predict_files`'s. Inputs that cannot be listed are added to
     ``problems``. A ``KeyboardInterrupt`` leaves every written file complete; a rerun continues."""
-    import torch
-
-    from regproxy_cli.engine.runner import OutputWriter, check_out_dir, open_model, output_names, prepare_out_dir
-
     formats = [str(getattr(f, "value", f)) for f in formats]
     parquet = "parquet" in formats
     whole = [f for f in formats if f in ("coco", "cvat")]
@@ -298,30 +294,33 @@ def predict_ray(
         raise RegproxyError("--format parquet is one Parquet dataset of the label maps; it goes alone")
     if parquet and (options.get("regions") or options.get("confidence") or options.get("save_probs")):
         raise RegproxyError("--format parquet holds label maps only: drop --regions, --confidence and --save-probs")
+    formats = [] if parquet else check_formats(formats)  # a missing extra stops here, before Ray starts
     ray = import_ray()
     sources, found_problems = expand_sources(inputs)
     if problems is not None:
         problems += found_problems
     check_out_dir(out)
-    # opened here once: a bad --model is one line before any actor starts, and the names need its label levels
-    local = open_model(model, torch.device("cpu"), provider="cpu")
+    # a bad --model is one line before any actor starts; the names need its label levels, the summary its classes
+    classes, levels = describe_model(model, provider)
     prepare_out_dir(out)
-    names = output_names([s.path for s in sources], tuple(_levels(local)))
-    writer = OutputWriter(local, out, names, formats=[] if parquet else formats,
-                          confidence=options.get("confidence", False), save_probs=options.get("save_probs", False))
+    # the actors run in another working directory (or on another machine): they get absolute local paths
+    out = out.absolute()
+    model = str(Path(model).expanduser().absolute()) if Path(model).expanduser().exists() else model
+    names = output_names([s.path for s in sources], levels)
     already = done_parquet(out) if parquet else set()
-    todo, report = [], ScaleReport(classes=list(local.config.classes))
+    todo, report = [], ScaleReport(classes=classes)
     rewritten: set[str] = set()
     for source in sources:
-        expected = [] if parquet else writer.expected(source.path, regions=options.get("regions", False),
-                                                      tta=options.get("tta", False))
-        if (source.key in already) if parquet else all(f.exists() for f in expected):
+        expected = [] if parquet else expected_files(
+            names[source.path], levels=levels, formats=formats, regions=options.get("regions", False),
+            confidence=options.get("confidence", False), tta=options.get("tta", False),
+            save_probs=options.get("save_probs", False))
+        if (source.key in already) if parquet else all((out / f).exists() for f in expected):
             report.skipped += 1
         else:
             todo.append(source)
-            rewritten.update(f.name for f in expected)
+            rewritten.update(expected)
     remove_partial(out, rewritten)
-    del local
     started = not ray.is_initialized()
     if started:
         try:
@@ -338,7 +337,7 @@ def predict_ray(
                          shown={s.key: s.read if "://" in s.read else str(s.path) for s in todo}, device=device,
                  provider=provider, per_actor=per_actor, read=read, gpus_per_worker=gpus_per_worker,
                  threads=max(1, int(resources.get("CPU", 1) // report.workers)), parquet=parquet,
-                 rows=batch_size_rows, formats=[] if parquet else formats, **options)
+                 rows=batch_size_rows, formats=formats, **options)
             report.seconds = time.perf_counter() - begin
     finally:
         if started:
@@ -357,10 +356,22 @@ def remove_partial(out: Path, names: set[str]) -> None:
                 Path(entry.path).unlink(missing_ok=True)
 
 
-def _levels(model: Any) -> dict:
-    from regproxy_cli.engine.runner import level_maps
+def describe_model(model: str, provider: str = "cpu") -> tuple[list[str], tuple[str, ...]]:
+    """The class names and label levels (e.g. HSSN's ``category``) of ``model``, for the driver's output names and
+    summary: from its config, without torch, where that says all (the paper's linear classifier has no label
+    levels); else the model is loaded here once on the CPU (an ``.onnx`` file, an authors' ``.pth``, a zoo model
+    still to be converted, another classifier: its levels come from its module)."""
+    from regproxy_cli.hub.zoo import model_config
 
-    return level_maps(model)
+    config = model_config(model, provider=provider)
+    if config is not None and config.classifier == "linear":
+        return list(config.classes), ()
+    import torch
+
+    from regproxy_cli.engine.runner import level_maps, open_model
+
+    local = open_model(model, torch.device("cpu"), provider="cpu")
+    return list(local.config.classes), tuple(level_maps(local))
 
 
 def _run_guarded(ray: Any, *args: Any, **kwargs: Any) -> None:
@@ -368,8 +379,18 @@ def _run_guarded(ray: Any, *args: Any, **kwargs: Any) -> None:
     try:
         _run(ray, *args, **kwargs)
     except ray.exceptions.RayError as error:
-        raise RegproxyError(f"the Ray job failed: {one_line(error)}; files already written are complete, and a "
+        raise RegproxyError(f"the Ray job failed: {_cause(error)}; files already written are complete, and a "
                             "rerun continues with the rest") from None
+
+
+def _cause(error: BaseException) -> str:
+    """A Ray error as one line: an actor's own error line (e.g. a model that fails to load there) when it raised
+    one, not the remote traceback Ray's message carries."""
+    text = str(error)
+    marker = f"{RegproxyError.__name__}: "
+    if marker in text:
+        return text.rsplit(marker, 1)[1].strip().splitlines()[0]
+    return one_line(error)
 
 
 def _run(ray: Any, todo: list[Source], model: str, out: Path, report: ScaleReport, *, names: dict[str, str],
