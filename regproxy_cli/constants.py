@@ -17,6 +17,8 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 # How a model sees an image at test time: whole, or in crop-sized sliding windows (mmseg 0.17's test modes).
 INFERENCE_MODES = ("whole", "slide")
+# the ONNX opsets `regproxy export` writes (the newest the TorchScript-based exporter writes)
+MIN_OPSET, MAX_OPSET = 17, 20
 
 # What `predict` takes from a folder and a dataset folder reads as images (lower-case, with the dot).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")

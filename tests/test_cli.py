@@ -84,7 +84,7 @@ def test_train_passes_the_config_overrides_and_resume(monkeypatch, tmp_path):
 
 
 def test_eval_passes_every_option(monkeypatch, tmp_path):
-    from regproxy_cli.cli import eval as eval_cli
+    from regproxy_cli.engine import evaluate as engine_evaluate
     from regproxy_cli.engine import runner as engine_runner
 
     dataset, model = object(), FakeModel()
@@ -92,9 +92,9 @@ def test_eval_passes_every_option(monkeypatch, tmp_path):
     loaded = Recorder(model)
     evaluated = Recorder({"mIoU": 50.0, "mAcc": 60.0, "aAcc": 70.0, "images": 3, "IoU": [40.0, None],
                           "Acc": [50.0, None]})
-    monkeypatch.setattr(eval_cli, "open_eval_dataset", opened)
+    monkeypatch.setattr(engine_evaluate, "open_eval_dataset", opened)
     monkeypatch.setattr(engine_runner, "load_model", loaded)
-    monkeypatch.setattr(eval_cli, "evaluate", evaluated)
+    monkeypatch.setattr(engine_evaluate, "evaluate", evaluated)
     result = invoke("eval", "-m", "runs/x/best", "--data", "cfg.yaml", "--split", "test", "--mode", "whole", "--tta",
                     "--device", "cpu", "--window-batch", "3", "--precision", "bf16", "--save-predictions",
                     str(tmp_path / "p"), "--json")
@@ -115,7 +115,6 @@ def test_eval_passes_every_option(monkeypatch, tmp_path):
 
 
 def test_predict_passes_every_option(monkeypatch, tmp_path):
-    from regproxy_cli.cli import predict_images as predict_cli
     from regproxy_cli.engine import runner as engine_runner
 
     image = tmp_path / "a.png"
@@ -123,7 +122,7 @@ def test_predict_passes_every_option(monkeypatch, tmp_path):
     model = FakeModel()
     monkeypatch.setattr(engine_runner, "load_model", Recorder(model))
     files = Recorder(engine_runner.PredictReport(written=[tmp_path / "out" / "a.png"]))
-    monkeypatch.setattr(predict_cli, "predict_shard", files)
+    monkeypatch.setattr(engine_runner, "predict_shard", files)
     loaded = Recorder(model)
     monkeypatch.setattr(engine_runner, "load_model", loaded)
     invoke("predict", str(image), "-m", "s16-ade", "-o", str(tmp_path / "out"), "--mode", "slide", "--scale", "0.5",
@@ -161,13 +160,13 @@ UNSET = {"backbone": None, "num_classes": None, "m": None, "inference_mode": Non
      ("kwargs", {**UNSET, "inference_mode": "whole", "test_scale": (2048, 512)})),
 ])
 def test_convert_passes_the_zoo_entry_or_the_overrides(monkeypatch, tmp_path, argv, expected):
-    from regproxy_cli.cli import convert as convert_cli
+    from regproxy_cli.hub import checkpoint, convert
 
     model = FakeModel()
     converted = Recorder(model)
     saved = Recorder()
-    monkeypatch.setattr(convert_cli, "convert_authors_checkpoint", converted)
-    monkeypatch.setattr(convert_cli, "save_pretrained", saved)
+    monkeypatch.setattr(convert, "convert_authors_checkpoint", converted)
+    monkeypatch.setattr(checkpoint, "save_pretrained", saved)
     invoke("convert", "x.pth", str(tmp_path / "out"), *argv)
     args, kwargs = converted.only
     assert args[0] == Path("x.pth")
@@ -180,15 +179,16 @@ def test_convert_passes_the_zoo_entry_or_the_overrides(monkeypatch, tmp_path, ar
 
 
 def test_export_passes_size_batch_opset_and_static(monkeypatch, tmp_path):
-    from regproxy_cli.cli import export as export_cli
+    from regproxy_cli.hub import zoo
+    from regproxy_cli.onnx import export as onnx_export
 
     model = FakeModel()
     out = tmp_path / "m.onnx"
     exported = Recorder(effect=lambda *a, **k: out.write_bytes(b"x"))
     checked = Recorder(1e-6)
-    monkeypatch.setattr(export_cli, "load_model", Recorder(model))
-    monkeypatch.setattr(export_cli, "export_onnx", exported)
-    monkeypatch.setattr(export_cli, "check_onnx", checked)
+    monkeypatch.setattr(zoo, "load_model", Recorder(model))
+    monkeypatch.setattr(onnx_export, "export_onnx", exported)
+    monkeypatch.setattr(onnx_export, "check_onnx", checked)
     invoke("export", str(out), "--model", "runs/x", "--size", "32x48", "--batch", "2", "--opset", "18", "--static")
     assert exported.only == ((model, out), {"size": (32, 48), "batch": 2, "opset": 18, "dynamic": False})
     (path, segmenter, example), _ = checked.only

@@ -169,7 +169,7 @@ def test_cli_errors_are_one_line(tmp_path, model_dir, capsys, args, message):
 
 
 def test_cli_fails_when_the_check_fails(model_dir, capsys, monkeypatch):
-    monkeypatch.setattr("regproxy_cli.cli.export.check_onnx", lambda *args: 3e-3)
+    monkeypatch.setattr("regproxy_cli.onnx.export.check_onnx", lambda *args: 3e-3)
     code, err = _run_main(capsys, "export", str(model_dir.parent / "a.onnx"), "--model", str(model_dir), "--size", "32")
     assert code == 1
     expected = (f"error: ONNX logits differ from PyTorch's by 3.00e-03 > 0.0001; {model_dir.parent / 'a.onnx'} was "

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from regproxy_cli.cli import benchmark as benchmark_cli
 from regproxy_cli.cli.app import app, main
 from regproxy_cli.engine import runner
 from regproxy_cli.errors import RegproxyError
+from regproxy_cli.hub import zoo
 from regproxy_cli.hub.zoo import load_model
 from regproxy_cli.images import load_image, save_label_png, save_png_atomic
 from regproxy_cli.inference import pipeline
@@ -228,7 +228,7 @@ def test_benchmark_json_is_consistent(model_dir, monkeypatch, capsys, size, batc
         loaded.labels = lambda x: calls.append(tuple(x.shape)) or labels(x)
         return loaded
 
-    monkeypatch.setattr(benchmark_cli, "load_model", counting_load)
+    monkeypatch.setattr(zoo, "load_model", counting_load)
     code, out, err = _run(["benchmark", "--model", str(model_dir), "--size", size, "--batch", str(batch),
                            "--iters", "3", "--warmup", "1", "--json"], capsys)
     assert code == 0, err

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from authors import authors_forward, authors_meta, authors_state_dict
 from regproxy_cli import RegproxyError, build_model
-from regproxy_cli.cli import push as push_cli
 from regproxy_cli.cli.app import app, main
+from regproxy_cli.hub import remote
 from regproxy_cli.hub.checkpoint import load_pretrained, model_card, save_pretrained
 from regproxy_cli.hub.remote import push_to_hub
 from regproxy_cli.hub.zoo import ZOO, ZooEntry
@@ -79,7 +79,7 @@ def _card(folder: Path) -> tuple[dict, str]:
 
 def test_cli_passes_model_repo_private_and_revision(monkeypatch, tmp_path):
     pushed = []
-    monkeypatch.setattr(push_cli, "push_to_hub", lambda *a, **k: pushed.append((a, k)) or "https://hub/commit/1")
+    monkeypatch.setattr(remote, "push_to_hub", lambda *a, **k: pushed.append((a, k)) or "https://hub/commit/1")
     result = runner.invoke(app, ["push", "--model", str(tmp_path / "m"), "me/tiny", "--private", "--revision", "dev"])
     assert result.exit_code == 0, result.output
     assert pushed == [((tmp_path / "m", "me/tiny"), {"private": True, "revision": "dev"})]
@@ -91,7 +91,7 @@ def test_cli_passes_model_repo_private_and_revision(monkeypatch, tmp_path):
 
 def test_cli_keeps_the_positional_model_for_one_release_with_a_deprecation_line(monkeypatch, tmp_path):
     pushed = []
-    monkeypatch.setattr(push_cli, "push_to_hub", lambda *a, **k: pushed.append((a, k)) or "https://hub/commit/1")
+    monkeypatch.setattr(remote, "push_to_hub", lambda *a, **k: pushed.append((a, k)) or "https://hub/commit/1")
     result = runner.invoke(app, ["push", str(tmp_path / "m"), "me/tiny", "--private"])
     assert result.exit_code == 0, result.output
     assert pushed == [((tmp_path / "m", "me/tiny"), {"private": True, "revision": None})]
@@ -106,7 +106,7 @@ def test_cli_keeps_the_positional_model_for_one_release_with_a_deprecation_line(
     (["a", "b", "me/tiny"], "push takes one REPO_ID, got a b me/tiny"),
 ])
 def test_cli_names_a_missing_or_doubled_model(monkeypatch, argv, message):
-    monkeypatch.setattr(push_cli, "push_to_hub", lambda *a, **k: pytest.fail("nothing is uploaded"))
+    monkeypatch.setattr(remote, "push_to_hub", lambda *a, **k: pytest.fail("nothing is uploaded"))
     result = runner.invoke(app, ["push", *argv])
     assert result.exit_code == 1 and message in str(result.exception)
 

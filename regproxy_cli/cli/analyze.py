@@ -20,12 +20,7 @@ from regproxy_cli.cli.options import (
     parse_device,
 )
 from regproxy_cli.cli.output import console, print_json
-from regproxy_cli.engine.analyze import SOURCES, region_entropy, write_region_entropy
-from regproxy_cli.engine.evaluate import open_eval_dataset
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.hub.zoo import load_model
-from regproxy_cli.inference.quantize import quantize_int8
-from regproxy_cli.plots import require_matplotlib
 
 SUMMARY = "Analyses of a trained model: region entropy of the learned regions (regions)."
 HELP = "Analyses of a trained model. `regproxy analyze regions` redraws the paper's Fig. 6 (left) on your data."
@@ -57,6 +52,12 @@ def regions(
     precision: PrecisionOption = Precision.fp32,
     as_json: JsonOption = False,
 ) -> None:
+    from regproxy_cli.engine.analyze import SOURCES, region_entropy, write_region_entropy
+    from regproxy_cli.engine.evaluate import open_eval_dataset
+    from regproxy_cli.hub.zoo import load_model
+    from regproxy_cli.inference.quantize import quantize_int8
+    from regproxy_cli.plots import require_matplotlib
+
     require_matplotlib("analyze regions")  # before the pass over the dataset
     torch_device = parse_device(model_device(device, model))
     run_precision = check_precision(precision, torch_device)

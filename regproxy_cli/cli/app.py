@@ -1,4 +1,8 @@
-"""Assembles the ``regproxy`` Typer app and maps library errors to one line and a non-zero exit."""
+"""Assembles the ``regproxy`` Typer app and maps library errors to one line and a non-zero exit.
+
+Command modules import their libraries (torch, numpy and the package code on them) inside the commands that use
+them, loading at import only what registering a command needs (option Enums, defaults, help texts), so
+`regproxy --help` and ``--engine ray``'s driver start without torch."""
 
 from __future__ import annotations
 

@@ -6,7 +6,6 @@ from rich.table import Table
 
 from regproxy_cli.cli.options import JsonOption
 from regproxy_cli.cli.output import console, print_json
-from regproxy_cli.model.plugins import get_backbone, list_backbones
 
 SUMMARY = "List the installed backbone plugins and what they declare."
 HELP = "List installed backbone plugins (entry-point group regproxy.backbones) and what they declare."
@@ -15,6 +14,8 @@ HELP = "List installed backbone plugins (entry-point group regproxy.backbones) a
 def backbones(
     as_json: JsonOption = False,
 ) -> None:
+    from regproxy_cli.model.plugins import get_backbone, list_backbones
+
     specs = [get_backbone(name) for name in list_backbones()]
     if as_json:
         fields = ("name", "title", "stride", "m", "width", "depth", "heads", "num_prefix_tokens", "pretrained", "crop_size")

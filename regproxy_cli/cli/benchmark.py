@@ -20,9 +20,6 @@ from regproxy_cli.cli.options import (
 )
 from regproxy_cli.cli.output import console, print_json
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.hub.zoo import load_model
-from regproxy_cli.inference.benchmark import benchmark_labels
-from regproxy_cli.inference.quantize import quantize_int8
 
 SUMMARY = "Time a model's image -> label map step on this machine (images/s, ms/image)."
 HELP = """Time a model's image -> label map step (the network and the label resize, whole mode, no sliding windows)
@@ -51,6 +48,10 @@ def benchmark(
     warmup: Annotated[int, typer.Option(help="Untimed calls before timing.")] = 3,
     as_json: JsonOption = False,
 ) -> None:
+    from regproxy_cli.hub.zoo import load_model
+    from regproxy_cli.inference.benchmark import benchmark_labels
+    from regproxy_cli.inference.quantize import quantize_int8
+
     sides = parse_size("--size", size, square=True) if size is not None else None
     for option, value, least in (("--batch", batch, 1), ("--iters", iters, 1), ("--warmup", warmup, 0)):
         if value < least:

@@ -11,9 +11,7 @@ from rich.table import Table
 from regproxy_cli.cli.options import Mode, parse_size
 from regproxy_cli.cli.output import console, err_console
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.hub.checkpoint import save_pretrained
-from regproxy_cli.hub.convert import convert_authors_checkpoint
-from regproxy_cli.hub.zoo import ZOO, authors_checkpoint_path, convert_cached_releases, zoo_configs
+from regproxy_cli.hub.zoo import ZOO  # torch-free: finding models needs no torch
 
 SUMMARY = "Convert an authors' mmsegmentation checkpoint into a model directory."
 HELP = """Convert an authors' mmsegmentation checkpoint (.pth from the RegionProxy release) into a model directory
@@ -47,7 +45,8 @@ def convert(
     all_into: Annotated[Path | None, typer.Option(
         "--all", metavar="DIR", help="Convert every zoo model whose authors' .pth is in the local cache into DIR/NAME/."
     )] = None,
-    zoo: Annotated[str | None, typer.Option("--zoo", help=f"Take this zoo entry's settings: {', '.join(ZOO)}.")] = None,
+    zoo: Annotated[str | None, typer.Option(
+        "--zoo", help=f"Take this zoo entry's settings: {', '.join(ZOO)}.")] = None,
     backbone: Annotated[str | None, typer.Option(help="Backbone name, when it cannot be told from the weights.")] = None,
     num_classes: Annotated[int | None, typer.Option(
         "--num-classes", help="Number of classes (checked against the weights).")] = None,
@@ -66,6 +65,10 @@ def convert(
              "or the zoo)."
     )] = None,
 ) -> None:
+    from regproxy_cli.hub.checkpoint import save_pretrained
+    from regproxy_cli.hub.convert import convert_authors_checkpoint
+    from regproxy_cli.hub.zoo import zoo_configs
+
     if all_into is not None:
         if source is not None:
             raise RegproxyError("--all DIR converts the cached zoo releases: give no SOURCE or DESTINATION with it")
@@ -99,6 +102,8 @@ def convert(
 
 
 def convert_all(directory: Path) -> None:
+    from regproxy_cli.hub.zoo import authors_checkpoint_path, convert_cached_releases
+
     with err_console.status(f"converting the cached authors' releases into {directory}"):
         written = convert_cached_releases(directory)
     table = Table(title=f"Zoo models converted into {directory}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
@@ -15,10 +15,10 @@ from rich.table import Table
 from regproxy_cli.cli.data_import import IMPORT_EXAMPLES, IMPORT_HELP, IMPORT_SUMMARY, import_command
 from regproxy_cli.cli.options import JsonOption
 from regproxy_cli.cli.output import console, print_json
-from regproxy_cli.data.class_weights import CLASS_WEIGHT_FORMULA
-from regproxy_cli.data.stats import SplitStats, dataset_stats
-from regproxy_cli.engine.config import load_config
 from regproxy_cli.errors import RegproxyError
+
+if TYPE_CHECKING:
+    from regproxy_cli.data.stats import SplitStats
 
 SUMMARY = "Dataset tools: class statistics and problem masks (stats), annotation-tool exports in (import)."
 HELP = """Dataset tools. `regproxy data stats` reads every mask of a dataset and reports the classes' pixel share
@@ -57,6 +57,9 @@ def stats(
     workers: Annotated[int, typer.Option(help="Threads reading masks.")] = 4,
     as_json: JsonOption = False,
 ) -> None:
+    from regproxy_cli.data.class_weights import CLASS_WEIGHT_FORMULA
+    from regproxy_cli.data.stats import dataset_stats
+
     kind, root = _dataset_location(data)
     found = dataset_stats(kind, root, split or None, progress=not as_json, workers=workers)
     problems = [p for s in found for p in s.problems]
@@ -73,6 +76,8 @@ def stats(
 
 def _dataset_location(data: str) -> tuple[str, str]:
     """(kind, root) of ``--data``: a config's data section (synthetic scenes generated first) or a folder."""
+    from regproxy_cli.engine.config import load_config
+
     path = Path(data)
     if path.suffix in (".yaml", ".yml"):
         section = load_config(path).data

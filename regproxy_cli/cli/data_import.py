@@ -11,7 +11,6 @@ from rich.markup import escape
 
 from regproxy_cli.cli.options import JsonOption
 from regproxy_cli.cli.output import console, err_console, print_json
-from regproxy_cli.data.formats import import_annotations
 
 IMPORT_SUMMARY = "Convert a labelme, COCO, CVAT or Pascal VOC export into the folder dataset format."
 IMPORT_HELP = """Convert an annotation-tool export SRC into a folder dataset DST (classes.yaml with a palette,
@@ -72,6 +71,8 @@ def import_command(
         "(default: only under SRC or --images, by file name).")] = False,
     as_json: JsonOption = False,
 ) -> None:
+    from regproxy_cli.data.formats import import_annotations
+
     result = import_annotations(source_format.value, source, destination, images=images, classes=classes,
                                 background=background, val_fraction=val_fraction, seed=seed, force=force,
                                 progress=not as_json, allow_outside_paths=allow_outside_paths)

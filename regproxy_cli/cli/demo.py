@@ -17,8 +17,6 @@ from regproxy_cli.cli.options import (
     parse_device,
 )
 from regproxy_cli.cli.output import console
-from regproxy_cli.engine.runner import open_model
-from regproxy_cli.web.demo import check_port, import_gradio, serve
 
 SUMMARY = "A local web page: upload an image, see its classes, regions and confidence (the 'demo' extra)."
 HELP = """Serve a web page on this machine (http://HOST:PORT/, loopback by default) around one model: upload an
@@ -50,6 +48,9 @@ def demo(
     device: DeviceOption = "auto",
     precision: PrecisionOption = Precision.fp32,
 ) -> None:
+    from regproxy_cli.engine.runner import open_model
+    from regproxy_cli.web.demo import check_port, import_gradio, serve
+
     import_gradio()  # a missing extra or a taken port stops here, before the model loads
     check_port(host, port)
     torch_device = parse_device(model_device(device, model))

@@ -27,12 +27,7 @@ from regproxy_cli.cli.options import (
     start_runtime,
 )
 from regproxy_cli.cli.output import console, err_console, print_json
-from regproxy_cli.engine.distributed import shutdown
-from regproxy_cli.engine.evaluate import evaluate, open_eval_dataset
-from regproxy_cli.engine.report import ReportCollector, check_report_dir, write_report
-from regproxy_cli.engine.runner import open_model
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.plots import require_matplotlib
 
 SUMMARY = "Evaluate a model on a dataset: mIoU, mAcc, aAcc as mmsegmentation computes them."
 HELP = """Evaluate a model (zoo name, Hub repo id, model directory, .pth, or .onnx run by onnxruntime on --provider)
@@ -78,6 +73,12 @@ def eval_command(
     worst: Annotated[int | None, typer.Option(
         help="With --report: strips of this many images with the lowest per-image mIoU (default 8).")] = None,
 ) -> None:
+    from regproxy_cli.engine.distributed import shutdown
+    from regproxy_cli.engine.evaluate import evaluate, open_eval_dataset
+    from regproxy_cli.engine.report import ReportCollector, check_report_dir, write_report
+    from regproxy_cli.engine.runner import open_model
+    from regproxy_cli.plots import require_matplotlib
+
     check_window_batch(window_batch)
     if worst is not None and report is None:
         raise RegproxyError("--worst needs --report DIR")

@@ -6,26 +6,18 @@ import tempfile
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 import typer
 from rich.table import Table
 
 from regproxy_cli.cli.options import DeviceOption, ModelOption, check_batch, parse_device, parse_size
 from regproxy_cli.cli.output import console, err_console
-from regproxy_cli.engine.evaluate import compare_onnx_models
+from regproxy_cli.constants import MAX_OPSET, MIN_OPSET
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.hub.zoo import load_model
-from regproxy_cli.onnx.export import (
-    MAX_OPSET,
-    MIN_OPSET,
-    QUANTIZED_OPS,
-    CalibrationSet,
-    check_onnx,
-    export_onnx,
-    quantize_int8,
-)
+
+if TYPE_CHECKING:
+    from regproxy_cli.onnx.export import CalibrationSet
 
 CHECK_TOLERANCE = 1e-4  # largest |ONNX - PyTorch| logit difference --check accepts (fp32)
 
@@ -55,10 +47,7 @@ EXAMPLES = """[bold]Examples[/]
   regproxy export --model runs/demo/best demo-int8.onnx --quantize int8 --calibration data/synthetic"""
 
 
-class Quantization(str, Enum):
-    """What --quantize makes of the exported model."""
-
-    int8 = "int8"
+Quantization = Enum("Quantization", {"int8": "int8"}, type=str)  # what --quantize makes of the exported model
 
 
 def export(
@@ -79,6 +68,9 @@ def export(
     calibration_images: Annotated[int, typer.Option(help="--quantize: calibrate on at most this many images.")] = 32,
     device: DeviceOption = "cpu",
 ) -> None:
+    from regproxy_cli.hub.zoo import load_model
+    from regproxy_cli.onnx.export import CalibrationSet
+
     height, width = parse_size("--size", size, square=True) if size else (None, None)
     check_batch(batch)
     if (quantize is None) != (calibration is None):
@@ -103,6 +95,10 @@ def export(
 def _export(segmenter, output: Path, model: str, height: int, width: int, batch: int, opset: int, static: bool,
             check: bool, reference: bool = False) -> None:
     """The fp32 export, its table, and the check against PyTorch (``reference``: a temporary file to quantize)."""
+    import torch
+
+    from regproxy_cli.onnx.export import check_onnx, export_onnx
+
     started = time.perf_counter()
     export_onnx(segmenter, output, size=(height, width), batch=batch, opset=opset, dynamic=not static)
     export_seconds = time.perf_counter() - started
@@ -128,6 +124,9 @@ def _export(segmenter, output: Path, model: str, height: int, width: int, batch:
 
 
 def _quantize(fp32_path: Path, output: Path, samples: CalibrationSet, size: tuple[int, int]) -> None:
+    from regproxy_cli.engine.evaluate import compare_onnx_models
+    from regproxy_cli.onnx.export import QUANTIZED_OPS, quantize_int8
+
     started = time.perf_counter()
     with err_console.status(f"calibrating int8 ranges on {len(samples)} images"):
         quantize_int8(fp32_path, output, samples, size=size)

@@ -13,10 +13,7 @@ from rich.table import Table
 from regproxy_cli.classes import ADE20K_CLASSES
 from regproxy_cli.cli.options import JsonOption, parse_size
 from regproxy_cli.cli.output import console, print_json
-from regproxy_cli.engine.report import flops_points, plot_flops
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.model.flops import flops_rows
-from regproxy_cli.model.regproxy import parse_region_res
 
 SUMMARY = "Count parameters and FLOPs, next to the paper's figures."
 HELP = """Count parameters and FLOPs (multiply-adds, as the paper) of RegProxy models or their linear baselines.
@@ -40,7 +37,6 @@ EXAMPLES = """[bold]Examples[/]
   regproxy flops --size 768 --num-classes 19 --slide-image 1024x2048 --slide-stride 512   # Table 5
 
   regproxy flops --plot fig2.png --run runs/demo --log-x         # the paper's Fig. 2, and your run on it"""
-
 
 ZooDataset = Enum("ZooDataset", {name: name for name in ("ade20k", "cityscapes", "none")}, type=str)
 
@@ -69,6 +65,9 @@ def flops(
     dataset: Annotated[ZooDataset, typer.Option(help="With --plot: the zoo models of this dataset.")] = ZooDataset.ade20k,
     log_x: Annotated[bool, typer.Option("--log-x", help="With --plot: logarithmic GFLOPs axis.")] = False,
 ) -> None:
+    from regproxy_cli.model.flops import flops_rows
+    from regproxy_cli.model.regproxy import parse_region_res
+
     if plot is not None:
         _plot(plot, run or [], dataset, log_x, as_json, conflicts={
             "--backbone": bool(backbone), "--size": size is not None, "--num-classes": num_classes != len(ADE20K_CLASSES),
@@ -92,6 +91,8 @@ def flops(
 
 def _plot(path: Path, runs: list[Path], zoo: ZooDataset, log_x: bool, as_json: bool,
           conflicts: dict[str, bool]) -> None:
+    from regproxy_cli.engine.report import flops_points, plot_flops
+
     given = [option for option, used in conflicts.items() if used]
     if given:  # the figure counts each model at its own crop, classes and region resolution
         raise RegproxyError(f"--plot counts every model as it is configured; drop {', '.join(given)}")

@@ -8,9 +8,6 @@ from rich.table import Table
 from regproxy_cli.cli.options import JsonOption
 from regproxy_cli.cli.output import console, print_json
 from regproxy_cli.constants import cache_dir
-from regproxy_cli.hub.checkpoint import CONFIG_NAME
-from regproxy_cli.hub.zoo import ZOO
-from regproxy_cli.model.plugins import get_backbone
 
 SUMMARY = "List the model zoo: the authors' released models and the paper's mIoU."
 HELP = "List the model zoo: the authors' released RegProxy models, their settings and the paper's mIoU."
@@ -19,6 +16,10 @@ HELP = "List the model zoo: the authors' released RegProxy models, their setting
 def models(
     as_json: JsonOption = False,
 ) -> None:
+    from regproxy_cli.hub.checkpoint import CONFIG_NAME
+    from regproxy_cli.hub.zoo import ZOO
+    from regproxy_cli.model.plugins import get_backbone
+
     rows = []
     for entry in ZOO.values():
         config = entry.config()

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 import typer
 
 from regproxy_cli.constants import INFERENCE_MODES, PRECISIONS
-from regproxy_cli.engine.distributed import Runtime, setup_runtime
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.inference.quantize import check_int8
-from regproxy_cli.inference.runtime import autocast, resolve_device, set_tf32
+
+if TYPE_CHECKING:
+    import torch
+
+    from regproxy_cli.engine.distributed import Runtime
 
 # Typer's choices are Enums: built from the one list in constants, so a new precision or mode is one edit there.
 Mode = Enum("Mode", {name: name for name in INFERENCE_MODES}, type=str)
@@ -57,6 +58,8 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JS
 
 def parse_device(device: str) -> torch.device:
     """``--device``: a torch device that exists on this machine (``auto``: CUDA when present), or one error line."""
+    from regproxy_cli.inference.runtime import resolve_device, set_tf32
+
     try:
         torch_device = resolve_device(device)
     except RegproxyError as exc:
@@ -74,6 +77,8 @@ def model_device(device: str, model: str) -> str:
 
 def start_runtime(device: str) -> Runtime:
     """``--device`` for a command that runs under ``torchrun`` too: this process's device, the process group started."""
+    from regproxy_cli.engine.distributed import setup_runtime
+
     try:
         return setup_runtime(device)
     except RegproxyError as exc:
@@ -94,6 +99,9 @@ def check_batch(batch: int) -> int:
 
 def check_precision(precision: Precision, device: torch.device) -> str:
     """``--precision``: one this device runs, or one error line (before any image is read)."""
+    from regproxy_cli.inference.quantize import check_int8
+    from regproxy_cli.inference.runtime import autocast
+
     autocast(device, precision.value)
     if precision.value == "int8":
         check_int8(device)

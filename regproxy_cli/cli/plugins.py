@@ -6,9 +6,6 @@ from rich.table import Table
 
 from regproxy_cli.cli.options import JsonOption
 from regproxy_cli.cli.output import console, print_json
-from regproxy_cli.engine.losses import LOSS_GROUP, get_loss
-from regproxy_cli.model.classifiers import CLASSIFIER_GROUP, get_classifier
-from regproxy_cli.model.plugins import ENTRY_POINT_GROUP, discover, get_backbone
 
 SUMMARY = "List the installed plugins: backbones, token classifiers and losses."
 HELP = ("List the installed plugins: backbones (entry-point group regproxy.backbones), token classifiers "
@@ -19,6 +16,10 @@ HELP = ("List the installed plugins: backbones (entry-point group regproxy.backb
 def plugins(
     as_json: JsonOption = False,
 ) -> None:
+    from regproxy_cli.engine.losses import LOSS_GROUP, get_loss
+    from regproxy_cli.model.classifiers import CLASSIFIER_GROUP, get_classifier
+    from regproxy_cli.model.plugins import ENTRY_POINT_GROUP, discover, get_backbone
+
     rows = []
     for kind, group, get in (("backbone", ENTRY_POINT_GROUP, get_backbone),
                              ("classifier", CLASSIFIER_GROUP, get_classifier), ("loss", LOSS_GROUP, get_loss)):

@@ -23,7 +23,6 @@ from regproxy_cli.cli.options import (
 )
 from regproxy_cli.cli.predict_images import Engine, RegionsBy, check_options, predict_images, predict_on_ray
 from regproxy_cli.cli.video import EVERY_HELP, FRAMES_HELP, check_video_options, predict_videos
-from regproxy_cli.data.video import is_video
 from regproxy_cli.errors import RegproxyError
 
 SUMMARY = "Segment images into label PNGs, colour overlays and region pictures."
@@ -121,6 +120,8 @@ def predict(
     workers: Annotated[int | None, typer.Option("--workers", min=1, help=WORKERS_HELP)] = None,
     gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", min=0.0, help=GPUS_HELP)] = 0.0,
 ) -> None:
+    from regproxy_cli.data.video import is_video
+
     regions_by = check_options(window_batch=window_batch, batch=batch, opacity=opacity, prototypes=prototypes,
                                regions_by=regions_by, engine=engine, address=address, workers=workers,
                                gpus_per_worker=gpus_per_worker)

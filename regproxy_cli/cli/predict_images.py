@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from tqdm import tqdm
 
 from regproxy_cli.cli.options import (
     Precision,
@@ -21,18 +20,6 @@ from regproxy_cli.cli.options import (
     start_runtime,
 )
 from regproxy_cli.cli.output import console, err_console, print_classes_present, print_error
-from regproxy_cli.data.formats import check_formats
-from regproxy_cli.engine.distributed import shutdown
-from regproxy_cli.engine.runner import (
-    PredictReport,
-    check_opacity,
-    check_out_dir,
-    check_shardable,
-    expand_inputs,
-    open_model,
-    predict_shard,
-    prepare_out_dir,
-)
 from regproxy_cli.errors import RegproxyError
 
 
@@ -59,6 +46,8 @@ def check_options(*, window_batch: int, batch: int, opacity: float, prototypes: 
                   gpus_per_worker: float) -> RegionsBy | None:
     """predict's options that go together, checked before anything loads; returns --regions-by as --prototypes
     sets it."""
+    from regproxy_cli.engine.outputs import check_opacity
+
     if prototypes:
         if regions_by not in (None, RegionsBy.prototype):
             raise RegproxyError(f"--prototypes colours regions by prototype; it cannot go with --regions-by "
@@ -76,6 +65,13 @@ def check_options(*, window_batch: int, batch: int, opacity: float, prototypes: 
 def predict_images(inputs: list[str], *, model: str, out: Path, device: str, precision: Precision, provider: str,
                    compile_network: bool, formats: list[str], **options: Any) -> None:
     """Segment the images in this process, or in each of torchrun's a share (rank 0 prints the summary)."""
+    from tqdm import tqdm
+
+    from regproxy_cli.data.formats import check_formats
+    from regproxy_cli.engine.distributed import shutdown
+    from regproxy_cli.engine.outputs import check_out_dir, expand_inputs, prepare_out_dir
+    from regproxy_cli.engine.runner import PredictReport, check_shardable, open_model, predict_shard
+
     output_formats = check_formats(formats)  # a missing extra stops here, before loading
     runtime = start_runtime(model_device(device, model))  # under torchrun: the process group, this process's device
     check_shardable(output_formats, runtime.world)

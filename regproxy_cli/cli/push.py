@@ -10,9 +10,6 @@ import typer
 
 from regproxy_cli.cli.output import console, err_console
 from regproxy_cli.errors import RegproxyError
-from regproxy_cli.hub.checkpoint import save_pretrained
-from regproxy_cli.hub.remote import push_to_hub
-from regproxy_cli.hub.zoo import load_model
 
 SUMMARY = "Upload a model to the Hugging Face Hub (model directory, training run or authors' .pth)."
 HELP = """Upload a model to the Hugging Face Hub as a regproxy model repo (config.json + model.safetensors + a model
@@ -47,6 +44,10 @@ def push(
         "--revision", metavar="BRANCH", help="Upload to this branch, created if needed (default: main)."
     )] = None,
 ) -> None:
+    from regproxy_cli.hub.checkpoint import save_pretrained
+    from regproxy_cli.hub.remote import push_to_hub
+    from regproxy_cli.hub.zoo import load_model
+
     model, repo_id = _model_and_repo(model, repo_id)
     with err_console.status(f"uploading {model} to {repo_id}"):
         if model.is_file() and model.suffix in (".pth", ".pt"):  # an authors' checkpoint, as --model reads it

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from regproxy_cli.cli.output import console
-from regproxy_cli.engine.config import load_config
 
 SUMMARY = "Train a model from a YAML config with the paper's protocol (torchrun for several GPUs)."
 HELP = """Train RegProxy with the paper's protocol from a YAML config (see configs/: one per zoo model, plus
@@ -36,6 +35,7 @@ def train(
     allow_config_change: Annotated[bool, typer.Option(
         "--allow-config-change", help="With --resume: continue although the config differs from last.pt's.")] = False,
 ) -> None:
+    from regproxy_cli.engine.config import load_config
     from regproxy_cli.engine.train import train as run_training
 
     cfg = load_config(config, overrides or [])

@@ -7,13 +7,9 @@ from collections import Counter
 from pathlib import Path
 
 import typer
-from tqdm import tqdm
 
 from regproxy_cli.cli.options import Precision, Provider, check_precision, model_device, parse_device
 from regproxy_cli.cli.output import console, err_console, print_classes_present, print_error
-from regproxy_cli.data.video import VideoReader, import_av
-from regproxy_cli.engine.runner import open_model, output_names
-from regproxy_cli.engine.video import VIDEO_OUTPUT_FILES, expand_videos, predict_video
 from regproxy_cli.errors import RegproxyError
 
 FRAMES_HELP = ("Videos: also write each segmented frame's label PNG, OUT/<video name>/<frame number>.png "
@@ -52,6 +48,13 @@ def predict_videos(
 ) -> None:
     """The video half of ``regproxy predict``: every input a video file (or a glob of them); a progress bar by
     frames, a summary of the classes found, and a non-zero exit when a video fails (the others still run)."""
+    from tqdm import tqdm
+
+    from regproxy_cli.data.video import VideoReader, import_av
+    from regproxy_cli.engine.outputs import output_names
+    from regproxy_cli.engine.runner import open_model
+    from regproxy_cli.engine.video import VIDEO_OUTPUT_FILES, expand_videos, predict_video
+
     # --window-batch, --batch and --opacity are checked by regproxy_cli.cli.predict, --every by typer
     import_av()  # a missing extra stops here, before loading the model
     paths = expand_videos(inputs)

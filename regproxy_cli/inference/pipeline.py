@@ -121,8 +121,8 @@ def _infer_group(infer: Callable[[list], list], loaded: list) -> list[tuple[Any,
     if out_of_memory:  # retried outside the handler: the exception's frames hold the failed group's tensors
         torch.cuda.empty_cache()  # give the cached blocks back before the smaller tries
         if len(loaded) == 1:
-            return [(None, "out of GPU memory on this image; try --precision bf16, a smaller --window-batch or "
-                           "--device cpu")]
+            return [(None, ("out of GPU memory on this image; try --precision bf16, a smaller --window-batch or "
+                           "--device cpu"))]
         half = (len(loaded) + 1) // 2
         return _infer_group(infer, loaded[:half]) + _infer_group(infer, loaded[half:])
     if error is None:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regproxy_cli.constants import IMAGE_SUFFIXES, VERSION
+from regproxy_cli.constants import IMAGE_SUFFIXES, MAX_OPSET, MIN_OPSET, VERSION
 from regproxy_cli.data.open import detect_kind, open_dataset
 from regproxy_cli.errors import RegproxyError
 from regproxy_cli.files import write_atomic
@@ -48,9 +48,6 @@ from regproxy_cli.onnx.runtime import (
     onnx_metadata,
     onnx_session,
 )
-
-MIN_OPSET = 17
-MAX_OPSET = 20  # the newest opset the TorchScript-based exporter writes
 
 
 class _PadToStride(nn.Module):
