@@ -16,8 +16,8 @@ HELP = "List the model zoo: the authors' released RegProxy models, their setting
 def models(
     as_json: JsonOption = False,
 ) -> None:
-    from regproxy_cli.hub.checkpoint import CONFIG_NAME
     from regproxy_cli.hub.zoo import ZOO
+    from regproxy_cli.model.config import CONFIG_NAME
     from regproxy_cli.model.plugins import get_backbone
 
     rows = []
