@@ -162,8 +162,8 @@ def check_shardable(formats: list[str] | tuple[str, ...], world: int) -> None:
 def predict_shard(model: nn.Module, paths: list[Path], out_dir: Path, *, report: PredictReport | None = None,
                   **options) -> PredictReport:
     """:func:`predict_files` of this process's share of ``paths`` under torchrun (all of them in one process): every
-    ``world``-th path from the rank's own, sorted as :func:`~regproxy_cli.engine.outputs.expand_inputs` gave them, so the shares are disjoint and
-    together all the paths (sizes differ by one at most). Output names come from the whole list, so they are those
+    ``world``-th path from the rank's own, sorted as :func:`~regproxy_cli.engine.outputs.expand_inputs` gave them,
+    so the shares are disjoint and together all the paths (sizes differ by one at most). Output names come from the whole list, so they are those
     of one process. Returns every process's report merged (each process calls this; the collective waits for all).
     """
     rank, world = rank_world()

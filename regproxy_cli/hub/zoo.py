@@ -191,7 +191,7 @@ def _load_authors(path: Path) -> nn.Module:
 def _zoo_directory(entry: ZooEntry) -> Path | None:
     """A zoo model's directory: converted in the local cache, else from the Hub (its cache, or downloaded); None
     when the Hub does not have it (or is offline or unreachable with nothing cached): the authors' release has it."""
-    converted = cache_dir() / "converted" / entry.name
+    converted = _converted_path(entry)
     if (converted / CONFIG_NAME).is_file():
         return converted
     try:
@@ -209,8 +209,13 @@ def _load_zoo(entry: ZooEntry) -> nn.Module:
         return load_pretrained(directory)
     original = _authors_checkpoint(entry)
     model = convert_authors_checkpoint(original, entry.config())
-    save_pretrained(model, cache_dir() / "converted" / entry.name)
+    save_pretrained(model, _converted_path(entry))
     return model
+
+
+def _converted_path(entry: ZooEntry) -> Path:
+    """Where a zoo entry converted from the authors' release is kept in the local cache."""
+    return cache_dir() / "converted" / entry.name
 
 
 def authors_checkpoint_path(entry: ZooEntry) -> Path:
